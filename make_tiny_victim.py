@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Build the embedded default victim: a tiny Stable-Diffusion-architecture model pretrained on digits.
+
+Everything is offline. The CLIP tokenizer is written from the BPE file that ships with open_clip, the
+images come from `sklearn.datasets.load_digits` (10 private domains = 10 digit classes), and the model
+is *pretrained* on a member split only, so that it leaks membership the way SD-1.4 leaks LAION images.
+
+Output (`--output_dir DIR`):
+    DIR/pipeline      StableDiffusionPipeline.save_pretrained (load it like CompVis/stable-diffusion-v1-4)
+    DIR/members       save_to_disk dataset: id, image, prompt, domain (the pretraining set)
+    DIR/nonmembers    same columns, disjoint, stratified per domain, never trained on
+    DIR/domains.json  domain names and prompt templates with their probabilities
+
+Usage:
+    python make_tiny_victim.py --output_dir outputs/victim --seed 0
+"""
+
+import argparse
+import copy
+import gzip
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Pretraining captions use the paper's templates too, so self-synthesis prompts come from the same
+# distribution as the victim's own training captions.
+from mixsyn_utils import (
+    PAPER_PROMPT_TEMPLATES,
+    InputError,
+    atomic_replace_dir,
+    check_output_dir,
+    derive_seed,
+    draw_prompt,
+    encode_images_to_latents,
+    encode_prompts,
+    naive_loss_scores,
+    roc_metrics,
+    run_cli,
+    temp_sibling,
+    tokenize_prompts,
+)
+
+DOMAIN_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+RESOLUTION = 16
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.")
+    parser.add_argument("--output_dir", type=str, required=True, help="Where pipeline/, members/, nonmembers/ go.")
+    parser.add_argument("--seed", type=int, default=0, help="Fixes the split, the captions and all weights.")
+    parser.add_argument("--members_per_domain", type=int, default=25, help="Pretraining images per digit class.")
+    parser.add_argument("--nonmembers_per_domain", type=int, default=25, help="Held-out images per digit class.")
+    parser.add_argument("--vae_steps", type=int, default=400, help="VAE pretraining steps (run first).")
+    parser.add_argument(
+        "--unet_steps", type=int, default=1500,
+        help="UNet pretraining steps. Membership signal grows with them (see README for the measured curve).",
+    )
+    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size for both stages.")
+    parser.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW lr, cosine decay, both stages.")
+    parser.add_argument(
+        "--ema_decay", type=float, default=0.999,
+        help="EMA of UNet weights saved as the model; without it the leakage swings between nearby steps.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
+    parser.add_argument("--skip_report", action="store_true", help="Do not compute the membership figures at the end.")
+    args = parser.parse_args(input_args)
+    for flag in ("members_per_domain", "nonmembers_per_domain", "train_batch_size"):
+        if getattr(args, flag) <= 0:
+            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    for flag in ("vae_steps", "unet_steps"):
+        if getattr(args, flag) < 0:
+            raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise InputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer, written offline from open_clip's copy of the CLIP BPE merges
+# ----------------------------------------------------------------------------------------------
+
+def _bytes_to_unicode():
+    """GPT-2/CLIP byte -> printable unicode map (the BPE alphabet)."""
+    codes = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = codes[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in codes:
+            codes.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def write_clip_tokenizer(tokenizer_dir, model_max_length=77):
+    """Write vocab.json + merges.txt of the real CLIP ViT-L/14 tokenizer and return a CLIPTokenizer."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    alphabet = _bytes_to_unicode()
+    vocab = alphabet + [token + "</w>" for token in alphabet] + ["".join(pair) for pair in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(pair) for pair in merges) + "\n")
+    return CLIPTokenizer(
+        str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=model_max_length
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: digits, split per domain into members and non-members
+# ----------------------------------------------------------------------------------------------
+
+def digits_splits(seed, members_per_domain, nonmembers_per_domain):
+    """Two disjoint lists of rows (id, image, prompt, domain), stratified per digit class."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    members, nonmembers = [], []
+    for label, domain in enumerate(DOMAIN_NAMES):
+        indices = rng.permutation(np.flatnonzero(digits.target == label))
+        needed = members_per_domain + nonmembers_per_domain
+        if needed > len(indices):
+            raise InputError(f"digit {label} has {len(indices)} images, fewer than the {needed} requested per domain")
+        for rows, chosen in ((members, indices[:members_per_domain]), (nonmembers, indices[members_per_domain:needed])):
+            for index in chosen:
+                gray = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
+                image = Image.fromarray(gray).resize((RESOLUTION, RESOLUTION), Image.BICUBIC).convert("RGB")
+                rows.append({
+                    "id": f"digit-{int(index):04d}",
+                    "image": image,
+                    "prompt": draw_prompt(domain, PAPER_PROMPT_TEMPLATES, seed, int(index)),
+                    "domain": domain,
+                })
+    return members, nonmembers
+
+
+def rows_to_tensor(rows):
+    array = np.stack([np.asarray(row["image"], dtype=np.float32) for row in rows]) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: the SD-1.x architecture at toy size
+# ----------------------------------------------------------------------------------------------
+
+def build_models(seed):
+    """VAE (16 px -> 8x8x4 latents), cross-attention UNet, CLIP text encoder; weights from `seed`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    return vae, unet, text_encoder
+
+
+def cosine_optimizer(parameters, learning_rate, steps):
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(50, steps // 10), max(steps, 1))
+
+
+def pretrain_vae(vae, pixel_values, args):
+    """Reconstruction + tiny KL (β=1e-6, as in LDM's autoencoders); then set scaling_factor = 1/std(z)."""
+    optimizer, scheduler = cosine_optimizer(vae.parameters(), args.learning_rate, args.vae_steps)
+    generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
+    vae.train()
+    for _ in range(args.vae_steps):
+        batch = pixel_values[torch.randint(len(pixel_values), (args.train_batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    vae.eval()
+    with torch.no_grad():
+        latents = vae.encode(pixel_values).latent_dist.mode()
+    # SD-1.x uses 0.18215 = 1/std of its latents; the same rule gives unit-variance latents here.
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return float(loss.detach()) if args.vae_steps else float("nan")
+
+
+def pretrain_unet(unet, latents, text_embeddings, noise_scheduler, args):
+    """Epsilon-prediction pretraining on member latents; returns the EMA copy (the saved model)."""
+    optimizer, scheduler = cosine_optimizer(unet.parameters(), args.learning_rate, args.unet_steps)
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    generator = torch.Generator().manual_seed(derive_seed(args.seed, 2))
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    unet.train()
+    for _ in range(args.unet_steps):
+        rows = torch.randint(len(latents), (args.train_batch_size,), generator=generator)
+        noise = torch.randn(latents[rows].shape, generator=generator)
+        timesteps = torch.randint(0, num_timesteps, (len(rows),), generator=generator)
+        noisy_latents = noise_scheduler.add_noise(latents[rows], noise, timesteps)
+        prediction = unet(noisy_latents, timesteps, text_embeddings[rows]).sample
+        loss = F.mse_loss(prediction, noise)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for ema_param, param in zip(ema_unet.parameters(), unet.parameters()):
+                ema_param.lerp_(param, 1.0 - args.ema_decay)
+    return ema_unet.eval()
+
+
+def build_tiny_victim(args):
+    """Build, pretrain and save the victim under a temp folder; returns a dict of timings and figures."""
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    start = time.time()
+    torch.manual_seed(args.seed)
+    work_dir = temp_sibling(args.output_dir)
+    try:
+        tokenizer = write_clip_tokenizer(work_dir / "_tokenizer")
+        vae, unet, text_encoder = build_models(args.seed)
+        text_encoder.requires_grad_(False).eval()
+        # SD-1.4's scheduler config (scaled_linear β 0.00085–0.012, 1000 steps); training reads it as DDPM.
+        scheduler_config = dict(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+        )
+        pndm = PNDMScheduler(**scheduler_config)
+        pndm.register_to_config(clip_sample=False)  # as in SD-1.x's scheduler_config.json, read by DDPM/DDIM
+        noise_scheduler = DDPMScheduler.from_config(pndm.config)
+
+        members, nonmembers = digits_splits(args.seed, args.members_per_domain, args.nonmembers_per_domain)
+        member_pixels = rows_to_tensor(members)
+        vae_loss = pretrain_vae(vae, member_pixels, args)
+        vae.requires_grad_(False)
+        with torch.no_grad():
+            latents = encode_images_to_latents(vae, member_pixels)
+            text_embeddings = encode_prompts(text_encoder, tokenize_prompts(tokenizer, [r["prompt"] for r in members]))
+        vae_seconds = time.time() - start
+        unet = pretrain_unet(unet, latents, text_embeddings, noise_scheduler, args)
+
+        pipeline = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=pndm,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(work_dir / "pipeline", safe_serialization=True)
+        shutil.rmtree(work_dir / "_tokenizer")
+        features = Features({"id": Value("string"), "image": ImageFeature(), "prompt": Value("string"), "domain": Value("string")})
+        for name, rows in (("members", members), ("nonmembers", nonmembers)):
+            Dataset.from_list(rows, features=features).save_to_disk(str(work_dir / name))
+        (work_dir / "domains.json").write_text(json.dumps({
+            "domains": DOMAIN_NAMES,
+            "templates": [{"template": template, "p": p} for template, p in PAPER_PROMPT_TEMPLATES],
+            "source": "sklearn.datasets.load_digits; one domain per digit class",
+        }, indent=2))
+        figures = {"seed": args.seed, "vae_final_loss": vae_loss, "vae_seconds": round(vae_seconds, 1),
+                   "unet_steps": args.unet_steps, "build_seconds": round(time.time() - start, 1)}
+        (work_dir / "victim_info.json").write_text(json.dumps(figures, indent=2))
+        atomic_replace_dir(work_dir, args.output_dir)
+    finally:
+        if work_dir.exists():
+            shutil.rmtree(work_dir, ignore_errors=True)
+    return figures
+
+
+def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50, 100, 200, 300)):
+    """Loss-threshold attack on the saved victim: AUC of −(mean denoising MSE) per attack seed."""
+    from mixsyn_utils import load_components, load_image_dataset
+
+    components = load_components(str(Path(victim_dir) / "pipeline"))
+    members = load_image_dataset(str(Path(victim_dir) / "members"), required_columns=("image", "prompt"))
+    nonmembers = load_image_dataset(str(Path(victim_dir) / "nonmembers"), required_columns=("image", "prompt"))
+    results = {}
+    for attack_seed in attack_seeds:
+        member_scores = naive_loss_scores(components, members, timesteps, seed=attack_seed)
+        nonmember_scores = naive_loss_scores(components, nonmembers, timesteps, seed=attack_seed)
+        # Members are expected to have the smaller loss: score = −loss so that higher means "member".
+        results[attack_seed] = roc_metrics(-member_scores, -nonmember_scores)["auc"]
+    return results
+
+
+def main(args):
+    check_output_dir(args.output_dir, args.overwrite)
+    print(f"Building the tiny victim (seed {args.seed}, {args.vae_steps} VAE + {args.unet_steps} UNet steps)...")
+    figures = build_tiny_victim(args)
+    print(f"Saved to {args.output_dir} in {figures['build_seconds']} s")
+    if not args.skip_report:
+        aucs = victim_membership_figures(args.output_dir)
+        for attack_seed, auc in aucs.items():
+            print(f"loss-threshold attack (seed {attack_seed}): AUC {auc:.3f}")
+        figures["loss_attack_auc"] = {str(k): v for k, v in aucs.items()}
+        info_path = Path(args.output_dir) / "victim_info.json"
+        info_path.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

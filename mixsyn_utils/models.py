@@ -1,0 +1,150 @@
+"""Loading Stable Diffusion components and encoding prompts and images, exactly as the diffusers examples do."""
+
+from types import SimpleNamespace
+
+import torch
+
+from .data import InputError
+
+
+def load_components(pretrained_model_name_or_path, revision=None, variant=None):
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of an SD-1.x pipeline folder or Hub id.
+
+    Same calls as diffusers' `train_dreambooth.py`; the noise scheduler is `DDPMScheduler` built from
+    the pipeline's `scheduler/` config, so ᾱ_t comes from the model's own schedule.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = pretrained_model_name_or_path
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision, variant=variant)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
+        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line}") from error
+    return SimpleNamespace(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
+    )
+
+
+def vae_scale_factor(vae):
+    """Pixels per latent cell: 2^(number of VAE down blocks - 1) (8 for SD-1.x)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def native_resolution(unet, vae):
+    """The resolution a pipeline was trained at: `unet.config.sample_size × vae_scale_factor` (512 for SD-1.4)."""
+    return int(unet.config.sample_size) * vae_scale_factor(vae)
+
+
+def tokenize_prompts(tokenizer, prompts):
+    """Token ids (B, model_max_length), padded and truncated as `StableDiffusionPipeline.encode_prompt` does."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_prompts(text_encoder, input_ids):
+    """Text-encoder hidden states c (B, L, D) used as cross-attention context; no classifier-free guidance."""
+    attention_mask = None
+    if getattr(text_encoder.config, "use_attention_mask", False):
+        attention_mask = (input_ids != text_encoder.config.pad_token_id).long().to(input_ids.device)
+    return text_encoder(input_ids.to(text_encoder.device), attention_mask=attention_mask)[0]
+
+
+def encode_images_to_latents(vae, pixel_values, sample=False, generator=None):
+    """z₀ = scaling_factor · E(x): the posterior mode by default, a sample with `sample=True`.
+
+    `pixel_values` are in [-1, 1], shape (B, 3, H, W). Gradients flow when the caller enables them
+    (Anti-DreamBooth's PGD differentiates through this call).
+    """
+    posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generator) if sample else posterior.mode()
+    return latents * vae.config.scaling_factor
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuned variants: the same pretrained pipeline plus a UNet, LoRA weights or learned tokens
+# ----------------------------------------------------------------------------------------------
+
+TOKEN_MAP_FILE = "token_map.json"
+
+
+def load_token_map(textual_inversion_dir):
+    """{domain: {"placeholder": "<zero>", "file": "learned_embeds-zero.safetensors", "num_vectors": 1}}."""
+    import json
+    from pathlib import Path
+
+    path = Path(textual_inversion_dir) / TOKEN_MAP_FILE
+    if not path.is_file():
+        raise InputError(f"--textual_inversion {textual_inversion_dir} has no {TOKEN_MAP_FILE}")
+    return json.loads(path.read_text())
+
+
+def placeholder_text(placeholder, num_vectors):
+    """The prompt text of a multi-vector token, as diffusers' `maybe_convert_prompt` expands it."""
+    return " ".join([placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)])
+
+
+def rewrite_caption(caption, domain, token_map):
+    """Replace the domain name in a caption by its learned placeholder (all occurrences)."""
+    entry = token_map.get(domain)
+    if entry is None:
+        return caption
+    return caption.replace(domain, placeholder_text(entry["placeholder"], entry.get("num_vectors", 1)))
+
+
+def load_model_variant(pretrained_model_name_or_path, revision=None, variant=None, unet_path=None,
+                       lora_weights=None, textual_inversion=None, torch_dtype=None):
+    """A `StableDiffusionPipeline` for the pretrained model or one of its fine-tuned variants.
+
+    `unet_path`: a UNet folder (`checkpoint-N/unet`) or a full pipeline folder (its `unet/` is used).
+    `lora_weights`: a folder or file accepted by `pipe.load_lora_weights` (fused, so attacks see one UNet).
+    `textual_inversion`: a folder with `token_map.json` written by `train_textual_inversion_mixsyn.py`.
+    """
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            pretrained_model_name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+            safety_checker=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: {first_line}")
+    if unet_path is not None:
+        folder = Path(unet_path)
+        if not folder.is_dir():
+            raise InputError(f"--unet_path {unet_path} is not a folder")
+        subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
+        pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=torch_dtype)
+    if lora_weights is not None:
+        if not Path(lora_weights).exists():
+            raise InputError(f"--lora_weights {lora_weights} does not exist")
+        pipeline.load_lora_weights(str(lora_weights))
+        pipeline.fuse_lora()
+        pipeline.unload_lora_weights()
+    if textual_inversion is not None:
+        for domain, entry in load_token_map(textual_inversion).items():
+            pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"])
+    return pipeline
+
+
+def components_from_pipeline(pipeline):
+    """The pieces attacks and trainers use, with a `DDPMScheduler` built from the pipeline's schedule."""
+    from diffusers import DDPMScheduler
+
+    return SimpleNamespace(
+        tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, vae=pipeline.vae, unet=pipeline.unet,
+        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+    )
