@@ -34,6 +34,8 @@ from mixsyn_utils import (
     PAPER_PROMPT_TEMPLATES,
     InputError,
     atomic_replace_dir,
+    blind_baseline_auc,
+    blind_features,
     check_output_dir,
     derive_seed,
     draw_prompt,
@@ -45,6 +47,7 @@ from mixsyn_utils import (
     temp_sibling,
     tokenize_prompts,
 )
+from mixsyn_utils.utility import train_domain_classifier
 
 DOMAIN_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RESOLUTION = 16
@@ -281,7 +284,10 @@ def build_tiny_victim(args):
             "templates": [{"template": template, "p": p} for template, p in PAPER_PROMPT_TEMPLATES],
             "source": "sklearn.datasets.load_digits; one domain per digit class",
         }, indent=2))
-        figures = {"seed": args.seed, "vae_final_loss": vae_loss, "vae_seconds": round(vae_seconds, 1),
+        # The offline R-precision scorer (no pretrained CLIP here): a domain classifier on the real digits.
+        classifier = train_domain_classifier([Dataset.from_list(members), Dataset.from_list(nonmembers)],
+                                             work_dir / "rprecision_model", seed=args.seed)
+        figures = {"seed": args.seed, "rprecision_heldout_accuracy": classifier["heldout_accuracy_80_20"], "vae_final_loss": vae_loss, "vae_seconds": round(vae_seconds, 1),
                    "unet_steps": args.unet_steps, "build_seconds": round(time.time() - start, 1)}
         (work_dir / "victim_info.json").write_text(json.dumps(figures, indent=2))
         atomic_replace_dir(work_dir, args.output_dir)
@@ -292,7 +298,7 @@ def build_tiny_victim(args):
 
 
 def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50, 100, 200, 300)):
-    """Loss-threshold attack on the saved victim: AUC of −(mean denoising MSE) per attack seed."""
+    """Loss-threshold attack AUC of −(mean denoising MSE) per attack seed, and the model-free blind baseline."""
     from mixsyn_utils import load_components, load_image_dataset
 
     components = load_components(str(Path(victim_dir) / "pipeline"))
@@ -303,7 +309,11 @@ def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50,
         member_scores = naive_loss_scores(components, members, timesteps, seed=attack_seed)
         nonmember_scores = naive_loss_scores(components, nonmembers, timesteps, seed=attack_seed)
         # Members are expected to have the smaller loss: score = −loss so that higher means "member".
-        results[attack_seed] = roc_metrics(-member_scores, -nonmember_scores)["auc"]
+        results[f"loss_attack_auc_seed{attack_seed}"] = roc_metrics(-member_scores, -nonmember_scores)["auc"]
+    features = blind_features(list(members["image"]) + list(nonmembers["image"]),
+                              list(members["prompt"]) + list(nonmembers["prompt"]))
+    blind = blind_baseline_auc(features, [True] * len(members) + [False] * len(nonmembers))
+    results["blind_baseline_auc"], results["blind_baseline_auc_ci"] = blind["auc"], blind["auc_ci"]
     return results
 
 
@@ -313,10 +323,10 @@ def main(args):
     figures = build_tiny_victim(args)
     print(f"Saved to {args.output_dir} in {figures['build_seconds']} s")
     if not args.skip_report:
-        aucs = victim_membership_figures(args.output_dir)
-        for attack_seed, auc in aucs.items():
-            print(f"loss-threshold attack (seed {attack_seed}): AUC {auc:.3f}")
-        figures["loss_attack_auc"] = {str(k): v for k, v in aucs.items()}
+        membership = victim_membership_figures(args.output_dir)
+        for name, value in membership.items():
+            print(f"{name}: {value}")
+        figures.update(membership)
         info_path = Path(args.output_dir) / "victim_info.json"
         info_path.write_text(json.dumps(figures, indent=2))
     return figures

@@ -29,7 +29,7 @@ from .data import (
     with_provenance,
 )
 from .diffusion import alphas_cumprod, naive_loss_scores, q_sample
-from .metrics import roc_metrics
+from .metrics import blind_baseline_auc, blind_features, roc_metrics
 from .models import (
     TOKEN_MAP_FILE,
     components_from_pipeline,

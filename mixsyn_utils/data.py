@@ -23,11 +23,12 @@ class InputError(ValueError):
 
 
 def run_cli(main, parse_args):
-    """Entry point shared by every script: `main(parse_args())`, with `InputError` as a one-line error."""
+    """Entry point shared by every script: `main(parse_args())`, with `InputError` as a one-line error, exit 2."""
     try:
         main(parse_args())
     except InputError as error:
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------

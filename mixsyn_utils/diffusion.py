@@ -1,7 +1,11 @@
-"""The diffusion maths every attack and trainer shares: ᾱ_t, forward noising, loss scores.
+"""The diffusion maths every attack and trainer shares: ᾱ_t, forward noising, the DDIM step, attack scores.
 
-Each quantity is one function with its equation in the docstring.
+Each quantity is one function with its equation in the docstring. Shapes: latents (B, C, h, w); context
+(B, L, D) text embeddings; `alpha_bar` the float64 ᾱ table of length T from the model's own scheduler.
+Attack scores are errors: members are expected to score LOWER.
 """
+
+import math
 
 import numpy as np
 import torch
@@ -15,10 +19,88 @@ def alphas_cumprod(noise_scheduler):
     return noise_scheduler.alphas_cumprod.to(torch.float64)
 
 
+def _per_sample(values, like):
+    """A (B,) or scalar float64 table entry broadcast over a latent batch, in the latents' dtype/device."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
 def q_sample(latents, noise, timesteps, alpha_bar):
     """Forward noising z_t = √ᾱ_t · z₀ + √(1 − ᾱ_t) · ε, per sample t."""
     a = alpha_bar.to(latents.device)[timesteps].to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
     return a.sqrt() * latents + (1 - a).sqrt() * noise
+
+
+def predicted_noise(unet, latents, timestep, context):
+    """ε̂(z, t) = ε_θ(z, t, c): the UNet's noise prediction at one integer timestep t for the whole batch."""
+    timesteps = torch.full((len(latents),), int(timestep), dtype=torch.long, device=latents.device)
+    return unet(latents, timesteps, context).sample
+
+
+def ddim_step(latents, noise_pred, alpha_bar_t, alpha_bar_s):
+    """Deterministic DDIM step D(z; t→s) = √ᾱ_s · (z − √(1−ᾱ_t)·ε̂(z,t)) / √ᾱ_t + √(1−ᾱ_s) · ε̂(z,t).
+
+    The same formula goes up (s > t, inversion) and down (s < t, denoising). `alpha_bar_t/_s` are floats.
+    """
+    predicted_z0 = (latents - math.sqrt(1.0 - alpha_bar_t) * noise_pred) / math.sqrt(alpha_bar_t)
+    return math.sqrt(alpha_bar_s) * predicted_z0 + math.sqrt(1.0 - alpha_bar_s) * noise_pred
+
+
+def ddim_inversion(unet, latents, context, alpha_bar, t_target, k):
+    """z̃ = z_{t_target}: DDIM steps of size k upward from z₀ at t = 0, z_{t+k} = D(z_t; t→t+k).
+
+    t_target/k UNet calls (none when t_target = 0). SecMI's reference inverts further and denoises back
+    steps it never uses; this stops at the one latent the t-error needs.
+    """
+    for t in range(0, t_target, k):
+        noise_pred = predicted_noise(unet, latents, t, context)
+        latents = ddim_step(latents, noise_pred, float(alpha_bar[t]), float(alpha_bar[t + k]))
+    return latents
+
+
+def secmi_t_error(unet, latents, context, alpha_bar, t_sec, k):
+    """SecMI t-error (Duan et al. 2023, Eq. 7): ℓ = ‖D(D(z̃; t_sec−k → t_sec); t_sec → t_sec−k) − z̃‖²₂.
+
+    z̃ = `ddim_inversion(z₀, t_sec − k)`. Returns (score (B,) float64, per-element error map (B, C, h, w)).
+    UNet calls per image: (t_sec/k − 1) + 1 + 1 = t_sec/k + 1.
+    """
+    t_start = t_sec - k
+    inverted = ddim_inversion(unet, latents, context, alpha_bar, t_start, k)
+    a_start, a_sec = float(alpha_bar[t_start]), float(alpha_bar[t_sec])
+    noised = ddim_step(inverted, predicted_noise(unet, inverted, t_start, context), a_start, a_sec)
+    recovered = ddim_step(noised, predicted_noise(unet, noised, t_sec, context), a_sec, a_start)
+    error_map = recovered - inverted
+    return (error_map.double() ** 2).flatten(1).sum(1), error_map
+
+
+def pia_epsilon_0(unet, latents, context):
+    """PIA's proximal initial noise ε₀ = ε̂(z₀, 0) (Kong et al. 2023, Eq. 10)."""
+    return predicted_noise(unet, latents, 0, context)
+
+
+def pian_normalised_noise(epsilon_0):
+    """PIAN: ε₀ rescaled per sample to the mean absolute value of N(0, I): ε₀ / mean|ε₀| · √(2/π)."""
+    mean_abs = epsilon_0.abs().flatten(1).mean(1)
+    return epsilon_0 / _per_sample(mean_abs, epsilon_0) * math.sqrt(2.0 / math.pi)
+
+
+def pia_score(noise_pred, epsilon_0, lp):
+    """PIA score s = Σ_elements |ε̂(z_t, t) − ε₀|^p, z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀ (float64, (B,)).
+
+    Also the naive loss attack's score with ε₀ replaced by fixed Gaussian noise ε.
+    """
+    return ((noise_pred - epsilon_0).double().abs() ** lp).flatten(1).sum(1)
+
+
+def fixed_noise(shape, seed, timestep, draw):
+    """Gaussian noise ε (1, *shape) fixed by (seed, t, draw): every image sees the same draws, on any process."""
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(timestep) * 101 + int(draw))
+    return torch.randn((1, *shape), generator=generator)
+
+
+def noise_prediction_error(noise_pred, noise):
+    """Denoising loss ‖ε_θ(z_t, t, c) − ε‖² / d per sample (float64, (B,)), d = elements per latent."""
+    return ((noise_pred - noise).double() ** 2).flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -26,8 +108,8 @@ def naive_loss_scores(components, dataset, timesteps, seed=0, num_noise_samples=
                       caption_column="prompt", resolution=None):
     """Loss-threshold attack: mean over t and noise draws of ‖ε_θ(z_t, t, c) − ε‖² / d (float64, per image).
 
-    The noise for image i is drawn from a generator seeded by (`seed`, t, draw), the same for every image
-    position, so member and non-member sets see identical noise. Lower loss suggests "member".
+    ε = `fixed_noise(seed, t, draw)`, the same for every image, so member and non-member sets see identical
+    noise. Lower loss suggests "member".
     """
     unet, vae, text_encoder, tokenizer = components.unet, components.vae, components.text_encoder, components.tokenizer
     resolution = resolution or native_resolution(unet, vae)
@@ -40,11 +122,40 @@ def naive_loss_scores(components, dataset, timesteps, seed=0, num_noise_samples=
         context = encode_prompts(text_encoder, tokenize_prompts(tokenizer, rows[caption_column]))
         losses = torch.zeros(len(latents), dtype=torch.float64)
         for t in timesteps:
+            t_batch = torch.full((len(latents),), int(t), dtype=torch.long)
             for draw in range(num_noise_samples):
-                generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(t) * 101 + draw)
-                noise = torch.randn((1, *latents.shape[1:]), generator=generator).expand_as(latents)
-                t_batch = torch.full((len(latents),), int(t), dtype=torch.long)
-                prediction = unet(q_sample(latents, noise, t_batch, alpha_bar), t_batch, context).sample
-                losses += ((prediction - noise) ** 2).flatten(1).mean(1).double()
+                noise = fixed_noise(latents.shape[1:], seed, t, draw).to(latents).expand_as(latents)
+                prediction = predicted_noise(unet, q_sample(latents, noise, t_batch, alpha_bar), t, context)
+                losses += noise_prediction_error(prediction, noise).cpu()
         scores.append(losses / (len(timesteps) * num_noise_samples))
     return torch.cat(scores).numpy().astype(np.float64)
+
+
+def pia_scores(unet, latents, context, alpha_bar, timesteps, lp=4, method="pia", seed=0, num_noise_samples=1):
+    """{t: (B,) float64 score} for PIA, PIAN or the naive loss attack, all t from one batch.
+
+    pia:   ε₀ = ε̂(z₀, 0), z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀, s_t = Σ|ε̂(z_t, t) − ε₀|^p   (1 + |T| UNet calls)
+    pian:  the same with ε₀ ← `pian_normalised_noise(ε₀)`                        (1 + |T| UNet calls)
+    naive: ε ← `fixed_noise(seed, t, draw)`, s_t = mean over draws of Σ|ε̂(z_t, t) − ε|^p  (|T|·draws calls)
+    ε₀ is shared by every t.
+    """
+    scores = {}
+    if method in ("pia", "pian"):
+        epsilon_0 = pia_epsilon_0(unet, latents, context)
+        if method == "pian":
+            epsilon_0 = pian_normalised_noise(epsilon_0)
+        for t in timesteps:
+            t_batch = torch.full((len(latents),), int(t), dtype=torch.long, device=latents.device)
+            noisy_latents = q_sample(latents, epsilon_0, t_batch, alpha_bar)
+            scores[t] = pia_score(predicted_noise(unet, noisy_latents, t, context), epsilon_0, lp)
+        return scores
+    if method != "naive":
+        raise ValueError(f"unknown PIA method {method!r}")
+    for t in timesteps:
+        t_batch = torch.full((len(latents),), int(t), dtype=torch.long, device=latents.device)
+        total = torch.zeros(len(latents), dtype=torch.float64, device=latents.device)
+        for draw in range(num_noise_samples):
+            noise = fixed_noise(latents.shape[1:], seed, t, draw).to(latents).expand_as(latents)
+            total += pia_score(predicted_noise(unet, q_sample(latents, noise, t_batch, alpha_bar), t, context), noise, lp)
+        scores[t] = total / num_noise_samples
+    return scores

@@ -1,5 +1,6 @@
 """Loading Stable Diffusion components and encoding prompts and images, exactly as the diffusers examples do."""
 
+import re
 from types import SimpleNamespace
 
 import torch
@@ -131,13 +132,59 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
     if lora_weights is not None:
         if not Path(lora_weights).exists():
             raise InputError(f"--lora_weights {lora_weights} does not exist")
-        pipeline.load_lora_weights(str(lora_weights))
+        check_lora_matches(pipeline, lora_weights)
+        try:
+            pipeline.load_lora_weights(str(lora_weights))
+        except (RuntimeError, ValueError) as error:
+            raise InputError(f"--lora_weights {lora_weights} does not match the model: {str(error).splitlines()[0]}")
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
     if textual_inversion is not None:
         for domain, entry in load_token_map(textual_inversion).items():
             pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"])
     return pipeline
+
+
+_LORA_KEY = re.compile(
+    r"^(unet|text_encoder)\.(.+?)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|"
+    r"lora_linear_layer\.down|lora_linear_layer\.up)(?:\.[A-Za-z_0-9]+)?\.weight$"
+)
+
+
+def check_lora_matches(pipeline, lora_weights):
+    """Raise `InputError` unless every LoRA matrix in `lora_weights` targets an existing layer of the right size.
+
+    diffusers only logs LoRA keys it cannot place, so an adapter trained on another UNet would silently
+    attack the un-adapted model. Checked: a known prefix (`unet.` / `text_encoder.`), the target module
+    exists, and the down (A) matrix's input width / the up (B) matrix's output width equal the layer's.
+    """
+    state_dict, _ = type(pipeline).lora_state_dict(str(lora_weights))
+    models = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
+    matched = 0
+    for key, tensor in state_dict.items():
+        if key.endswith(".alpha"):
+            continue
+        found = _LORA_KEY.match(key)
+        if found is None:
+            raise InputError(f"--lora_weights {lora_weights}: key {key} is not a UNet or text-encoder LoRA matrix")
+        model_name, module_name = found.group(1), found.group(2)
+        try:
+            module = models[model_name].get_submodule(module_name)
+        except AttributeError:
+            raise InputError(f"--lora_weights {lora_weights} does not match the model: no layer {model_name}.{module_name}")
+        is_down = any(tag in key for tag in ("lora_A", "down"))
+        layer_width = getattr(module, "in_features" if is_down else "out_features", None)
+        if layer_width is None:
+            layer_width = getattr(module, "in_channels" if is_down else "out_channels", None)
+        lora_width = tensor.shape[1] if is_down else tensor.shape[0]
+        if layer_width is not None and lora_width != layer_width:
+            raise InputError(
+                f"--lora_weights {lora_weights} does not match the model: {key} has width {lora_width}, "
+                f"layer {model_name}.{module_name} has {layer_width}"
+            )
+        matched += 1
+    if matched == 0:
+        raise InputError(f"--lora_weights {lora_weights} holds no LoRA matrices")
 
 
 def components_from_pipeline(pipeline):

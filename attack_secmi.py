@@ -1,0 +1,184 @@
+#!/usr/bin/env python
+"""SecMI membership-inference attack on a Stable Diffusion model (Duan et al. 2023, https://arxiv.org/abs/2302.01316).
+
+Each image's latent z₀ is inverted with deterministic DDIM steps of size k to z̃ = z_{t_sec−k}; one more DDIM
+step goes up to t_sec and one comes back down. The t-error ℓ = ‖D(D(z̃; t_sec−k → t_sec); t_sec → t_sec−k) − z̃‖²₂
+is smaller for members (the model's posterior estimates are more consistent on its training data), so
+members score LOWER. UNet calls per image: t_sec/k + 1 (the reference inverts further and denoises steps it
+never uses). `--secmi_nn` trains the paper's NN variant on the per-element error maps.
+
+    accelerate launch attack_secmi.py \
+      --pretrained_model_name_or_path outputs/victim/pipeline \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
+      --t_sec 100 --k 10 --output_dir outputs/scores/secmi
+
+The scores dataset (id, domain, is_member, score) is what `evaluate.py` reads.
+"""
+
+import argparse
+import logging
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from mixsyn_utils.attacks import (
+    add_common_args,
+    check_common_args,
+    check_timestep,
+    load_attack_data,
+    load_attack_model,
+    num_train_timesteps,
+    score_all,
+    write_scores,
+)
+from mixsyn_utils.data import InputError, check_output_dir, run_cli
+from mixsyn_utils.diffusion import alphas_cumprod, secmi_t_error
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="SecMI (t-error) membership inference on a diffusion model.")
+    add_common_args(parser)
+    attack = parser.add_argument_group("attack")
+    attack.add_argument("--t_sec", type=int, default=100,
+                        help="Timestep of the t-error, in (0, T) and a multiple of --k. The paper uses 100 with "
+                             "k = 10; SecMI-LDM's Stable Diffusion run effectively compares at 140.")
+    attack.add_argument("--k", type=int, default=10, help="DDIM step size for inversion and the t-error steps.")
+    attack.add_argument("--secmi_nn", action="store_true",
+                        help="Also train SecMI-NN on |error maps| with separate train/validation/test splits; "
+                             "the scores dataset then holds the test split only, scored by the network.")
+    attack.add_argument("--nn_train_fraction", type=float, default=0.5,
+                        help="--secmi_nn: fraction of each set used to train the network.")
+    attack.add_argument("--nn_val_fraction", type=float, default=0.1,
+                        help="--secmi_nn: fraction used to pick the epoch (never the scored test split).")
+    attack.add_argument("--nn_epochs", type=int, default=30, help="--secmi_nn: training epochs.")
+    args = parser.parse_args(input_args)
+    check_common_args(args)
+    if args.k <= 0:
+        raise InputError(f"--k must be positive, got {args.k}")
+    if args.t_sec <= 0:
+        raise InputError(f"--t_sec must be in (0, T), got {args.t_sec}")
+    if args.t_sec % args.k != 0:
+        raise InputError(f"--t_sec must be a multiple of --k, got --t_sec {args.t_sec} --k {args.k}")
+    if args.secmi_nn:
+        fractions = (args.nn_train_fraction, args.nn_val_fraction)
+        if min(fractions) <= 0 or sum(fractions) >= 1:
+            raise InputError(f"--nn_train_fraction and --nn_val_fraction must be > 0 and sum below 1, got {fractions}")
+        if args.nn_epochs <= 0:
+            raise InputError(f"--nn_epochs must be positive, got {args.nn_epochs}")
+    return args
+
+
+def latents_hw(components, resolution):
+    from mixsyn_utils.models import vae_scale_factor
+
+    side = resolution // vae_scale_factor(components.vae)
+    return side, side
+
+
+def nn_splits(is_member, train_fraction, val_fraction, seed):
+    """Disjoint train / validation / test row indices, stratified by membership, fixed by `seed`."""
+    rng = np.random.default_rng(seed)
+    splits = {"train": [], "val": [], "test": []}
+    for label in (True, False):
+        indices = rng.permutation(np.flatnonzero(is_member == label))
+        n_train, n_val = int(round(train_fraction * len(indices))), int(round(val_fraction * len(indices)))
+        splits["train"] += list(indices[:n_train])
+        splits["val"] += list(indices[n_train : n_train + n_val])
+        splits["test"] += list(indices[n_train + n_val :])
+    if min(len(rows) for rows in splits.values()) == 0:
+        raise InputError(f"--secmi_nn: too few images for train/validation/test splits ({len(is_member)} images)")
+    return {name: np.sort(np.asarray(rows, dtype=np.int64)) for name, rows in splits.items()}
+
+
+def secmi_nn_scores(dataset, latent_shape, args):
+    """SecMI-NN: a small CNN classifies |error maps|; the epoch is chosen on validation, scores are for test only.
+
+    Returns the test rows with `score` = −logit (members lower, like every attack here) and `score_t_error`
+    (the plain t-error), and a record of the split sizes and the validation AUC.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    error_columns = [name for name in dataset.column_names if name.startswith("error_")]
+    maps = torch.tensor(np.stack([dataset[name] for name in error_columns], axis=1), dtype=torch.float32)
+    maps = maps.view(len(dataset), *latent_shape)
+    labels = torch.tensor(dataset["is_member"], dtype=torch.float32)
+    splits = nn_splits(labels.numpy().astype(bool), args.nn_train_fraction, args.nn_val_fraction, args.seed)
+    torch.manual_seed(args.seed)
+    channels = latent_shape[0]
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(channels, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 1),
+    )
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    scale = maps[splits["train"]].mean()  # the maps' magnitude is model-specific; normalise by the train mean
+    best_auc, best_state = -1.0, None
+    for _ in range(args.nn_epochs):
+        network.train()
+        for batch in torch.randperm(len(splits["train"])).split(max(1, args.batch_size)):
+            rows = torch.as_tensor(splits["train"])[batch]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(network(maps[rows] / scale).squeeze(1), labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        network.eval()
+        with torch.no_grad():
+            val_logits = network(maps[splits["val"]] / scale).squeeze(1)
+        val_labels = labels[splits["val"]].numpy()
+        val_auc = roc_auc_score(val_labels, val_logits.numpy()) if 0 < val_labels.sum() < len(val_labels) else 0.5
+        if val_auc > best_auc:
+            best_auc, best_state = val_auc, {k: v.clone() for k, v in network.state_dict().items()}
+    network.load_state_dict(best_state)
+    with torch.no_grad():
+        test_logits = network(maps[splits["test"]] / scale).squeeze(1).double().numpy()
+    test = dataset.select(splits["test"]).remove_columns(error_columns).rename_column("score", "score_t_error")
+    test = test.add_column("score", (-test_logits).tolist())
+    record = {name: int(len(rows)) for name, rows in splits.items()} | {"val_auc": float(best_auc)}
+    return test.select_columns(["id", "domain", "is_member", "score", "score_t_error"]), record
+
+
+def main(args):
+    check_output_dir(args.output_dir, args.overwrite)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    check_timestep(args.t_sec, num_train_timesteps(args), "--t_sec")
+    rows = load_attack_data(args)
+    components = load_attack_model(args, accelerator.device, weight_dtype)
+    alpha_bar = alphas_cumprod(components.noise_scheduler)
+
+    def score_batch(latents, context):
+        t_error, error_map = secmi_t_error(components.unet, latents, context, alpha_bar, args.t_sec, args.k)
+        columns = {"score": t_error}
+        if args.secmi_nn:  # the NN variant needs each element's error; stored flat, reshaped for training
+            columns.update({f"error_{i}": column for i, column in enumerate(error_map.abs().flatten(1).double().T)})
+        return columns
+
+    calls_per_image = args.t_sec // args.k + 1
+    logger.info("***** Running SecMI *****")
+    logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), t_sec = {args.t_sec}, "
+                f"k = {args.k}, UNet calls per image = {calls_per_image}")
+    logger.info(f"  Resolution = {args.resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
+    progress = lambda **kwargs: tqdm(desc="secmi", disable=not accelerator.is_local_main_process, **kwargs)  # noqa: E731
+    partial, num_batches = score_all(rows, components, args, accelerator, score_batch, progress)
+
+    if accelerator.is_main_process:
+        dataset = partial.load(range(num_batches))
+        extra = {"t_sec": args.t_sec, "k": args.k, "unet_calls_per_image": calls_per_image}
+        if args.secmi_nn:
+            latent_shape = (components.unet.config.in_channels, *latents_hw(components, args.resolution))
+            dataset, extra["nn"] = secmi_nn_scores(dataset, latent_shape, args)
+        dataset = write_scores(dataset, "attack_secmi.py", "secmi_nn" if args.secmi_nn else "secmi", args, extra=extra)
+        partial.cleanup()
+        logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Training-loop overhead of the three MixSyn fine-tuning scripts, and their peak memory vs dataset size.
+
+1. Steps/s of each script (its `train_loop`, data loading included) against a bare loop on the same
+   model, batch and precision: VAE encode + text encode + UNet forward/backward + optimizer step on one
+   preloaded batch. Target: script / bare ≥ 0.9.
+2. Peak resident memory of a LoRA run on 1k vs 10k synthetic rows (each in its own process), mixed
+   with a perturbed copy; it should not grow with the number of rows.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_training.py            # builds a fast tiny victim
+    HF_HUB_OFFLINE=1 python benchmarks/bench_training.py --victim_dir outputs/demo/victim --steps 50
+"""
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+FAST_VICTIM_ARGS = ["--members_per_domain", "4", "--nonmembers_per_domain", "4", "--vae_steps", "60",
+                    "--unet_steps", "150", "--train_batch_size", "40", "--skip_report"]
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--victim_dir", type=str, default=None, help="A make_tiny_victim.py folder (default: build).")
+    parser.add_argument("--steps", type=int, default=30, help="Timed updates per loop.")
+    parser.add_argument("--train_batch_size", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2, help="Interleaved repeats; the best of each is kept.")
+    parser.add_argument("--memory_rows", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--memory_image_size", type=int, default=64,
+                        help="Side of the memory-test images: large enough that 10k rows in RAM would show.")
+    parser.add_argument("--memory_child", type=str, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(input_args)
+
+
+def make_dataset(output_dir, num_rows, seed=0, eps=0.0, image_size=16):
+    """`num_rows` random `image_size`-px images with captions "The face of <digit name>" (+ uniform ±eps noise)."""
+    import datasets
+    from PIL import Image
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    rng = np.random.default_rng(seed)
+    noise_rng = np.random.default_rng(seed + 1)
+    images = []
+    for _ in range(num_rows):
+        array = rng.integers(0, 256, size=(image_size, image_size, 3)).astype(np.float32)
+        array = np.clip(array + noise_rng.uniform(-eps, eps, array.shape) * 127.5, 0, 255)
+        images.append(Image.fromarray(array.round().astype(np.uint8)))
+    domains = [names[i % 10] for i in range(num_rows)]
+    dataset = datasets.Dataset.from_dict(
+        {"id": [f"row-{i}" for i in range(num_rows)], "image": images,
+         "prompt": [f"The face of {d}" for d in domains], "domain": domains},
+        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                    "prompt": datasets.Value("string"), "domain": datasets.Value("string")}))
+    dataset.save_to_disk(str(output_dir))
+    return output_dir
+
+
+def script_argv(victim_dir, dataset_dir, perturbed_dir, output_dir, steps, batch_size):
+    argv = ["--pretrained_model_name_or_path", str(Path(victim_dir) / "pipeline"), "--dataset_name", str(dataset_dir),
+            "--output_dir", str(output_dir), "--max_train_steps", str(steps), "--train_batch_size", str(batch_size),
+            "--checkpointing_steps", "1000000", "--seed", "0", "--lr_warmup_steps", "0", "--report_to", "tensorboard"]
+    if perturbed_dir is not None:
+        argv += ["--perturbed_dataset_name", str(perturbed_dir), "--mixup_ratio", "0.5"]
+    return argv
+
+
+def time_script(module, argv):
+    """Seconds per update of the script's `train_loop` (wrapped, so loading and saving are not counted)."""
+    from train_fixtures import run_in_process
+
+    timing = {}
+    train_loop = module.train_loop
+
+    def timed_train_loop(accelerator, args, **kwargs):
+        start = time.perf_counter()
+        steps_done = train_loop(accelerator, args, **kwargs)
+        timing["seconds_per_step"] = (time.perf_counter() - start) / args.max_train_steps
+        return steps_done
+
+    module.train_loop = timed_train_loop
+    try:
+        run_in_process(module, argv)
+    finally:
+        module.train_loop = train_loop
+    return timing["seconds_per_step"]
+
+
+def time_bare_loop(victim_dir, method, steps, batch_size):
+    """Seconds per update of the bare loop: one preloaded batch, the same trainable parameters as the script."""
+    from mixsyn_utils.models import load_components
+
+    torch.manual_seed(0)
+    models = load_components(str(Path(victim_dir) / "pipeline"))
+    unet, vae, text_encoder, tokenizer = models.unet, models.vae, models.text_encoder, models.tokenizer
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    if method == "lora":
+        import train_lora_mixsyn
+
+        args = train_lora_mixsyn.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x"])
+        train_lora_mixsyn.add_lora_adapters(args, unet, text_encoder, None)
+        params = [p for p in unet.parameters() if p.requires_grad]
+    elif method == "dreambooth":
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    else:
+        text_encoder.get_input_embeddings().requires_grad_(True)
+        params = list(text_encoder.get_input_embeddings().parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    pixel_values = torch.rand(batch_size, 3, 16, 16) * 2 - 1
+    input_ids = tokenizer(["The face of three"] * batch_size, padding="max_length", truncation=True,
+                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    scheduler = models.noise_scheduler
+
+    def step():
+        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
+        context = text_encoder(input_ids)[0]
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
+        torch.nn.functional.mse_loss(prediction, noise).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def memory_child(spec):
+    """Run the LoRA script on the given dataset in this process; print the peak RSS in MiB."""
+    import train_lora_mixsyn
+    from train_fixtures import run_in_process
+
+    config = json.loads(spec)
+    run_in_process(train_lora_mixsyn, script_argv(config["victim_dir"], config["dataset"], config["perturbed"],
+                                                  config["output_dir"], 20, 4))
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    end_kib = {key: int(status[key].split()[0]) for key in ("RssAnon", "RssFile") if key in status}
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      **{f"end_{key}_mib": value / 1024 for key, value in end_kib.items()}}))
+
+
+def main(args):
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    if args.memory_child:
+        return memory_child(args.memory_child)
+    import train_dreambooth_mixsyn
+    import train_lora_mixsyn
+    import train_textual_inversion_mixsyn
+
+    work_dir = Path(tempfile.mkdtemp(prefix="bench_training_"))
+    victim_dir = args.victim_dir
+    if victim_dir is None:
+        import make_tiny_victim
+
+        victim_dir = work_dir / "victim"
+        make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(victim_dir), *FAST_VICTIM_ARGS]))
+    dataset = make_dataset(work_dir / "data-200", 200)
+    perturbed = make_dataset(work_dir / "data-200-perturbed", 200, eps=0.05)
+
+    print(f"\n=== Loop overhead: {args.steps} updates, batch {args.train_batch_size}, fp32, CPU threads "
+          f"{torch.get_num_threads()} ===")
+    scripts = {"lora": train_lora_mixsyn, "dreambooth": train_dreambooth_mixsyn,
+               "textual_inversion": train_textual_inversion_mixsyn}
+    for method, module in scripts.items():
+        # Interleaved repeats, best of each: the machine is shared, so the minimum is the least-disturbed run.
+        script_s, bare_s = float("inf"), float("inf")
+        for repeat in range(args.repeats):
+            script_s = min(script_s, time_script(module, script_argv(
+                victim_dir, dataset, perturbed, work_dir / f"out-{method}-{repeat}", args.steps, args.train_batch_size)))
+            bare_s = min(bare_s, time_bare_loop(victim_dir, method, args.steps, args.train_batch_size))
+        print(f"{method:>18}: script {1 / script_s:7.2f} steps/s, bare loop {1 / bare_s:7.2f} steps/s, "
+              f"ratio {bare_s / script_s:.2f} (target >= 0.9)")
+
+    print(f"\n=== Peak memory of a LoRA run vs dataset rows ({args.memory_image_size}-px images, mixed with a "
+          "perturbed copy) ===")
+    peaks = {}
+    for rows in args.memory_rows:
+        spec = json.dumps({"victim_dir": str(victim_dir), "output_dir": str(work_dir / f"mem-{rows}"),
+                           "dataset": str(make_dataset(work_dir / f"mem-data-{rows}", rows,
+                                                       image_size=args.memory_image_size)),
+                           "perturbed": str(make_dataset(work_dir / f"mem-pert-{rows}", rows, eps=0.05,
+                                                         image_size=args.memory_image_size))})
+        child = subprocess.run([sys.executable, __file__, "--memory_child", spec], capture_output=True, text=True)
+        if child.returncode != 0:
+            sys.exit(f"memory run on {rows} rows failed:\n{child.stderr[-3000:]}")
+        measured = json.loads(child.stdout.strip().splitlines()[-1])
+        peaks[rows] = measured["peak_rss_mib"]
+        print(f"{rows:>8} rows: peak RSS {peaks[rows]:8.1f} MiB; at the end anonymous "
+              f"{measured.get('end_RssAnon_mib', float('nan')):.1f} MiB, file-backed "
+              f"{measured.get('end_RssFile_mib', float('nan')):.1f} MiB")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    rows = sorted(peaks)
+    print(f"ratio peak({rows[-1]}) / peak({rows[0]}) = {peaks[rows[-1]] / peaks[rows[0]]:.2f} (target ~1.0)")
+
+
+if __name__ == "__main__":
+    main(parse_args())

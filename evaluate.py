@@ -1,0 +1,392 @@
+#!/usr/bin/env python
+"""Evaluate membership-inference scores, utility and data extraction; write results.json, report.md and plots.
+
+    python evaluate.py --scores outputs/pia outputs/secmi --output_dir outputs/eval \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
+      --generate --pretrained_model_name_or_path outputs/victim/pipeline \
+      --domains_file outputs/victim/domains.json --rprecision_model outputs/victim/rprecision_model
+
+Scores datasets (from attack_*.py) have columns id, domain, is_member, score[, score_t{t}]. Their info says
+`member_is_lower: true` (scores are errors), so the membership score is −score; the calibrated attack below
+also tries the other direction, because an attacker does not care which way members differ.
+
+results.json schema (version 1):
+    {"schema_version": 1,
+     "privacy": {NAME: {                        # one block per --scores dataset; NAME = its folder name
+         "attack", "model", "scores_path", "score_column", "member_is_lower", "num_members", "num_nonmembers",
+         "auc", "auc_ci": [lo, hi], "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_0.1pct_fpr",
+         "tpr_at_0.1pct_fpr_ci", "balanced_accuracy", "balanced_accuracy_ci",
+         "fpr_resolution": 1/num_nonmembers,     # TPR@x with x below this is TPR at FPR = 0
+         "verdict": "leak" | "inverted signal — still a leak" | "no detectable leak[ (AUC < 0.5 ...)]",
+         "inverted_signal": auc < 0.5,          # whatever the CI: never read an AUC below 0.5 as protection
+         "calibrated": {"direction", "threshold",      # of the raw score column, in its units; null = flag nobody
+                        "target_fpr", "calibration_tpr", "test_tpr", "test_fpr", "test_auc",
+                        "num_calibration", "num_test"},
+         "reference": null | {"scores_path", "auc": {"delta", "delta_ci"}, "tpr_at_1pct_fpr": {...}, ...},
+         "per_timestep_auc": {"score_t200": auc, ...}}},
+     "blind_baseline": null | {"auc", "auc_ci", "distribution_shift", "num_folds"},
+     "utility": null | {"scorer", "r_precision_top1_x100", "r_precision_per_domain_x100",
+                        "brisque_mean", "brisque_direction": "lower is better", "brisque_nan_images",
+                        "num_images"},
+     "extraction": null | {"k", "delta", "num_tiles", "num_generations", "true_positives", "false_positives",
+                           "precision", "extracted_per_domain", "excluded_by_k"},
+     "bootstrap": B, "seed": S, "confidence": 0.95}
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from mixsyn_utils.brisque import is_installed as brisque_is_installed
+from mixsyn_utils.data import (InputError, PartialResults, atomic_replace_dir, check_output_dir, derive_seed,
+                               load_domains, load_image_dataset, read_provenance, run_cli,
+                               save_dataset, shard_units, temp_sibling)
+from mixsyn_utils.metrics import (blind_baseline_auc, blind_features, bootstrap_ci, calibrated_attack,
+                                  extraction_metrics, paired_bootstrap_deltas, roc_metrics)
+from mixsyn_utils.utility import utility_metrics
+
+METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy")
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Privacy (MIA), utility and extraction metrics with honest CIs.")
+    parser.add_argument("--scores", type=str, nargs="+", default=[], help="Scores datasets written by attack_*.py.")
+    parser.add_argument("--reference_scores", type=str, nargs="+", default=None,
+                        help="Scores of the pre-fine-tuning model, one per --scores (same order, same images): "
+                             "reports the change in AUC/TPR with a paired bootstrap CI.")
+    parser.add_argument("--score_column", type=str, default="score", help="The score column to evaluate.")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for every CI.")
+    parser.add_argument("--target_fpr", type=float, default=0.01, help="FPR the calibrated threshold is chosen at.")
+    parser.add_argument("--member_dataset", type=str, default=None,
+                        help="Members (image, prompt, domain), as given to the attacks: blind baseline, extraction.")
+    parser.add_argument("--nonmember_dataset", type=str, default=None,
+                        help="Non-members: blind baseline, and the extraction control (false positives).")
+    parser.add_argument("--caption_column", type=str, default="prompt", help="Caption column of the two datasets.")
+    parser.add_argument("--generate", action="store_true", help="Sample images from the model below (seeded).")
+    parser.add_argument("--generations", type=str, default=None,
+                        help="Instead of --generate: a generations dataset (image, prompt, domain).")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Model to sample (as attacks).")
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
+    parser.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    parser.add_argument("--unet_path", type=str, default=None, help="Fine-tuned UNet folder.")
+    parser.add_argument("--lora_weights", type=str, default=None, help="LoRA weights folder or file.")
+    parser.add_argument("--textual_inversion", type=str, default=None, help="Folder with token_map.json.")
+    parser.add_argument("--domains_file", type=str, default=None, help="Domains and prompt templates (.json/.txt).")
+    parser.add_argument("--num_images_per_prompt", type=int, default=4, help="Utility images per domain prompt.")
+    parser.add_argument("--num_extraction_samples", type=int, default=0,
+                        help="Extraction images per domain prompt (Carlini et al. use hundreds; 0 = use the "
+                             "utility images when members are given).")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="Sampler steps.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance scale.")
+    parser.add_argument("--sample_batch_size", type=int, default=8, help="Images per pipeline call.")
+    parser.add_argument("--rprecision_model", type=str, default=None,
+                        help="Offline R-precision scorer: a domain classifier folder (VICTIM/rprecision_model).")
+    parser.add_argument("--clip_model", type=str, default="ViT-B-32", help="open_clip model for CLIP-R-precision.")
+    parser.add_argument("--clip_pretrained", type=str, default=None,
+                        help="open_clip pretrained tag or local checkpoint; enables CLIP-R-precision.")
+    parser.add_argument("--no_brisque", action="store_true", help="Skip BRISQUE.")
+    parser.add_argument("--extraction_k", type=int, default=10, help="k of (k, ℓ2, δ)-eidetic memorization.")
+    parser.add_argument("--extraction_delta", type=float, default=0.1, help="δ: tiled RMS distance on [0, 1] pixels.")
+    parser.add_argument("--extraction_tiles", type=int, default=4, help="Tiles per side for the tiled ℓ2.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds bootstraps, the calibration split and sampling.")
+    parser.add_argument("--output_dir", type=str, required=True, help="Where results.json, report.md, PNGs go.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
+    args = parser.parse_args(input_args)
+
+    if not args.scores and not (args.generate or args.generations):
+        raise InputError("nothing to evaluate: pass --scores and/or --generate / --generations")
+    for flag, value in (("--bootstrap", args.bootstrap), ("--num_images_per_prompt", args.num_images_per_prompt),
+                        ("--sample_batch_size", args.sample_batch_size), ("--extraction_tiles", args.extraction_tiles)):
+        if value <= 0:
+            raise InputError(f"{flag} must be positive, got {value}")
+    if not 0 < args.target_fpr < 1:
+        raise InputError(f"--target_fpr must be in (0, 1), got {args.target_fpr}")
+    if args.reference_scores is not None and len(args.reference_scores) != len(args.scores):
+        raise InputError(f"--reference_scores needs one dataset per --scores ({len(args.scores)}), "
+                         f"got {len(args.reference_scores)}")
+    if (args.member_dataset is None) != (args.nonmember_dataset is None):
+        raise InputError("--member_dataset and --nonmember_dataset must be given together")
+    if args.generate and args.generations:
+        raise InputError("pass either --generate or --generations, not both")
+    if args.generate and (args.pretrained_model_name_or_path is None or args.domains_file is None):
+        raise InputError("--generate needs --pretrained_model_name_or_path and --domains_file")
+    if args.num_extraction_samples < 0:
+        raise InputError(f"--num_extraction_samples must be >= 0, got {args.num_extraction_samples}")
+    if args.rprecision_model is not None and not (Path(args.rprecision_model) / "config.json").is_file():
+        raise InputError(f"--rprecision_model {args.rprecision_model} has no config.json (train_domain_classifier)")
+    if (args.generate or args.generations) and not args.no_brisque and not brisque_is_installed():
+        raise InputError("BRISQUE weights are not installed: run `python -m mixsyn_utils.brisque --install` "
+                         "or pass --no_brisque")
+    if (args.generate or args.generations) and args.member_dataset is None and args.no_brisque \
+            and args.rprecision_model is None and args.clip_pretrained is None:
+        raise InputError("--generate/--generations: no metric to compute (give --rprecision_model, "
+                         "--clip_pretrained, --member_dataset, or drop --no_brisque)")
+    return args
+
+
+def load_scores(path, score_column):
+    """A scores dataset as arrays; membership score = −score when the info says member_is_lower (the default)."""
+    dataset = load_image_dataset(path, required_columns=("id", "domain", "is_member", score_column))
+    info = read_provenance(dataset)
+    raw = np.asarray(dataset[score_column], dtype=np.float64)
+    is_member = np.asarray(dataset["is_member"], dtype=bool)
+    if not np.isfinite(raw).all():
+        raise InputError(f"--scores {path}: column {score_column} has {int((~np.isfinite(raw)).sum())} NaN/inf values")
+    if is_member.all() or not is_member.any():
+        raise InputError(f"--scores {path} has only {'members' if is_member.all() else 'non-members'}; need both")
+    if len(set(dataset["id"])) != len(dataset):
+        raise InputError(f"--scores {path}: ids are not unique, so rows cannot be paired across datasets")
+    member_is_lower = bool(info.get("member_is_lower", True))
+    order = np.argsort(np.asarray(dataset["id"]), kind="stable")  # rows aligned by id across datasets
+    per_timestep = {column: np.asarray(dataset[column], dtype=np.float64)[order] * (-1 if member_is_lower else 1)
+                    for column in dataset.column_names if column.startswith("score_t")}
+    return {"path": str(path), "name": Path(path).name, "attack": info.get("attack", "unknown"),
+            "model": info.get("model"), "member_is_lower": member_is_lower,
+            "ids": np.asarray(dataset["id"])[order], "domains": np.asarray(dataset["domain"]).astype(str)[order],
+            "is_member": is_member[order], "scores": (-raw if member_is_lower else raw)[order],
+            "per_timestep": per_timestep}
+
+
+def check_same_rows(all_scores, flag="--scores"):
+    """Every dataset must score the same images with the same labels, or comparisons are meaningless."""
+    first = all_scores[0]
+    for other in all_scores[1:]:
+        if len(other["ids"]) != len(first["ids"]) or (other["ids"] != first["ids"]).any() \
+                or (other["is_member"] != first["is_member"]).any():
+            raise InputError(f"{flag} {other['path']} scores other members/non-members than {first['path']}")
+
+
+def privacy_block(scores, reference, args):
+    member, nonmember = scores["scores"][scores["is_member"]], scores["scores"][~scores["is_member"]]
+    point, intervals = roc_metrics(member, nonmember), bootstrap_ci(member, nonmember, args.bootstrap, args.seed)
+    block = {"attack": scores["attack"], "model": scores["model"], "scores_path": scores["path"],
+             "score_column": args.score_column, "member_is_lower": scores["member_is_lower"],
+             "num_members": int(len(member)), "num_nonmembers": int(len(nonmember)),
+             "fpr_resolution": 1.0 / len(nonmember)}
+    for key in METRIC_KEYS:
+        block[key], block[f"{key}_ci"] = point[key], intervals[key]
+    # An AUC below 0.5 means members are separable with the sign flipped: a leak, never "protected".
+    if intervals["auc"][1] < 0.5:
+        block["verdict"] = "inverted signal — still a leak"
+    elif intervals["auc"][0] > 0.5:
+        block["verdict"] = "leak"
+    else:
+        block["verdict"] = "no detectable leak" + (" (AUC < 0.5 is not protection)" if point["auc"] < 0.5 else "")
+    block["inverted_signal"] = point["auc"] < 0.5
+    calibrated = calibrated_attack(scores["scores"], scores["is_member"], scores["domains"], args.target_fpr, args.seed)
+    if scores["member_is_lower"]:  # report direction and threshold in the raw score column's own units
+        calibrated["threshold"] = None if calibrated["threshold"] is None else -calibrated["threshold"]
+        calibrated["direction"] = {"higher_is_member": "lower_is_member",
+                                   "lower_is_member": "higher_is_member"}[calibrated["direction"]]
+    block["calibrated"] = calibrated
+    block["reference"] = None
+    if reference is not None:
+        deltas = paired_bootstrap_deltas(member, nonmember, reference["scores"][reference["is_member"]],
+                                         reference["scores"][~reference["is_member"]], args.bootstrap, args.seed)
+        block["reference"] = {"scores_path": reference["path"], **deltas}
+    block["per_timestep_auc"] = {column: roc_metrics(values[scores["is_member"]], values[~scores["is_member"]])["auc"]
+                                 for column, values in scores["per_timestep"].items()}
+    return block
+
+
+def blind_baseline(args, members, nonmembers, all_scores):
+    if all_scores and "id" in members.column_names:
+        scored_members = set(all_scores[0]["ids"][all_scores[0]["is_member"]])
+        if set(map(str, members["id"])) != scored_members:
+            raise InputError(f"--member_dataset {args.member_dataset} is not the member set of --scores")
+    features = blind_features(list(members["image"]) + list(nonmembers["image"]),
+                              list(members[args.caption_column]) + list(nonmembers[args.caption_column]))
+    is_member = np.arange(len(features)) < len(members)
+    return blind_baseline_auc(features, is_member, seed=args.seed, num_resamples=args.bootstrap)
+
+
+def generate_images(args, num_per_prompt):
+    """num_per_prompt images for every (domain, template), seeded per image; batches resumable and sharded."""
+    import torch
+    from accelerate import Accelerator
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    from mixsyn_utils.models import load_model_variant, load_token_map, rewrite_caption
+
+    domain_names, templates = load_domains(args.domains_file)
+    token_map = load_token_map(args.textual_inversion) if args.textual_inversion else {}
+    plan = [{"id": f"gen-{d}-{t}-{i:05d}", "domain": name, "prompt": template.format(name), "sample_index": i,
+             "seed": derive_seed(args.seed, d, t, i, 11)}
+            for d, name in enumerate(domain_names) for t, (template, _) in enumerate(templates)
+            for i in range(num_per_prompt)]
+    batches = [plan[start:start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
+    accelerator, partial = Accelerator(), PartialResults(args.output_dir)
+    if accelerator.is_main_process:
+        partial.write_meta({"model": [args.pretrained_model_name_or_path, args.unet_path, args.lora_weights,
+                                      args.textual_inversion], "num_per_prompt": num_per_prompt, "seed": args.seed,
+                            "steps": args.num_inference_steps, "guidance": args.guidance_scale,
+                            "batch": args.sample_batch_size})
+    accelerator.wait_for_everyone()
+    pipeline = load_model_variant(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                                  args.lora_weights, args.textual_inversion).to(accelerator.device)
+    pipeline.set_progress_bar_config(disable=True)
+    features = Features({"id": Value("string"), "image": ImageFeature(), "prompt": Value("string"),
+                         "domain": Value("string"), "sample_index": Value("int32"), "seed": Value("int64")})
+    for unit in shard_units(range(len(batches)), accelerator.process_index, accelerator.num_processes):
+        if partial.is_done(unit):
+            continue
+        rows = batches[unit]
+        images = pipeline([rewrite_caption(row["prompt"], row["domain"], token_map) for row in rows],
+                          num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                          generator=[torch.Generator().manual_seed(row["seed"]) for row in rows]).images
+        partial.save(unit, Dataset.from_list([dict(row, image=image) for row, image in zip(rows, images)],
+                                             features=features))
+    accelerator.wait_for_everyone()
+    return partial, len(batches), accelerator.is_main_process
+
+
+def plot_roc(all_scores, path):
+    """Log-log ROC (LiRA convention: the low-FPR regime is what matters), one curve per scores dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    figure, axis = plt.subplots(figsize=(5, 5))
+    floor = 1.0 / max(len(s["scores"]) for s in all_scores)
+    for scores in all_scores:
+        fpr, tpr, _ = roc_curve(scores["is_member"], scores["scores"])
+        auc = roc_metrics(scores["scores"][scores["is_member"]], scores["scores"][~scores["is_member"]])["auc"]
+        axis.plot(np.maximum(fpr, floor), np.maximum(tpr, floor), label=f"{scores['name']} (AUC {auc:.3f})")
+    axis.plot([floor, 1], [floor, 1], "k--", linewidth=1, label="chance")
+    axis.set(xscale="log", yscale="log", xlim=(floor, 1), ylim=(floor, 1), xlabel="FPR", ylabel="TPR",
+             title="Membership inference ROC (log-log)")
+    axis.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def fmt(value, ci=None):
+    text = "n/a" if value is None else f"{value:.3f}"
+    return text if ci is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def render_markdown(results):
+    """report.md: one table per section; every number with its 95% CI where it has one."""
+    lines = ["# MixSyn evaluation", "", f"Bootstrap resamples: {results['bootstrap']}, seed {results['seed']}; "
+             "intervals are 95% percentile CIs (members and non-members resampled separately).", ""]
+    if results["privacy"]:
+        lines += ["## Membership inference", "", "| scores | attack | AUC | TPR@1%FPR | TPR@0.1%FPR | balanced acc. | "
+                  "calibrated TPR / FPR (test half) | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for name, block in results["privacy"].items():
+            cal = block["calibrated"]
+            lines.append(f"| {name} | {block['attack']} | {fmt(block['auc'], block['auc_ci'])} | "
+                         f"{fmt(block['tpr_at_1pct_fpr'], block['tpr_at_1pct_fpr_ci'])} | "
+                         f"{fmt(block['tpr_at_0.1pct_fpr'], block['tpr_at_0.1pct_fpr_ci'])} | "
+                         f"{fmt(block['balanced_accuracy'], block['balanced_accuracy_ci'])} | "
+                         f"{fmt(cal['test_tpr'])} / {fmt(cal['test_fpr'])} ({cal['direction']}) | {block['verdict']} |")
+        lines += ["", "An AUC below 0.5 is an *inverted signal*: the attacker flips the sign and still separates "
+                  "members — it is a leak, not protection. The calibrated columns choose direction and threshold "
+                  "(FPR ≤ target) on one half, stratified by domain, and measure on the other half.", ""]
+        for name, block in results["privacy"].items():
+            if block["fpr_resolution"] > 0.001:
+                lines.append(f"- {name}: {block['num_nonmembers']} non-members, so the smallest non-zero FPR is "
+                             f"{block['fpr_resolution']:.4f}; TPR@0.1%FPR is the TPR at FPR = 0.")
+            if block["reference"]:
+                ref = block["reference"]
+                lines.append(f"- {name} vs reference {ref['scores_path']}: "
+                             f"ΔAUC {fmt(ref['auc']['delta'], ref['auc']['delta_ci'])}, "
+                             f"ΔTPR@1%FPR {fmt(ref['tpr_at_1pct_fpr']['delta'], ref['tpr_at_1pct_fpr']['delta_ci'])}")
+        lines += ["", "![ROC](roc_loglog.png)", ""]
+    if results["blind_baseline"]:
+        blind = results["blind_baseline"]
+        lines += ["## Blind baseline", "", "Logistic regression on 8×8 pixels + caption words, "
+                  f"{blind['num_folds']}-fold CV, never sees the model: AUC {fmt(blind['auc'], blind['auc_ci'])}.", ""]
+        lines.append("**The member and non-member sets differ in distribution: the attack numbers are not "
+                     "trustworthy.**" if blind["distribution_shift"] else "Its CI does not lie above 0.5: no "
+                     "detectable distribution shift (a CV AUC below 0.5 is the known small-sample bias, not a shift).")
+        lines.append("")
+    if results["utility"]:
+        util = results["utility"]
+        lines += ["## Utility", "", f"Images: {util['num_images']}. R-precision scorer: {util['scorer'] or 'none'}.",
+                  "",
+                  f"- R-precision (top-1 × 100): {fmt(util['r_precision_top1_x100'])}"]
+        if "brisque_mean" in util:
+            lines.append(f"- BRISQUE: {fmt(util['brisque_mean'])} — {util['brisque_direction']}; "
+                         f"{util['brisque_nan_images']} image(s) without spatial variance excluded")
+        lines.append("")
+    if results["extraction"]:
+        ext = results["extraction"]
+        lines += ["## Data extraction", "", f"(k={ext['k']}, ℓ2, δ={ext['delta']})-eidetic memorization, tiled ℓ2 "
+                  f"({ext['num_tiles']}×{ext['num_tiles']} tiles, RMS on [0, 1] pixels), {ext['num_generations']} "
+                  "generations.", "",
+                  f"- extracted members (true positives): {ext['true_positives']} of {ext['num_members']}",
+                  f"- non-members matched (false positives, control): {ext['false_positives']}",
+                  f"- precision: {fmt(ext['precision'])}; matched but excluded by k: {ext['excluded_by_k']}",
+                  "- per domain: " + ", ".join(f"{d} {n}" for d, n in ext["extracted_per_domain"].items()), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    check_output_dir(args.output_dir, args.overwrite)
+    all_scores = [load_scores(path, args.score_column) for path in args.scores]
+    references = [load_scores(path, args.score_column) for path in args.reference_scores or []]
+    if all_scores:
+        check_same_rows(all_scores)
+    for scores, reference in zip(all_scores, references):
+        check_same_rows([scores, reference], flag="--reference_scores")
+    members = nonmembers = None  # loaded before sampling, so a bad path fails before the heavy work
+    if args.member_dataset is not None:
+        members, nonmembers = (load_image_dataset(path, required_columns=("image", args.caption_column, "domain"))
+                               for path in (args.member_dataset, args.nonmember_dataset))
+
+    # Sampling is the only heavy step: it alone is sharded over processes; everything else is main-process work.
+    generations, partial = None, None
+    if args.generate:
+        partial, num_batches, is_main = generate_images(args, max(args.num_images_per_prompt,
+                                                                  args.num_extraction_samples))
+        if not is_main:
+            return None
+        generations = partial.load(range(num_batches))
+    elif args.generations:
+        generations = load_image_dataset(args.generations, required_columns=("image", "prompt", "domain"))
+
+    results = {"schema_version": 1, "bootstrap": args.bootstrap, "seed": args.seed, "confidence": 0.95,
+               "privacy": {}, "blind_baseline": None, "utility": None, "extraction": None}
+    names = [scores["name"] for scores in all_scores]
+    for index, (scores, reference) in enumerate(zip(all_scores, references or [None] * len(all_scores))):
+        name = scores["name"] if names.count(scores["name"]) == 1 else f"{index}_{scores['name']}"
+        print(f"Evaluating {scores['path']} ({scores['attack']}, {len(scores['scores'])} images)")
+        results["privacy"][name] = privacy_block(scores, reference, args)
+    if args.member_dataset is not None:
+        results["blind_baseline"] = blind_baseline(args, members, nonmembers, all_scores)
+    if generations is not None:
+        # Utility uses the first --num_images_per_prompt samples of each prompt; extraction uses them all.
+        utility_set = generations.filter(lambda row: row["sample_index"] < args.num_images_per_prompt) \
+            if "sample_index" in generations.column_names else generations
+        results["utility"] = utility_metrics(utility_set, args.rprecision_model, args.clip_model,
+                                             args.clip_pretrained, with_brisque=not args.no_brisque)
+        if members is not None:  # (k, ℓ2, δ)-eidetic extraction; non-members are the false-positive control
+            results["extraction"] = extraction_metrics(members, nonmembers, generations, args.extraction_k,
+                                                       args.extraction_delta, args.extraction_tiles)
+
+    work_dir = temp_sibling(args.output_dir)
+    try:
+        if all_scores:
+            plot_roc(all_scores, work_dir / "roc_loglog.png")
+        if args.generate:
+            save_dataset(generations, work_dir / "generations")
+        (work_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+        (work_dir / "report.md").write_text(render_markdown(results))
+        atomic_replace_dir(work_dir, args.output_dir)
+    finally:
+        if work_dir.exists():
+            shutil.rmtree(work_dir, ignore_errors=True)
+    if partial is not None:
+        partial.cleanup()
+    print(render_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,163 @@
+"""Anti-DreamBooth adversarial noise (Le et al. 2023, arXiv:2303.15433; MixSyn Eq. 2-4).
+
+The PGD update, the surrogate DreamBooth training, the ASPL and FSMG loops for one group of images,
+and the uint8 rounding that keeps the saved images inside the ℓ∞ budget. Everything random in a group
+draws from one `torch.Generator`, so a group's result does not depend on which process computed it.
+"""
+
+import copy
+import itertools
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from .diffusion import alphas_cumprod, q_sample
+from .dreambooth import dreambooth_loss, denoising_loss, prediction_target
+from .models import encode_images_to_latents, encode_prompts
+
+ADAMW_WEIGHT_DECAY = 1e-2  # the reference surrogate's AdamW settings
+MAX_GRAD_NORM = 1.0
+
+
+def pgd_step(perturbed_pixels, grad, original_pixels, pgd_alpha, pgd_eps):
+    """One untargeted ℓ∞ PGD ascent step on pixels in [-1, 1] (Madry et al. 2018; Anti-DreamBooth Eq. 4).
+
+    x ← clip_[-1,1]( x₀ + clip_[-η,η]( x + α · sign(∇ₓ L) − x₀ ) )
+    with α = `pgd_alpha`, η = `pgd_eps` (both in [-1, 1] units) and x₀ = `original_pixels`.
+    """
+    stepped = perturbed_pixels + pgd_alpha * grad.sign()
+    delta = torch.clamp(stepped - original_pixels, min=-pgd_eps, max=pgd_eps)
+    return torch.clamp(original_pixels + delta, min=-1.0, max=1.0).detach()
+
+
+def quantize_within_budget(perturbed_pixels, original_uint8, pgd_eps):
+    """Pixels in [-1, 1] -> uint8 (B, 3, H, W) whose distance to x₀ stays within η after saving.
+
+    u = round(127.5 · (x + 1)), then u ← clip(u, u₀ − k, u₀ + k) with k = ⌊127.5 · η⌋, so that
+    |u − u₀| / 127.5 ≤ η for every pixel: a value rounded past the budget is rounded toward x₀ instead.
+    `original_uint8` are the clean images at the same resolution (B, 3, H, W), uint8.
+    """
+    levels = int(np.floor(127.5 * pgd_eps + 1e-9))
+    rounded = torch.round((perturbed_pixels.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).to(torch.int16)
+    original = original_uint8.to(torch.int16)
+    return torch.minimum(torch.maximum(rounded, original - levels), original + levels).clamp(0, 255).to(torch.uint8)
+
+
+def perturbation_norms(perturbed_uint8, original_uint8):
+    """‖δ‖∞ and ‖δ‖₂ per image of δ = (u − u₀) / 127.5 (in [-1, 1] units), float64 numpy arrays."""
+    delta = (perturbed_uint8.double() - original_uint8.double()) / 127.5
+    flat = delta.flatten(1)
+    return flat.abs().amax(1).numpy(), flat.norm(dim=1).numpy()
+
+
+def diffusion_prediction(models, pixel_values, input_ids, generator, autocast=nullcontext, context=None):
+    """The surrogate's prediction and target at a random t with random noise (the DreamBooth objective).
+
+    z₀ = E(x) sampled from the VAE posterior, t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε;
+    returns (ŷ = UNet(z_t, t, c), y = ε or v, t). Gradients reach `pixel_values` through the frozen encoder.
+    `context`: precomputed c = text_encoder(input_ids), when it cannot change between calls.
+    """
+    device = models.unet.device
+    with autocast():
+        latents = encode_images_to_latents(models.vae, pixel_values.to(device), sample=True, generator=generator)
+        latents = latents.float()
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        num_timesteps = models.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(device)
+        noisy_latents = q_sample(latents, noise, timesteps, alphas_cumprod(models.noise_scheduler))
+        if context is None:
+            context = encode_prompts(models.text_encoder, input_ids.to(device))
+        model_pred = models.unet(noisy_latents, timesteps, context).sample
+    return model_pred, prediction_target(models.noise_scheduler, latents, noise, timesteps), timesteps
+
+
+def train_surrogate(models, instance_pixels, instance_ids, class_pixels, class_ids, num_steps, learning_rate,
+                    generator, prior_loss_weight=1.0, train_text_encoder=False, autocast=nullcontext):
+    """A copy of the surrogate (UNet, and text encoder when trained) after `num_steps` DreamBooth steps.
+
+    As the reference: a fresh AdamW (weight decay 1e-2), one instance image (cycled) plus one class image
+    per step when class images are given, loss L_instance + λ L_prior, gradient norm clipped to 1.
+    """
+    unet = copy.deepcopy(models.unet).train()
+    text_encoder = copy.deepcopy(models.text_encoder).train() if train_text_encoder else models.text_encoder
+    trained = SimpleNamespace(**dict(vars(models), unet=unet, text_encoder=text_encoder))
+    parameters = list(itertools.chain(unet.parameters(), text_encoder.parameters() if train_text_encoder else []))
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=ADAMW_WEIGHT_DECAY)
+    for step in range(num_steps):
+        index = step % len(instance_pixels)
+        pixel_values, input_ids = instance_pixels[index:index + 1], instance_ids[index:index + 1]
+        if class_pixels is not None:
+            class_index = step % len(class_pixels)
+            pixel_values = torch.cat([pixel_values, class_pixels[class_index:class_index + 1]])
+            input_ids = torch.cat([input_ids, class_ids[class_index:class_index + 1]])
+        model_pred, target, timesteps = diffusion_prediction(trained, pixel_values, input_ids, generator, autocast)
+        loss, _, _ = dreambooth_loss(model_pred, target, timesteps, models.noise_scheduler, num_instance=1,
+                                     prior_loss_weight=prior_loss_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return trained
+
+
+def pgd_attack(models, perturbed_pixels, original_pixels, input_ids, num_steps, pgd_alpha, pgd_eps, generator,
+               batch_size=8, autocast=nullcontext):
+    """`num_steps` PGD steps (`pgd_step`) maximising the surrogate's diffusion MSE, in chunks of `batch_size`.
+
+    Only the pixels get gradients (`torch.autograd.grad`), so the frozen surrogate accumulates none. The
+    text context does not depend on the pixels, so it is encoded once, not at every step.
+    """
+    perturbed_pixels = perturbed_pixels.detach().clone()
+    starts = range(0, len(perturbed_pixels), batch_size)
+    with torch.no_grad(), autocast():
+        contexts = [encode_prompts(models.text_encoder, input_ids[start:start + batch_size].to(models.unet.device))
+                    for start in starts]
+    for _ in range(num_steps):
+        for start, context in zip(starts, contexts):
+            chunk = perturbed_pixels[start:start + batch_size].clone().requires_grad_(True)
+            model_pred, target, timesteps = diffusion_prediction(
+                models, chunk, input_ids[start:start + batch_size], generator, autocast, context=context)
+            loss = denoising_loss(model_pred, target, timesteps, models.noise_scheduler)
+            (grad,) = torch.autograd.grad(loss, chunk)
+            perturbed_pixels[start:start + batch_size] = pgd_step(
+                chunk.detach(), grad.to(chunk.device), original_pixels[start:start + batch_size], pgd_alpha, pgd_eps)
+    return perturbed_pixels
+
+
+def aspl_perturb_group(models, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
+                       autocast=nullcontext):
+    """ASPL (Anti-DreamBooth Alg. 1): for each outer iteration, f′ ← copy(f) trained on the clean images,
+    δ ← PGD against f′, then f trained on the perturbed images. Returns the perturbed pixels in [-1, 1].
+    """
+    train = dict(learning_rate=args.learning_rate, generator=generator, prior_loss_weight=args.prior_loss_weight,
+                 train_text_encoder=args.train_text_encoder, autocast=autocast)
+    perturbed_pixels = clean_pixels.clone()
+    for _ in range(args.max_train_steps):
+        surrogate = train_surrogate(models, clean_pixels, input_ids, class_pixels, class_ids,
+                                    args.max_f_train_steps, **train)
+        perturbed_pixels = pgd_attack(surrogate, perturbed_pixels, clean_pixels, input_ids, args.max_adv_train_steps,
+                                      args.pgd_alpha, args.pgd_eps, generator, args.pgd_batch_size, autocast)
+        del surrogate
+        models = train_surrogate(models, perturbed_pixels, input_ids, class_pixels, class_ids,
+                                 args.max_f_train_steps, **train)
+    return perturbed_pixels
+
+
+def fsmg_perturb_group(models, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
+                       autocast=nullcontext):
+    """FSMG (Anti-DreamBooth Sec. 4.2): one DreamBooth surrogate trained on the clean images for
+    `fsmg_train_steps`, then `max_train_steps × max_adv_train_steps` PGD steps against that fixed model
+    (the same PGD budget as ASPL). Returns the perturbed pixels in [-1, 1].
+    """
+    surrogate = train_surrogate(models, clean_pixels, input_ids, class_pixels, class_ids, args.fsmg_train_steps,
+                                learning_rate=args.learning_rate, generator=generator,
+                                prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
+                                autocast=autocast)
+    return pgd_attack(surrogate, clean_pixels, clean_pixels, input_ids, args.max_train_steps * args.max_adv_train_steps,
+                      args.pgd_alpha, args.pgd_eps, generator, args.pgd_batch_size, autocast)

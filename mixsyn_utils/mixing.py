@@ -1,0 +1,155 @@
+"""MixSyn training sets: clean self-synthesized images mixed with their adversarially perturbed versions.
+
+Mixup-I (`mode="image"`): a ratio r of the images is replaced by its perturbed version, stratified per
+domain. Mixup-P (`mode="pixel"`): every image is m ⊙ x_pert + (1 − m) ⊙ x_clean with a binary mask m
+covering a ratio r of the pixel positions. r = 0 is the clean set, r = 1 the fully perturbed set.
+"""
+
+import hashlib
+import json
+
+import numpy as np
+
+from .data import InputError, derive_seed, resize_and_crop, with_provenance
+
+MODES = ("image", "pixel")
+PATTERNS = ("random", "block")
+
+
+def num_selected(ratio, total):
+    """round(r · n), halves rounded up (not to even), so r = 0.5 of 3 images perturbs 2."""
+    return int(np.floor(ratio * total + 0.5 + 1e-9))
+
+
+def image_selection(domains, ratio, seed):
+    """Mixup-I choice: a boolean array, True where the perturbed image is used; exactly round(r · n) True.
+
+    Stratified: domain d gets ⌊r · n_d⌋ images plus one more for the domains with the largest fractional
+    parts r · n_d − ⌊r · n_d⌋ (ties broken by a permutation seeded by `seed`) until the total is round(r · n);
+    within a domain the images are the first of a permutation seeded by (`seed`, domain index).
+    """
+    domains = np.asarray(list(domains), dtype=object)
+    names = sorted(set(domains.tolist()))
+    counts = np.array([int(np.sum(domains == name)) for name in names])
+    exact = ratio * counts
+    quotas = np.floor(exact + 1e-9).astype(int)
+    remainder = num_selected(ratio, len(domains)) - int(quotas.sum())
+    tie_order = np.random.default_rng(derive_seed(seed, 0)).permutation(len(names))
+    by_fraction = sorted(tie_order, key=lambda d: -(exact[d] - quotas[d]))
+    for d in by_fraction[:remainder]:
+        quotas[d] += 1
+    selected = np.zeros(len(domains), dtype=bool)
+    for d, name in enumerate(names):
+        rows = np.flatnonzero(domains == name)
+        order = np.random.default_rng(derive_seed(seed, 1, d)).permutation(len(rows))
+        selected[rows[order[:quotas[d]]]] = True
+    return selected
+
+
+def pixel_mask(height, width, ratio, seed, pattern="random"):
+    """Mixup-P mask m ∈ {0, 1}^{H×W} (shared by the channels) with exactly round(r · H · W) ones.
+
+    `random`: the first round(r·H·W) positions of a permutation seeded by `seed`.
+    `block`: a contiguous region (MixSyn Fig. 3, "half part of every image"): the first round(r·H·W)
+    positions in row-major order counted from a side (top, bottom, left or right) chosen by `seed`.
+    """
+    count = num_selected(ratio, height * width)
+    rng = np.random.default_rng(seed)
+    if pattern == "random":
+        flat = np.zeros(height * width, dtype=bool)
+        flat[rng.permutation(height * width)[:count]] = True
+        return flat.reshape(height, width)
+    side = int(rng.integers(4))
+    if side in (0, 1):  # fill whole rows from the top (0) or bottom (1)
+        flat = np.zeros(height * width, dtype=bool)
+        flat[:count] = True
+        mask = flat.reshape(height, width)
+        return mask if side == 0 else mask[::-1, ::-1].copy()
+    flat = np.zeros(height * width, dtype=bool)  # fill whole columns from the left (2) or right (3)
+    flat[:count] = True
+    mask = flat.reshape(width, height).T
+    return mask.copy() if side == 2 else mask[::-1, ::-1].copy()
+
+
+def id_key(image_id):
+    """A stable 63-bit integer for a row id (mask seeds must not depend on row order or process)."""
+    return int.from_bytes(hashlib.sha256(str(image_id).encode()).digest()[:8], "big") >> 1
+
+
+def _pair_by_id(clean, perturbed):
+    for name, dataset in (("clean", clean), ("perturbed", perturbed)):
+        for column in ("id", "image"):
+            if column not in dataset.column_names:
+                raise InputError(f"the {name} dataset has no {column!r} column")
+    clean_ids, perturbed_ids = list(clean["id"]), list(perturbed["id"])
+    for name, ids in (("clean", clean_ids), ("perturbed", perturbed_ids)):
+        if len(set(ids)) != len(ids):
+            duplicate = next(i for i in ids if ids.count(i) > 1)
+            raise InputError(f"the {name} dataset lists id {duplicate!r} twice")
+    perturbed_row = {image_id: row for row, image_id in enumerate(perturbed_ids)}
+    missing = [i for i in clean_ids if i not in perturbed_row]
+    if missing:
+        raise InputError(f"id {missing[0]!r} of the clean dataset has no perturbed version")
+    clean_set = set(clean_ids)
+    extra = [i for i in perturbed_ids if i not in clean_set]
+    if extra:
+        raise InputError(f"id {extra[0]!r} of the perturbed dataset is not in the clean dataset")
+    return [perturbed_row[i] for i in clean_ids]
+
+
+def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resolution=None):
+    """The MixSyn training set: the clean dataset's rows with `image` mixed, plus `perturbed_fraction`, `mask_seed`.
+
+    Rows are paired by `id` (a missing or extra id raises `InputError` naming it). Images are converted
+    to RGB and brought to `resolution` by the shared `resize_and_crop`; by default the perturbed images'
+    size (the perturbation was computed there, so it is never resampled). Mixing is exact on uint8.
+    `mask_seed`: the seed of the row's pixel mask (pixel mode) or of the per-domain selection (image mode).
+    """
+    import datasets
+
+    if mode not in MODES:
+        raise InputError(f"--mixup_mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if pattern not in PATTERNS:
+        raise InputError(f"--mixup_pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}")
+    try:
+        ratio = float(ratio)
+    except (TypeError, ValueError) as error:
+        raise InputError(f"--mixup_ratio must be a number in [0, 1], got {ratio!r}") from error
+    if not 0.0 <= ratio <= 1.0:
+        raise InputError(f"--mixup_ratio must be in [0, 1], got {ratio}")
+    perturbed_rows = _pair_by_id(clean, perturbed)
+    if resolution is None:
+        resolution = min(perturbed[0]["image"].size)
+    domains = clean["domain"] if "domain" in clean.column_names else ["all"] * len(clean)
+    selected = image_selection(domains, ratio, seed) if mode == "image" else None
+    domain_index = {name: d for d, name in enumerate(sorted(set(domains)))}
+
+    mixed_images, fractions, mask_seeds = [], [], []
+    for row, image_id in enumerate(clean["id"]):
+        clean_array = np.asarray(resize_and_crop(clean[row]["image"], resolution))
+        perturbed_array = np.asarray(resize_and_crop(perturbed[perturbed_rows[row]]["image"], resolution))
+        if mode == "image":
+            use_perturbed = bool(selected[row])
+            mixed, fraction = (perturbed_array if use_perturbed else clean_array), float(use_perturbed)
+            mask_seed = derive_seed(seed, 1, domain_index[domains[row]])  # the domain's selection permutation
+        else:
+            mask_seed = derive_seed(seed, id_key(image_id) % (2**62))
+            mask = pixel_mask(resolution, resolution, ratio, mask_seed, pattern)
+            mixed = np.where(mask[:, :, None], perturbed_array, clean_array)
+            fraction = float(mask.mean())
+        mixed_images.append(mixed)
+        fractions.append(fraction)
+        mask_seeds.append(int(mask_seed))
+
+    from PIL import Image
+
+    features = clean.features.copy()
+    features["image"] = datasets.Image()
+    features["perturbed_fraction"] = datasets.Value("float64")
+    features["mask_seed"] = datasets.Value("int64")
+    columns = {name: clean[name] for name in clean.column_names if name not in ("perturbed_fraction", "mask_seed")}
+    columns.update(image=[Image.fromarray(array) for array in mixed_images], perturbed_fraction=fractions,
+                   mask_seed=mask_seeds)  # `image` keeps its place among the clean columns
+    mixed_dataset = datasets.Dataset.from_dict(columns, features=features)
+    return with_provenance(mixed_dataset, json.dumps({"mixing": {"mode": mode, "ratio": float(ratio), "seed": seed,
+                                                                  "pattern": pattern, "resolution": resolution}}))

@@ -1,0 +1,121 @@
+"""The experiment runner's machinery: stages cached by their inputs, run in-process or through `accelerate launch`.
+
+A stage is one script call. Its cache key hashes the script's source, the shared package's source, its flags and
+the keys of the stages it reads from, so a changed flag reruns that stage and everything downstream, nothing else.
+A finished stage writes `<log_dir>/<stage>.done.json` with its key; a killed run finds the finished stages (whose
+outputs still exist) and skips them, and the interrupted stage resumes through the script's own `PartialResults`.
+"""
+
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Stage:
+    """One script call: `script` with `flags` (dict flag -> value; lists expand, True is a bare switch)."""
+
+    name: str
+    script: str
+    flags: dict
+    output: str
+    depends_on: list = field(default_factory=list)
+    num_processes: int = 1
+
+    def argv(self):
+        argv = []
+        for flag, value in self.flags.items():
+            if value is None or value is False:
+                continue
+            argv.append(f"--{flag}")
+            if value is True:
+                continue
+            argv.extend(str(v) for v in value) if isinstance(value, (list, tuple)) else argv.append(str(value))
+        return argv
+
+
+def _source_digest(script):
+    digest = hashlib.sha256((REPO_ROOT / script).read_bytes())
+    for path in sorted((REPO_ROOT / "mixsyn_utils").glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_key(stage, upstream_keys):
+    """sha256 over script + shared sources, the flags, and the keys of the stages it depends on."""
+    payload = json.dumps({"script": _source_digest(stage.script), "argv": stage.argv(),
+                          "upstream": [upstream_keys[name] for name in stage.depends_on]}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _record_path(stage, log_dir):
+    safe_name = "".join(c if c.isalnum() or c in "-_.[]+" else "_" for c in stage.name)
+    return Path(log_dir) / f"{safe_name}.done.json"
+
+
+def is_cached(stage, key, log_dir):
+    record = _record_path(stage, log_dir)
+    return (record.is_file() and Path(stage.output).exists()
+            and json.loads(record.read_text()).get("key") == key)
+
+
+def _reset_accelerate_state():
+    """accelerate keeps process-global state; in-process stages each need a fresh one."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run_stage(stage, log_dir, env=None):
+    """Run one stage: in-process when it uses one process (saves the launcher's start-up), else `accelerate launch`."""
+    argv = stage.argv()
+    log_path = _record_path(stage, log_dir).with_suffix("").with_suffix(".log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if stage.num_processes == 1:
+        module = importlib.import_module(Path(stage.script).stem)
+        _reset_accelerate_state()
+        module.main(module.parse_args(argv))
+        _reset_accelerate_state()
+        return
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+               "--num_processes", str(stage.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(REPO_ROOT / stage.script), *argv]
+    with open(log_path, "w") as log_file:
+        result = subprocess.run(command, cwd=REPO_ROOT, env=dict(os.environ, **(env or {})), stdout=log_file,
+                                stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-5:]
+        raise RuntimeError(f"stage {stage.name} failed ({result.returncode}); log {log_path}:\n" + "\n".join(tail))
+
+
+def run_stages(stages, log_dir, dry_run=False, print_fn=print):
+    """Run `stages` in order, skipping those whose outputs already match their key. Returns {name: seconds}."""
+    keys, timings = {}, {}
+    start = time.time()
+    for number, stage in enumerate(stages, 1):
+        keys[stage.name] = stage_key(stage, keys)
+        header = f"[{number}/{len(stages)}] {stage.name} ({stage.script})"
+        if dry_run:
+            print_fn(f"{header}\n    {' '.join(stage.argv())}")
+            continue
+        if is_cached(stage, keys[stage.name], log_dir):
+            print_fn(f"{header}: cached")
+            continue
+        print_fn(f"{header}: running (elapsed {time.time() - start:.0f} s)")
+        stage_start = time.time()
+        run_stage(stage, log_dir)
+        timings[stage.name] = round(time.time() - stage_start, 1)
+        record = {"key": keys[stage.name], "script": stage.script, "argv": stage.argv(), "seconds": timings[stage.name]}
+        _record_path(stage, log_dir).write_text(json.dumps(record, indent=2))
+        print_fn(f"{header}: done in {timings[stage.name]} s")
+    return timings

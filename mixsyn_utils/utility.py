@@ -1,0 +1,212 @@
+"""Utility of generated images: CLIP-R-precision (or an offline domain classifier) and BRISQUE.
+
+Upsampling rule (one rule, applied the same way to every model compared): an image whose shorter side is
+below a metric's minimum is enlarged by the smallest *integer* factor s = ⌈min_side / shorter_side⌉ with
+bicubic resampling (so each source pixel maps onto an s×s block and no half-pixel shift is introduced).
+- BRISQUE: min side 96 px. Its features are computed at two scales with a 7×7 Gaussian window; at 16 px
+  the second scale (8×8) is barely larger than the window and the statistics are dominated by padding.
+  Upsampling blurs, which BRISQUE scores as worse, so compare BRISQUE only between runs at one resolution.
+- CLIP: no extra rule here — open_clip's own preprocess resizes the shorter side to the model's input size
+  (224 px for ViT-B/32) with bicubic resampling and center-crops.
+- Offline domain classifier: images are resized (bicubic) to the classifier's training resolution.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import InputError
+
+BRISQUE_MIN_SIDE = 96
+CLASSIFIER_CONFIG = "config.json"
+CLASSIFIER_WEIGHTS = "model.safetensors"
+
+
+def upsample_to_min_side(image, min_side):
+    """The module's upsampling rule: bicubic by s = ⌈min_side / shorter side⌉ when the shorter side < min_side."""
+    image = image.convert("RGB")
+    shorter = min(image.size)
+    if shorter >= min_side:
+        return image
+    factor = math.ceil(min_side / shorter)
+    return image.resize((image.width * factor, image.height * factor), Image.BICUBIC)
+
+
+def brisque_scores(images):
+    """BRISQUE (Mittal et al. 2012) per image via `piq.brisque` on float64 [0, 1] RGB; lower = better quality.
+
+    Needs the offline weights (`python -m mixsyn_utils.brisque --install`). Images without spatial variance
+    (e.g. all black) have no defined BRISQUE; they get NaN and are counted by the caller.
+    """
+    import piq
+
+    from .brisque import checkpoint_dir, is_installed
+
+    if not is_installed():
+        raise InputError(f"BRISQUE weights missing in {checkpoint_dir()}: "
+                         "run `python -m mixsyn_utils.brisque --install`")
+    scores = []
+    for image in images:
+        array = np.asarray(upsample_to_min_side(image, BRISQUE_MIN_SIDE), dtype=np.float64) / 255.0
+        pixels = torch.from_numpy(array).permute(2, 0, 1)[None]
+        try:
+            scores.append(float(piq.brisque(pixels, data_range=1.0, reduction="none")[0]))
+        except AssertionError:  # piq asserts non-zero variance of the normalized luminance
+            scores.append(float("nan"))
+    return np.array(scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Offline R-precision scorer: a domain classifier trained on the victim's real images
+# ----------------------------------------------------------------------------------------------
+
+class DomainClassifier(torch.nn.Module):
+    """A two-layer MLP on RGB pixels in [-1, 1] at a fixed resolution: logits over the domains."""
+
+    def __init__(self, resolution, num_domains, hidden_size=128):
+        super().__init__()
+        self.resolution = resolution
+        self.layers = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(3 * resolution * resolution, hidden_size), torch.nn.GELU(),
+            torch.nn.Dropout(0.2), torch.nn.Linear(hidden_size, num_domains))
+
+    def forward(self, pixel_values):
+        return self.layers(pixel_values)
+
+
+def _classifier_pixels(images, resolution):
+    arrays = [np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
+              for image in images]
+    return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+
+
+def _fit(classifier, pixels, labels, seed, steps, learning_rate=3e-3):
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=1e-2)
+    classifier.train()
+    for _ in range(steps):
+        # Light pixel noise: generated images are noisier than the clean digits the classifier learns from.
+        noisy = pixels + 0.1 * torch.randn(pixels.shape, generator=generator)
+        loss = torch.nn.functional.cross_entropy(classifier(noisy), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    classifier.eval()
+    return classifier
+
+
+def train_domain_classifier(datasets, output_dir, seed=0, steps=400, hidden_size=128):
+    """Train the offline R-precision scorer on real images (columns `image`, `domain`) and save it.
+
+    Writes `output_dir/model.safetensors` and `output_dir/config.json` (resolution, domain names, held-out
+    accuracy of a seeded 80/20 fit, then the final fit on all images). No pickles. Returns the config dict.
+    """
+    from safetensors.torch import save_file
+
+    images = [image for dataset in datasets for image in dataset["image"]]
+    domains = [domain for dataset in datasets for domain in dataset["domain"]]
+    domain_names = sorted(set(domains))
+    resolution = min(min(image.size) for image in images)
+    pixels = _classifier_pixels(images, resolution)
+    labels = torch.tensor([domain_names.index(domain) for domain in domains])
+    holdout = np.random.default_rng(seed).random(len(labels)) < 0.2
+    torch.manual_seed(seed)
+    probe = _fit(DomainClassifier(resolution, len(domain_names), hidden_size), pixels[~holdout], labels[~holdout],
+                 seed, steps)
+    with torch.no_grad():
+        heldout_accuracy = float((probe(pixels[holdout]).argmax(1) == labels[holdout]).float().mean())
+    torch.manual_seed(seed)
+    classifier = _fit(DomainClassifier(resolution, len(domain_names), hidden_size), pixels, labels, seed, steps)
+    config = {"kind": "mlp_domain_classifier", "resolution": resolution, "hidden_size": hidden_size,
+              "domain_names": domain_names, "num_train_images": len(labels),
+              "heldout_accuracy_80_20": heldout_accuracy, "seed": seed, "steps": steps}
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_file({name: tensor.contiguous() for name, tensor in classifier.state_dict().items()},
+              str(output_dir / CLASSIFIER_WEIGHTS))
+    (output_dir / CLASSIFIER_CONFIG).write_text(json.dumps(config, indent=2))
+    return config
+
+
+def load_domain_classifier(model_dir):
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    if not (model_dir / CLASSIFIER_CONFIG).is_file() or not (model_dir / CLASSIFIER_WEIGHTS).is_file():
+        raise InputError(f"--rprecision_model {model_dir} has no {CLASSIFIER_CONFIG} + {CLASSIFIER_WEIGHTS}")
+    config = json.loads((model_dir / CLASSIFIER_CONFIG).read_text())
+    classifier = DomainClassifier(config["resolution"], len(config["domain_names"]), config["hidden_size"])
+    classifier.load_state_dict(load_file(str(model_dir / CLASSIFIER_WEIGHTS)))
+    return classifier.eval(), config
+
+
+def classifier_r_precision_hits(model_dir, images, domains):
+    """hit_i = [argmax_d classifier(x_i)_d = domain_i]: R-precision with R = 1 against all domains."""
+    classifier, config = load_domain_classifier(model_dir)
+    unknown = sorted(set(domains) - set(config["domain_names"]))
+    if unknown:
+        raise InputError(f"--rprecision_model {model_dir} does not know domain(s) {unknown}")
+    with torch.no_grad():
+        predicted = classifier(_classifier_pixels(images, config["resolution"])).argmax(1).numpy()
+    return np.array([config["domain_names"][p] == domain for p, domain in zip(predicted, domains)])
+
+
+def clip_r_precision_hits(images, prompts, domains, domain_names, clip_model, clip_pretrained, device="cpu"):
+    """CLIP-R-precision (Park et al. 2021) with R = 1, candidates = the image's prompt for every domain.
+
+    For image x_i with prompt p_i of domain d_i, candidates c_d = p_i with d_i replaced by d, for every
+    domain d. hit_i = [argmax_d cos(E_img(x_i), E_txt(c_d)) = d_i]. `clip_pretrained` is an open_clip tag
+    (e.g. laion2b_s34b_b79k) or a local checkpoint path (offline).
+    """
+    import open_clip
+
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(clip_model, pretrained=clip_pretrained,
+                                                                     device=device)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise InputError(f"--clip_model {clip_model} / --clip_pretrained {clip_pretrained}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+    tokenizer = open_clip.get_tokenizer(clip_model)
+    model.eval()
+    hits = []
+    with torch.no_grad():
+        for image, prompt, domain in zip(images, prompts, domains):
+            candidates = [prompt.replace(domain, other) for other in domain_names]
+            image_features = model.encode_image(preprocess(image.convert("RGB"))[None].to(device))
+            text_features = model.encode_text(tokenizer(candidates).to(device))
+            similarity = torch.nn.functional.normalize(image_features, dim=-1) @ \
+                torch.nn.functional.normalize(text_features, dim=-1).T
+            hits.append(domain_names[int(similarity.argmax())] == domain)
+    return np.array(hits)
+
+
+def utility_metrics(generations, rprecision_model=None, clip_model="ViT-B-32", clip_pretrained=None,
+                    with_brisque=True):
+    """Utility of a generations dataset (image, prompt, domain): R-precision top-1 × 100 and mean BRISQUE.
+
+    R-precision uses CLIP when `clip_pretrained` is given, else the offline domain classifier, else none;
+    the block names the scorer used. BRISQUE: lower is better; images where it is undefined are counted.
+    """
+    images, domains = list(generations["image"]), np.asarray(generations["domain"]).astype(str)
+    block = {"num_images": len(images), "scorer": None, "r_precision_top1_x100": None}
+    if clip_pretrained is not None:
+        hits = clip_r_precision_hits(images, list(generations["prompt"]), list(domains), sorted(set(domains)),
+                                     clip_model, clip_pretrained)
+        block["scorer"] = f"open_clip {clip_model} ({clip_pretrained})"
+    elif rprecision_model is not None:
+        hits = classifier_r_precision_hits(rprecision_model, images, list(domains))
+        block["scorer"] = f"domain classifier {rprecision_model} (offline stand-in for CLIP)"
+    if block["scorer"] is not None:
+        block["r_precision_top1_x100"] = 100.0 * float(hits.mean())
+        block["r_precision_per_domain_x100"] = {domain: 100.0 * float(hits[domains == domain].mean())
+                                                for domain in sorted(set(domains))}
+    if with_brisque:
+        scores = brisque_scores(images)
+        block.update(brisque_mean=float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
+                     brisque_direction="lower is better (the paper's 'BRIS ↑' column is this value)",
+                     brisque_nan_images=int(np.isnan(scores).sum()))
+    return block

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""The main job: one command reproduces the MixSyn study (Tables 1-5, Figure 4, extraction) end to end.
+
+It chains the real scripts — victim → generate_synthetic.py → perturb_antidreambooth.py → the three training
+scripts at every configured mixup setting → attack_secmi.py + attack_pia.py on every model → evaluate.py —
+exchanging datasets on disk, then writes `<output_dir>/report/REPORT.md`, `figure4.png` and `summary.json`.
+Every stage is cached by its inputs (a changed flag reruns that stage and what depends on it), and a killed run
+resumes. One-process stages run in-process; `--num_processes N` (N > 1) sends the sharded stages
+(generation, perturbation, training, attacks) through `accelerate launch`.
+
+    python run_experiment.py --config configs/tiny_digits.toml --output_dir outputs/demo
+    python run_experiment.py --config configs/sd14_celeb40.toml --output_dir runs/sd14 --dry_run
+"""
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from mixsyn_utils.data import InputError, run_cli
+from mixsyn_utils.pipeline_runner import run_stages
+from mixsyn_utils.report import write_report
+from mixsyn_utils.study import load_config, load_results, plan_stages
+
+# Measured per-stage costs on one A100-class GPU for SD-1.x at 512 px, used only by --dry_run's estimate.
+# Basis: public diffusers figures (SD-1.5 UNet fwd+bwd ≈ 0.25 s per image at fp16; 50-step sampling ≈ 2.5 s per
+# image with CFG). They are estimates, printed as such.
+GPU_SECONDS = {"sample_image": 2.5, "train_step_per_image": 0.25, "attack_unet_forward": 0.03}
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Run the MixSyn study from a config (see configs/).")
+    parser.add_argument("--config", type=str, default="configs/tiny_digits.toml", help="A TOML study config.")
+    parser.add_argument("--output_dir", type=str, default="outputs/demo", help="Where every stage writes.")
+    parser.add_argument("--quick", action="store_true", help="Apply the config's [quick] profile (CI's e2e test).")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="Validate the config, print the planned stages and a GPU-hours estimate, run nothing.")
+    parser.add_argument("--num_processes", type=int, default=1,
+                        help="Processes for the sharded stages (accelerate launch --multi_gpu when > 1).")
+    parser.add_argument("--results_dir", type=str, default=None,
+                        help="Also copy the report (REPORT.md, figure4.png, summary.json) here, e.g. results/.")
+    args = parser.parse_args(input_args)
+    if args.num_processes < 1:
+        raise InputError(f"--num_processes must be >= 1, got {args.num_processes}")
+    args.config_dict = load_config(args.config, quick=args.quick)
+    return args
+
+
+def gpu_hours_estimate(config, stages):
+    """Rough GPU-hours of a plan from the per-operation costs above (counts of images, steps and forwards)."""
+    flags = config["stages"]
+    num_domains = config["experiment"].get("num_domains", 10)
+    images = flags["synthetic"]["num_images_per_domain"] * num_domains
+    seconds = images * GPU_SECONDS["sample_image"] * flags["synthetic"].get("num_inference_steps", 50) / 50
+    perturb = flags["perturb"]
+    perturb_steps = perturb["max_train_steps"] * (2 * perturb.get("max_f_train_steps", 3) + perturb.get("max_adv_train_steps", 6))
+    seconds += perturb_steps * images * GPU_SECONDS["train_step_per_image"]
+    train_stages = [s for s in stages if s.name.startswith("train:")]
+    seconds += sum(s.flags.get("max_train_steps", 400) * s.flags.get("train_batch_size", 1) for s in train_stages) \
+        * GPU_SECONDS["train_step_per_image"]
+    num_scored = config["experiment"].get("num_member_images", 1000) * 2
+    secmi_calls = flags["secmi"]["t_sec"] // flags["secmi"]["k"] + 1
+    pia_calls = 1 + len(flags["pia"].get("attack_timesteps", [200]))
+    seconds += (len(train_stages) + 1) * num_scored * (secmi_calls + pia_calls) * GPU_SECONDS["attack_unet_forward"]
+    seconds += (len(train_stages) + 1) * flags["evaluate"].get("num_images_per_prompt", 4) * num_domains * 2 \
+        * GPU_SECONDS["sample_image"]
+    return seconds / 3600
+
+
+def main(args):
+    config, output_dir = args.config_dict, Path(args.output_dir)
+    stages, models = plan_stages(config, output_dir)
+    for stage in stages:
+        if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":
+            stage.num_processes = args.num_processes
+    print(f"MixSyn study '{config['experiment']['name']}': {len(stages)} stages, {len(models)} fine-tuned models")
+    if args.dry_run:
+        run_stages(stages, output_dir / "logs", dry_run=True)
+        print(f"Estimated cost: {gpu_hours_estimate(config, stages):.1f} GPU-hours (A100-class; see GPU_SECONDS)")
+        return None
+    start = time.time()
+    timings = run_stages(stages, output_dir / "logs")
+    results = load_results(output_dir, models)
+    summary = write_report(config, models, results, output_dir / "report", elapsed_seconds=time.time() - start)
+    (output_dir / "report" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"Report: {output_dir / 'report' / 'REPORT.md'} ({time.time() - start:.0f} s)")
+    if args.results_dir:
+        results_dir = Path(args.results_dir)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("REPORT.md", "figure4.png", "summary.json", "timings.json"):
+            if (output_dir / "report" / name).exists():
+                shutil.copy2(output_dir / "report" / name, results_dir / name)
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

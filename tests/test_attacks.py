@@ -1,0 +1,396 @@
+"""Specification of the membership-inference attacks (issue 5): SecMI, PIA, PIAN and the naive loss attack.
+
+Scores are checked against an independent float64 re-implementation written here with plain per-image
+loops; UNet work is counted with a forward hook; the scores dataset contract with evaluate.py is checked.
+"""
+
+import copy
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import launch
+
+import attack_pia
+import attack_secmi
+import make_tiny_victim
+from mixsyn_utils import attacks as attacks_module
+from mixsyn_utils.attacks import load_attack_data, scores_summary
+from mixsyn_utils.data import InputError
+from mixsyn_utils.models import load_model_variant
+
+PIA_TIMESTEPS = (100, 200)
+T_SEC, K = 40, 10
+REFERENCE_IMAGES_PER_SET = 6
+WORST_RELATIVE_ERROR = {}
+
+
+def common_argv(victim, output_dir, *extra):
+    return ["--pretrained_model_name_or_path", str(victim / "pipeline"), "--member_dataset", str(victim / "members"),
+            "--nonmember_dataset", str(victim / "nonmembers"), "--output_dir", str(output_dir), *map(str, extra)]
+
+
+class UNetSampleCounter:
+    """Counts images passed through the UNet (sum of batch sizes over forward calls) via a forward hook."""
+
+    def __init__(self):
+        self.samples = 0
+
+    def wrap(self, load_attack_model):
+        def loader(*args, **kwargs):
+            components = load_attack_model(*args, **kwargs)
+            components.unet.register_forward_hook(lambda module, inputs, output: self._count(inputs))
+            return components
+        return loader
+
+    def _count(self, inputs):
+        self.samples += len(inputs[0])
+
+
+def run_attack(script, argv):
+    """Run an attack script's main in this process; returns (scores dataset, UNet samples forwarded)."""
+    counter = UNetSampleCounter()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(script, "load_attack_model", counter.wrap(script.load_attack_model))
+        args = script.parse_args(argv)
+        script.main(args)
+    return datasets.load_from_disk(args.output_dir), counter.samples
+
+
+@pytest.fixture(scope="module")
+def attack_runs(tiny_victim, tmp_path_factory):
+    """Each attack run once on the fast victim, batch size 24 (batches mix members and non-members)."""
+    root = tmp_path_factory.mktemp("attacks")
+    runs = {}
+    for method in ("pia", "pian", "naive"):
+        extra = ["--num_noise_samples", "2"] if method == "naive" else []
+        runs[method] = run_attack(attack_pia, common_argv(
+            tiny_victim, root / method, "--method", method, "--attack_timesteps", *PIA_TIMESTEPS, "--batch_size", 24,
+            *extra))
+    runs["secmi"] = run_attack(attack_secmi, common_argv(
+        tiny_victim, root / "secmi", "--t_sec", T_SEC, "--k", K, "--batch_size", 24))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent float64 reference: plain loops, one image at a time, straight from the papers' equations
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_victim):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None,
+                                                       requires_safety_checker=False)
+    model = {name: copy.deepcopy(getattr(pipeline, name)).to(torch.float64).eval()
+             for name in ("unet", "vae", "text_encoder")}
+    model["tokenizer"] = pipeline.tokenizer
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD-1.x scaled_linear
+    model["alpha_bar"] = torch.cumprod(1.0 - betas, 0)
+    rows = []
+    for name in ("members", "nonmembers"):  # a few of each keeps the float64 loops cheap
+        for row in datasets.load_from_disk(str(tiny_victim / name)).select(range(REFERENCE_IMAGES_PER_SET)):
+            pixels = np.asarray(row["image"].convert("RGB"), dtype=np.float64) / 127.5 - 1.0
+            rows.append({"id": row["id"], **reference_inputs(model, row["prompt"], torch.from_numpy(pixels))})
+    model["rows"] = rows
+    return model
+
+
+@torch.no_grad()
+def reference_inputs(model, prompt, pixels):
+    """z₀ = scaling · VAE posterior mode, c = text encoder of the caption padded to model_max_length."""
+    ids = model["tokenizer"]([prompt], padding="max_length", max_length=model["tokenizer"].model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+    context = model["text_encoder"](ids)[0]
+    z0 = model["vae"].encode(pixels.permute(2, 0, 1)[None]).latent_dist.mode() * model["vae"].config.scaling_factor
+    return {"z0": z0, "context": context}
+
+
+def eps(model, z, t, context):
+    return model["unet"](z, torch.tensor([t]), context).sample
+
+
+def reference_pia(model, row, t, method):
+    z0, context = row["z0"], row["context"]
+    with torch.no_grad():
+        e0 = eps(model, z0, 0, context)
+        if method == "pian":
+            e0 = e0 / e0.abs().mean() * math.sqrt(2 / math.pi)
+        a = model["alpha_bar"][t]
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * e0
+        return float(((eps(model, zt, t, context) - e0).abs() ** 4).sum())
+
+
+def reference_naive(model, row, t, draws, seed=0):
+    z0, context = row["z0"], row["context"]
+    total = 0.0
+    with torch.no_grad():
+        for draw in range(draws):
+            noise = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed * 1_000_003 + t * 101 + draw))
+            noise = noise.double()
+            a = model["alpha_bar"][t]
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            total += float(((eps(model, zt, t, context) - noise).abs() ** 4).sum())
+    return total / draws
+
+
+def reference_secmi(model, row, t_sec, k):
+    z0, context = row["z0"], row["context"]
+    ab = model["alpha_bar"]
+
+    def step(z, t, s):
+        e = eps(model, z, t, context)
+        return ab[s].sqrt() * (z - (1 - ab[t]).sqrt() * e) / ab[t].sqrt() + (1 - ab[s]).sqrt() * e
+
+    with torch.no_grad():
+        z = z0
+        t = 0
+        while t < t_sec - k:
+            z = step(z, t, t + k)
+            t += k
+        back = step(step(z, t_sec - k, t_sec), t_sec, t_sec - k)
+        return float(((back - z) ** 2).sum())
+
+
+def worst_relative_error(scores, reference_fn, model, name):
+    by_id = dict(zip(scores["id"], scores["score"]))
+    worst = 0.0
+    for row in model["rows"]:
+        expected = reference_fn(row)
+        worst = max(worst, abs(by_id[row["id"]] - expected) / abs(expected))
+    WORST_RELATIVE_ERROR[name] = worst
+    print(f"\nworst relative error vs float64 reference, {name}: {worst:.2e}")
+    return worst
+
+
+def column_scores(dataset, column):
+    return dataset.rename_column("score", "score_mean").rename_column(column, "score") if column != "score" else dataset
+
+
+@pytest.mark.parametrize("method", ["pia", "pian"])
+def test_pia_scores_match_float64_reference(attack_runs, reference_model, method):
+    dataset, _ = attack_runs[method]
+    for t in PIA_TIMESTEPS:
+        scores = column_scores(dataset, f"score_t{t}")
+        fn = lambda row: reference_pia(reference_model, row, t, method)  # noqa: E731
+        assert worst_relative_error(scores, fn, reference_model, f"{method} t={t}") <= 1e-3
+
+
+def test_naive_scores_match_float64_reference(attack_runs, reference_model):
+    dataset, _ = attack_runs["naive"]
+    scores = column_scores(dataset, f"score_t{PIA_TIMESTEPS[0]}")
+    fn = lambda row: reference_naive(reference_model, row, PIA_TIMESTEPS[0], draws=2)  # noqa: E731
+    assert worst_relative_error(scores, fn, reference_model, "naive") <= 1e-3
+
+
+def test_secmi_t_error_matches_float64_reference(attack_runs, reference_model):
+    dataset, _ = attack_runs["secmi"]
+    fn = lambda row: reference_secmi(reference_model, row, T_SEC, K)  # noqa: E731
+    assert worst_relative_error(dataset, fn, reference_model, "secmi") <= 1e-3
+
+
+def test_pia_score_is_mean_over_timesteps(attack_runs):
+    dataset, _ = attack_runs["pia"]
+    per_t = np.mean([dataset[f"score_t{t}"] for t in PIA_TIMESTEPS], axis=0)
+    np.testing.assert_allclose(dataset["score"], per_t, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Work done: exact UNet calls per image
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,calls_per_image", [
+    ("pia", 1 + len(PIA_TIMESTEPS)), ("pian", 1 + len(PIA_TIMESTEPS)), ("naive", len(PIA_TIMESTEPS) * 2),
+    ("secmi", T_SEC // K + 1),
+])
+def test_unet_calls_per_image(attack_runs, method, calls_per_image):
+    dataset, unet_samples = attack_runs[method]
+    assert unet_samples == calls_per_image * len(dataset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output contract with evaluate.py
+# ----------------------------------------------------------------------------------------------
+
+def test_scores_dataset_contract(attack_runs, tiny_victim):
+    dataset, _ = attack_runs["pia"]
+    members = datasets.load_from_disk(str(tiny_victim / "members"))
+    assert dataset.column_names[:4] == ["id", "domain", "is_member", "score"]
+    assert {dataset.features[c].dtype for c in ("id", "domain")} == {"string"}
+    assert dataset.features["is_member"].dtype == "bool"
+    assert dataset.features["score"].dtype == "float64"
+    assert sorted(c for c in dataset.column_names if c.startswith("score_t")) == [f"score_t{t}" for t in PIA_TIMESTEPS]
+    assert sum(dataset["is_member"]) == len(members)
+    assert set(members["id"]) == {i for i, m in zip(dataset["id"], dataset["is_member"]) if m}
+    info = json.loads(dataset.info.description)
+    assert info["attack"] == "pia" and info["member_is_lower"] is True
+    assert info["model"]["pretrained_model_name_or_path"] == str(tiny_victim / "pipeline")
+    assert {"flags", "versions"} <= set(info) and "torch" in info["versions"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Membership signal on a victim that memorises its members
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def memorising_victim(tmp_path_factory):
+    """1 member per domain, 150 UNet steps, light EMA: the UNet memorises its 10 members (~20 s on 2 cores)."""
+    victim_dir = tmp_path_factory.mktemp("memorising") / "victim"
+    make_tiny_victim.main(make_tiny_victim.parse_args([
+        "--output_dir", str(victim_dir), "--members_per_domain", "1", "--nonmembers_per_domain", "4",
+        "--vae_steps", "40", "--unet_steps", "150", "--train_batch_size", "10", "--ema_decay", "0.9", "--skip_report",
+    ]))
+    return victim_dir
+
+
+def test_attacks_separate_members_from_nonmembers(memorising_victim, tmp_path):
+    pia, _ = run_attack(attack_pia, common_argv(memorising_victim, tmp_path / "pia", "--attack_timesteps", 200))
+    secmi, _ = run_attack(attack_secmi, common_argv(memorising_victim, tmp_path / "secmi"))
+    aucs = {"pia": scores_summary(pia)["score"], "secmi": scores_summary(secmi)["score"]}
+    print(f"\nAUC (members-lower convention; < 0.5 means members score HIGHER): {aucs}")
+    assert max(abs(auc - 0.5) for auc in aucs.values()) >= 0.15
+
+
+# ----------------------------------------------------------------------------------------------
+# Distribution and resume
+# ----------------------------------------------------------------------------------------------
+
+def test_one_and_two_processes_give_identical_scores(tiny_victim, tmp_path):
+    argv = ["--t_sec", 20, "--k", 10, "--batch_size", 16]
+    env = {"OMP_NUM_THREADS": "1"}
+    launch("attack_secmi.py", common_argv(tiny_victim, tmp_path / "one", *argv), num_processes=1, env=env)
+    launch("attack_secmi.py", common_argv(tiny_victim, tmp_path / "two", *argv), num_processes=2, env=env)
+    one, two = (datasets.load_from_disk(str(tmp_path / name)) for name in ("one", "two"))
+    assert one["id"] == two["id"]
+    assert one["score"] == two["score"]
+
+
+def test_killed_run_resumes_without_recomputing_finished_batches(tiny_victim, tmp_path, monkeypatch):
+    argv = common_argv(tiny_victim, tmp_path / "scores", "--batch_size", 16, "--attack_timesteps", 100)
+    reference, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "full", "--batch_size", 16,
+                                                      "--attack_timesteps", 100))
+    original_save, saved = attacks_module.PartialResults.save, []
+
+    def save_then_die(self, key, dataset):
+        original_save(self, key, dataset)
+        saved.append(key)
+        if len(saved) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(attacks_module.PartialResults, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        attack_pia.main(attack_pia.parse_args(argv))
+    monkeypatch.undo()
+    resumed, unet_samples = run_attack(attack_pia, argv)
+    assert unet_samples == 2 * (len(resumed) - 2 * 16)  # the two finished batches are not recomputed
+    assert resumed["score"] == reference["score"]
+    assert not (tmp_path / "scores.partial").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one-line InputError naming the flag, before any model is loaded
+# ----------------------------------------------------------------------------------------------
+
+def save_rows(rows, path):
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).save_to_disk(str(path))
+    return path
+
+
+def test_shared_id_between_sets_is_refused(tiny_victim, tmp_path):
+    members = datasets.load_from_disk(str(tiny_victim / "members"))
+    nonmembers = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "nonmembers"))]
+    nonmembers[3]["id"] = members[0]["id"]
+    path = save_rows(nonmembers, tmp_path / "nonmembers")
+    argv = common_argv(tiny_victim, tmp_path / "out") + ["--nonmember_dataset", str(path)]
+    with pytest.raises(InputError, match=f"share 1 id.*{members[0]['id']}"):
+        load_attack_data(attack_pia.parse_args(argv))
+
+
+def test_identical_pixels_under_another_id_are_refused(tiny_victim, tmp_path):
+    members = datasets.load_from_disk(str(tiny_victim / "members"))
+    nonmembers = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "nonmembers"))]
+    nonmembers[5]["image"] = members[2]["image"]
+    path = save_rows(nonmembers, tmp_path / "nonmembers")
+    argv = common_argv(tiny_victim, tmp_path / "out") + ["--nonmember_dataset", str(path)]
+    with pytest.raises(InputError, match=f"identical pixels.*{members[2]['id']}"):
+        load_attack_data(attack_pia.parse_args(argv))
+
+
+def test_empty_set_is_refused(tiny_victim, tmp_path):
+    members = datasets.load_from_disk(str(tiny_victim / "members"))
+    empty = datasets.Dataset.from_dict({name: [] for name in members.column_names}, features=members.features)
+    empty.save_to_disk(str(tmp_path / "empty"))
+    argv = common_argv(tiny_victim, tmp_path / "out") + ["--member_dataset", str(tmp_path / "empty")]
+    with pytest.raises(InputError, match="empty"):
+        attack_pia.main(attack_pia.parse_args(argv))
+
+
+def test_missing_caption_column_is_refused(tiny_victim, tmp_path):
+    argv = common_argv(tiny_victim, tmp_path / "out", "--caption_column", "text")
+    with pytest.raises(InputError, match="no column 'text'"):
+        attack_pia.main(attack_pia.parse_args(argv))
+
+
+@pytest.mark.parametrize("script,flags,flag", [
+    (attack_pia, ["--attack_timesteps", 1000], "--attack_timesteps"),
+    (attack_pia, ["--attack_timesteps", 0], "--attack_timesteps"),
+    (attack_secmi, ["--t_sec", 1000, "--k", 10], "--t_sec"),
+])
+def test_timestep_outside_schedule_is_refused(tiny_victim, tmp_path, script, flags, flag):
+    with pytest.raises(InputError, match=f"{flag} must be in \\(0, 1000\\)"):
+        script.main(script.parse_args(common_argv(tiny_victim, tmp_path / "out", *flags)))
+
+
+def test_t_sec_not_multiple_of_k_is_refused(tiny_victim, tmp_path):
+    with pytest.raises(InputError, match="--t_sec must be a multiple of --k"):
+        attack_secmi.parse_args(common_argv(tiny_victim, tmp_path / "out", "--t_sec", 105, "--k", 10))
+
+
+def make_lora(path, in_width):
+    """A one-layer LoRA on the first cross-attention query projection, with the given input width."""
+    from diffusers import StableDiffusionPipeline
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    generator = torch.Generator().manual_seed(0)
+    layers = {f"{module}.lora.down.weight": torch.randn(4, in_width, generator=generator),
+              f"{module}.lora.up.weight": torch.randn(32, 4, generator=generator)}
+    StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers={k[5:]: v for k, v in layers.items()})
+    return path
+
+
+def test_lora_that_does_not_match_the_unet_is_refused(tiny_victim, tmp_path):
+    lora = make_lora(tmp_path / "lora", in_width=48)  # the tiny UNet's layer is 32 wide
+    with pytest.raises(InputError, match="--lora_weights .* does not match the model"):
+        load_model_variant(str(tiny_victim / "pipeline"), lora_weights=str(lora))
+
+
+def test_matching_lora_is_fused_into_the_attacked_unet(tiny_victim, tmp_path):
+    lora = make_lora(tmp_path / "lora", in_width=32)
+    base = load_model_variant(str(tiny_victim / "pipeline")).unet
+    adapted = load_model_variant(str(tiny_victim / "pipeline"), lora_weights=str(lora)).unet
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    assert not torch.equal(base.state_dict()[name], adapted.state_dict()[name])
+    assert not any("lora" in key for key in adapted.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------
+# Captions: textual-inversion placeholders and the null-prompt control
+# ----------------------------------------------------------------------------------------------
+
+def test_textual_inversion_captions_use_learned_placeholders(tiny_victim, tmp_path):
+    token_map = {"three": {"placeholder": "<three>", "file": "learned_embeds-three.safetensors", "num_vectors": 2}}
+    (tmp_path / "ti").mkdir()
+    (tmp_path / "ti" / "token_map.json").write_text(json.dumps(token_map))
+    rows = load_attack_data(attack_pia.parse_args(common_argv(tiny_victim, tmp_path / "out",
+                                                              "--textual_inversion", tmp_path / "ti")))
+    three = [row["caption"] for row in rows if row["domain"] == "three"]
+    assert three and all(c.endswith("<three> <three>_1") for c in three)
+    assert all("<" not in row["caption"] for row in rows if row["domain"] != "three")
+
+
+def test_null_prompt_conditions_on_the_empty_caption(tiny_victim, tmp_path):
+    rows = load_attack_data(attack_pia.parse_args(common_argv(tiny_victim, tmp_path / "out", "--null_prompt")))
+    assert {row["caption"] for row in rows} == {""}

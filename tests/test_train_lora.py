@@ -1,0 +1,211 @@
+"""train_lora_mixsyn.py (and the shared training infrastructure): output, checkpoints, resume, flags, errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import (  # noqa: F401 - perturbed_dataset is a fixture
+    common_argv,
+    max_abs_difference,
+    perturbed_dataset,
+    run_in_process,
+    spy_on,
+    unet_output,
+)
+
+import train_lora_mixsyn as lora_script
+from conftest import launch
+from mixsyn_utils.data import InputError
+
+PRIVACY_REPORT = {"schema_version": 1, "privacy": {"secmi-lora": {
+    "attack": "secmi", "auc": 0.613, "auc_ci": [0.552, 0.671], "tpr_at_1pct_fpr": 0.021,
+    "tpr_at_1pct_fpr_ci": [0.004, 0.05], "tpr_at_0.1pct_fpr": 0.0, "tpr_at_0.1pct_fpr_ci": [0.0, 0.01],
+    "verdict": "leak"}}, "blind_baseline": None}
+
+
+@pytest.fixture(scope="module")
+def argv(tiny_victim, synthetic_dataset, perturbed_dataset):  # noqa: F811
+    def make(output_dir, **overrides):
+        return common_argv(tiny_victim, synthetic_dataset, perturbed_dataset, output_dir, **overrides)
+    return make
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(argv, tmp_path_factory):
+    """6 updates (30 images, batch 2: one epoch is 15 batches), a checkpoint every 2, at most 2 kept."""
+    work_dir = tmp_path_factory.mktemp("lora_full")
+    report = work_dir / "results.json"
+    report.write_text(json.dumps(PRIVACY_REPORT))
+    output_dir = work_dir / "out"
+    run_in_process(lora_script, argv(output_dir, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+                                     privacy_report=report))
+    return output_dir
+
+
+def checkpoint_names(output_dir):
+    return sorted(p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint-"))
+
+
+def test_lora_weights_load_with_load_lora_weights_and_change_the_unet(uninterrupted, tiny_victim):
+    from diffusers import StableDiffusionPipeline
+
+    weights = load_file(str(uninterrupted / "pytorch_lora_weights.safetensors"))
+    assert weights and all("lora" in key for key in weights)
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None)
+    before = unet_output(pipeline.unet)
+    pipeline.load_lora_weights(str(uninterrupted))
+    assert (unet_output(pipeline.unet) - before).abs().max() > 1e-4
+    image = pipeline("The face of three", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+
+
+def test_checkpoints_total_limit_keeps_the_newest_two(uninterrupted):
+    assert checkpoint_names(uninterrupted) == ["checkpoint-4", "checkpoint-6"]
+    assert not [p for p in uninterrupted.iterdir() if p.name.startswith(".")]
+
+
+def test_resume_from_a_copied_checkpoint_ends_with_the_uninterrupted_weights(uninterrupted, argv, tmp_path):
+    # The state a run killed right after checkpoint-4 leaves behind, moved outside its output folder.
+    saved_state = tmp_path / "elsewhere" / "state-after-update-4"
+    shutil.copytree(uninterrupted / "checkpoint-4", saved_state)
+    run_in_process(lora_script, argv(tmp_path / "resumed", max_train_steps=6, checkpointing_steps=2,
+                                     resume_from_checkpoint=saved_state))
+    resumed = load_file(str(tmp_path / "resumed" / "pytorch_lora_weights.safetensors"))
+    reference = load_file(str(uninterrupted / "pytorch_lora_weights.safetensors"))
+    at_update_4 = load_file(str(saved_state / "pytorch_lora_weights.safetensors"))
+    assert max_abs_difference(resumed, reference) <= 1e-6
+    assert max_abs_difference(resumed, at_update_4) > 1e-4  # updates 5 and 6 did train
+    assert checkpoint_names(tmp_path / "resumed") == ["checkpoint-6"]
+
+
+def test_resume_latest_from_checkpoint_4_to_6_keeps_checkpoints_4_and_6(argv, tmp_path):
+    output_dir = tmp_path / "out"
+    run_in_process(lora_script, argv(output_dir, max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=2))
+    assert checkpoint_names(output_dir) == ["checkpoint-2", "checkpoint-4"]
+    run_in_process(lora_script, argv(output_dir, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
+                                     resume_from_checkpoint="latest"))
+    assert checkpoint_names(output_dir) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_two_processes_train_and_save_once(argv, tmp_path):
+    output_dir = tmp_path / "out"
+    launch("train_lora_mixsyn.py", argv(output_dir, max_train_steps=2, checkpointing_steps=2), num_processes=2)
+    assert checkpoint_names(output_dir) == ["checkpoint-2"]
+    assert sorted(p.name for p in (output_dir / "checkpoint-2").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert [p.name for p in output_dir.glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
+    assert not [p for p in output_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_use_8bit_adam_trains_with_the_bitsandbytes_optimizer(argv, tmp_path):
+    run_in_process(lora_script, argv(tmp_path / "out", use_8bit_adam=True, checkpointing_steps=2))
+    state = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"]
+    # bitsandbytes keeps its moments under its own key (torch's AdamW: exp_avg/exp_avg_sq).
+    assert state and all("__bnb_optimizer_quant_state__" in entry and "exp_avg" not in entry
+                         for entry in state.values())
+
+
+def test_bf16_mixed_precision_keeps_base_in_bf16_and_lora_in_fp32(argv, tmp_path, monkeypatch):
+    loaded = spy_on(monkeypatch, lora_script, "load_components")
+    run_in_process(lora_script, argv(tmp_path / "out", mixed_precision="bf16"))
+    unet = loaded[0].unet
+    assert {p.dtype for n, p in unet.named_parameters() if "lora" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in unet.named_parameters() if "lora" in n} == {torch.float32}
+
+
+def test_gradient_checkpointing_is_enabled_on_the_unet(argv, tmp_path, monkeypatch):
+    loaded = spy_on(monkeypatch, lora_script, "load_components")
+    run_in_process(lora_script, argv(tmp_path / "out", gradient_checkpointing=True))
+    assert loaded[0].unet.is_gradient_checkpointing
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_model_card_records_base_model_mix_pgd_budget_and_privacy(uninterrupted, tiny_victim):
+    card = (uninterrupted / "README.md").read_text()
+    assert f"base_model: {tiny_victim / 'pipeline'}" in card
+    assert "mode = image, ratio = 0.5, seed = 0" in card
+    assert "pgd_eps = 0.05" in card
+    assert "| secmi-lora | secmi | 0.613 [0.552, 0.671] | 0.021 [0.004, 0.050] |" in card
+
+
+def test_push_to_hub_uploads_the_output_without_checkpoints(uninterrupted, monkeypatch):
+    import huggingface_hub
+
+    from mixsyn_utils.training import push_to_hub
+
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("repo", (repo_id, kw))
+                        and huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
+    args = lora_script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x",
+                                   "--hub_model_id", "me/mixsyn-lora", "--hub_token", "hf_secret"])
+    assert push_to_hub(args, uninterrupted) == "me/mixsyn-lora"
+    assert calls["upload"]["folder_path"] == str(uninterrupted) and calls["upload"]["token"] == "hf_secret"
+    assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
+
+
+def test_push_to_hub_offline_fails_clearly_after_saving_without_the_token(argv, tmp_path):
+    with pytest.raises(InputError, match="--push_to_hub .*HF_HUB_OFFLINE") as error:
+        run_in_process(lora_script, argv(tmp_path / "out", push_to_hub=True, hub_token="hf_secret_token",
+                                         max_train_steps=1))
+    assert "hf_secret_token" not in str(error.value)
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    assert "hf_secret_token" not in "".join(p.read_text(errors="ignore") for p in (tmp_path / "out").rglob("*")
+                                             if p.is_file())
+
+
+def test_unknown_mixup_mode_is_rejected(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lora_script.parse_args([str(a) for a in argv(tmp_path / "out", mixup_mode="voxel")])
+    assert exit_info.value.code == 2 and "--mixup_mode" in capsys.readouterr().err
+
+
+def test_mixup_ratio_without_perturbed_set_is_an_error(argv, tmp_path):
+    with pytest.raises(InputError, match="--perturbed_dataset_name"):
+        lora_script.parse_args([str(a) for a in argv(tmp_path / "out", perturbed_dataset_name=None)])
+
+
+def test_missing_caption_column_is_an_error(argv, tmp_path):
+    with pytest.raises(InputError, match="no column 'text'"):
+        run_in_process(lora_script, argv(tmp_path / "out", caption_column="text"))
+
+
+def test_resume_from_a_missing_checkpoint_is_an_error(argv, tmp_path):
+    with pytest.raises(InputError, match="--resume_from_checkpoint .*does not exist"):
+        lora_script.parse_args([str(a) for a in argv(tmp_path / "out", resume_from_checkpoint=tmp_path / "nowhere")])
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(argv, tmp_path):
+    args = lora_script.parse_args([str(a) for a in argv(tmp_path / "out", resume_from_checkpoint="latest")])
+    assert args.resume_path is None
+
+
+def test_privacy_report_that_is_not_an_evaluate_results_file_is_an_error(argv, tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"auc": 0.5}))
+    with pytest.raises(InputError, match="--privacy_report .*no 'privacy' blocks"):
+        lora_script.parse_args([str(a) for a in argv(tmp_path / "out", privacy_report=tmp_path / "results.json")])
+
+
+def test_hub_token_with_wandb_is_refused(argv, tmp_path):
+    with pytest.raises(InputError, match="--hub_token"):
+        lora_script.parse_args([str(a) for a in argv(tmp_path / "out", hub_token="hf_x", report_to="wandb")])
+
+
+def test_data_order_depends_only_on_seed_and_epoch_and_processes_split_it():
+    from mixsyn_utils.training import EpochBatchSampler
+
+    whole = EpochBatchSampler(10, 2, seed=3)
+    whole.set_epoch(1)
+    halves = [EpochBatchSampler(10, 2, seed=3, process_index=p, num_processes=2) for p in (0, 1)]
+    for sampler in halves:
+        sampler.set_epoch(1)
+    order = [i for batch in whole for i in batch]
+    assert sorted(order) == list(range(10))
+    assert [i for batch in halves[0] for i in batch] == order[0::2]
+    assert [i for batch in halves[1] for i in batch] == order[1::2]
+    whole.set_epoch(1, skip_batches=3)
+    assert list(whole) == [order[6:8], order[8:10]]
+    whole.set_epoch(2)
+    assert [i for batch in whole for i in batch] != order

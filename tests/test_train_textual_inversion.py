@@ -1,0 +1,110 @@
+"""train_textual_inversion_mixsyn.py: per-domain learned tokens, their files, the token map, errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import common_argv, perturbed_dataset, run_in_process  # noqa: F401
+
+import train_textual_inversion_mixsyn as ti_script
+from mixsyn_utils.data import InputError
+from mixsyn_utils.models import load_token_map, rewrite_caption
+
+
+@pytest.fixture(scope="module")
+def argv(tiny_victim, synthetic_dataset, perturbed_dataset):  # noqa: F811
+    def make(output_dir, **overrides):
+        overrides.setdefault("learning_rate", 5e-2)
+        return common_argv(tiny_victim, synthetic_dataset, perturbed_dataset, output_dir, **overrides)
+    return make
+
+
+@pytest.fixture(scope="module")
+def two_vector_run(argv, tmp_path_factory):
+    """4 updates of batch 8, 2 vectors per domain, a checkpoint at update 4."""
+    output_dir = tmp_path_factory.mktemp("ti") / "out"
+    # batch 8 × 4 updates > 30 images: every domain's token gets gradients
+    run_in_process(ti_script, argv(output_dir, max_train_steps=4, checkpointing_steps=4, num_vectors=2,
+                                   train_batch_size=8))
+    return output_dir
+
+
+def test_token_map_lists_every_domain_with_its_placeholder_and_file(two_vector_run, synthetic_dataset):
+    from datasets import load_from_disk
+
+    domains = set(load_from_disk(str(synthetic_dataset))["domain"])
+    token_map = load_token_map(two_vector_run)
+    assert set(token_map) == domains
+    for domain, entry in token_map.items():
+        assert entry == {"placeholder": f"<{domain}>", "file": f"learned_embeds-{domain}.safetensors",
+                         "num_vectors": 2}
+        assert list(load_file(str(two_vector_run / entry["file"]))) == [f"<{domain}>"]
+
+
+def test_learned_tokens_load_with_load_textual_inversion_and_reproduce_training_captions(two_vector_run, tiny_victim):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None)
+    token_map = load_token_map(two_vector_run)
+    for entry in token_map.values():
+        pipeline.load_textual_inversion(str(two_vector_run / entry["file"]), token=entry["placeholder"])
+    caption = rewrite_caption("The face of three", "three", token_map)
+    # What the pipeline makes of the bare placeholder is exactly the caption the token trained with.
+    assert pipeline.maybe_convert_prompt("The face of <three>", pipeline.tokenizer) == caption
+    ids = pipeline.tokenizer(caption).input_ids
+    learned = load_file(str(two_vector_run / "learned_embeds-three.safetensors"))["<three>"]
+    placeholder_ids = pipeline.tokenizer.convert_tokens_to_ids(["<three>", "<three>_1"])
+    assert ids[4:6] == placeholder_ids
+    assert torch.equal(pipeline.text_encoder.get_input_embeddings().weight[placeholder_ids].detach(), learned)
+    image = pipeline("The face of <three>", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+
+
+def test_only_placeholder_rows_train(two_vector_run, tiny_victim):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = CLIPTextModel.from_pretrained(str(tiny_victim / "pipeline"), subfolder="text_encoder")
+    trained = CLIPTextModel.from_pretrained(str(two_vector_run / "checkpoint-4" / "text_encoder"))
+    base_rows = base.get_input_embeddings().weight.detach()
+    trained_rows = trained.get_input_embeddings().weight.detach()
+    assert torch.equal(trained_rows[: len(base_rows)], base_rows)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_victim / "pipeline"), subfolder="tokenizer")
+    initial = base_rows[tokenizer.encode("three", add_special_tokens=False)].mean(0)
+    learned = load_file(str(two_vector_run / "learned_embeds-three.safetensors"))["<three>"]
+    assert (learned - initial).abs().max() > 1e-4
+
+
+def test_single_domain_run_also_writes_upstream_learned_embeds(argv, tmp_path, synthetic_dataset):
+    from datasets import load_from_disk
+
+    one_domain = tmp_path / "three_only"
+    load_from_disk(str(synthetic_dataset)).filter(lambda row: row["domain"] == "three").save_to_disk(str(one_domain))
+    # mixup ratio 0 needs no perturbed set
+    run_in_process(ti_script, argv(tmp_path / "out", dataset_name=one_domain, perturbed_dataset_name=None,
+                                   mixup_ratio=0, max_train_steps=1))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
+        "learned_embeds-three.safetensors", "learned_embeds.safetensors"]
+    assert json.loads((tmp_path / "out" / "token_map.json").read_text()) == {
+        "three": {"placeholder": "<three>", "file": "learned_embeds-three.safetensors", "num_vectors": 1}}
+
+
+def test_placeholder_already_in_vocabulary_is_an_error(argv, tmp_path):
+    with pytest.raises(InputError, match="already in the tokenizer's vocabulary"):
+        run_in_process(ti_script, argv(tmp_path / "out", placeholder_token_template="{domain}"))
+
+
+def test_mixed_precision_defaults_to_the_accelerate_config(argv, tmp_path, monkeypatch):
+    args = ti_script.parse_args([str(a) for a in argv(tmp_path / "out")])
+    assert args.mixed_precision is None  # upstream textual_inversion.py defaulted to "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    used, make_accelerator = [], ti_script.make_accelerator
+
+    def recording_make_accelerator(run_args):
+        accelerator = make_accelerator(run_args)
+        used.append(accelerator.mixed_precision)
+        return accelerator
+
+    monkeypatch.setattr(ti_script, "make_accelerator", recording_make_accelerator)
+    run_in_process(ti_script, argv(tmp_path / "out", max_train_steps=1))
+    assert used == ["bf16"]

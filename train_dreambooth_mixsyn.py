@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""MixSyn fine-tuning with DreamBooth (full fine-tuning, optional prior preservation).
+
+The flags are those of diffusers' `examples/dreambooth/train_dreambooth.py` plus the MixSyn data flags.
+`--trainable_modules` picks what is fine-tuned (the MixSyn paper's Table 5 ablation): the denoising
+network (`unet`), the image encoder (`vae_encoder`), the token embeddings (`text_embeddings`) or the
+whole text encoder (`text_encoder`). Output: a pipeline loadable by `DiffusionPipeline.from_pretrained`,
+and checkpoints whose `checkpoint-N/unet` loads with `UNet2DConditionModel.from_pretrained`.
+
+    accelerate launch train_dreambooth_mixsyn.py \
+      --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
+      --dataset_name outputs/synthetic --perturbed_dataset_name outputs/perturbed \
+      --mixup_mode pixel --mixup_ratio 0.5 --max_train_steps 400 --output_dir outputs/dreambooth
+"""
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+
+from accelerate.logging import get_logger
+
+from mixsyn_utils.data import InputError, run_cli, temp_sibling
+from mixsyn_utils.models import load_components, native_resolution
+from mixsyn_utils.training import (
+    LatentEncoder,
+    TrainingImages,
+    add_common_args,
+    add_prior_preservation_args,
+    check_common_args,
+    denoising_batch_loss,
+    finish_outputs,
+    init_trackers,
+    load_class_images,
+    load_training_images,
+    log_validation,
+    make_accelerator,
+    make_dataloader,
+    make_lr_scheduler,
+    make_optimizer,
+    plan_steps,
+    register_pretrained_checkpoint_hooks,
+    resume_training_state,
+    train_loop,
+    validation_pipeline,
+    weight_dtype_of,
+)
+
+logger = get_logger(__name__)
+
+TRAINABLE_MODULES = ("unet", "vae_encoder", "text_embeddings", "text_encoder")
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="MixSyn DreamBooth fine-tuning of Stable Diffusion.")
+    add_common_args(parser)
+    add_prior_preservation_args(parser)
+    group = parser.add_argument_group("what to fine-tune")
+    group.add_argument("--train_text_encoder", action="store_true",
+                       help="Also fine-tune the text encoder (same as adding text_encoder to --trainable_modules).")
+    group.add_argument("--trainable_modules", type=str, nargs="+", default=["unet"],
+                       help=f"Any of {', '.join(TRAINABLE_MODULES)} (MixSyn Table 5: denoising network, image "
+                            "encoder, embedding).")
+    parser.set_defaults(learning_rate=5e-6, output_dir="dreambooth-model")
+    args = parser.parse_args(input_args)
+    unknown = [name for name in args.trainable_modules if name not in TRAINABLE_MODULES]
+    if unknown:
+        raise InputError(f"--trainable_modules: unknown {unknown[0]!r} (choose from {', '.join(TRAINABLE_MODULES)})")
+    if args.train_text_encoder and "text_encoder" not in args.trainable_modules:
+        args.trainable_modules.append("text_encoder")
+    return check_common_args(args)
+
+
+def select_trainable(trainable_modules, unet, vae, text_encoder):
+    """Set requires_grad for the chosen parts; returns the modules to prepare (DDP-wrapped when distributed)."""
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    trained = {}
+    if "unet" in trainable_modules:
+        unet.requires_grad_(True)
+        trained["unet"] = unet
+    if "vae_encoder" in trainable_modules:
+        # The image encoder E: encoder + quant_conv; the decoder is not in the training graph.
+        vae.encoder.requires_grad_(True)
+        vae.quant_conv.requires_grad_(True)
+        trained["vae"] = LatentEncoder(vae)
+    if "text_encoder" in trainable_modules:
+        text_encoder.requires_grad_(True)
+        trained["text_encoder"] = text_encoder
+    elif "text_embeddings" in trainable_modules:
+        text_encoder.get_input_embeddings().requires_grad_(True)
+        trained["text_encoder"] = text_encoder
+    return trained
+
+
+def save_pipeline(args, trained):
+    """The fine-tuned pipeline into `--output_dir`: trained parts from memory, the rest from the base model.
+
+    Staged in a hidden folder; each part is moved in whole.
+    """
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, safety_checker=None,
+        requires_safety_checker=False, **trained)
+    staging_dir = temp_sibling(Path(args.output_dir) / "pipeline")
+    pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
+    for entry in staging_dir.iterdir():
+        target = Path(args.output_dir) / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging_dir.rmdir()
+
+
+def main(args):
+    accelerator = make_accelerator(args)
+    weight_dtype = weight_dtype_of(accelerator)
+    images, mix_info = load_training_images(args, accelerator.is_main_process)
+    models = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    args.resolution = args.resolution or native_resolution(unet, vae)
+    trained = select_trainable(args.trainable_modules, unet, vae, text_encoder)
+    # Trained weights stay float32 (mixed precision autocasts them); frozen ones take the half dtype.
+    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        model.to(accelerator.device, dtype=weight_dtype if name not in trained else None)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if "text_encoder" in trained:
+            text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+
+    dataset = TrainingImages(images, tokenizer, args.resolution, lambda row: row[args.caption_column],
+                             args.center_crop, args.random_flip, args.seed or 0, load_class_images(args, accelerator))
+    dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
+    plan_steps(args, batch_sampler.batches_per_epoch())
+    params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args, accelerator)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    trained, optimizer, lr_scheduler = dict(zip(trained, prepared[:-2])), prepared[-2], prepared[-1]
+    register_pretrained_checkpoint_hooks(accelerator)
+    init_trackers(accelerator, args, "mixsyn-dreambooth")
+    global_step = resume_training_state(accelerator, args.resume_path)
+
+    unet_in_use = trained.get("unet", unet)
+    text_encoder_in_use = trained.get("text_encoder", text_encoder)
+    latent_encoder = trained.get("vae", LatentEncoder(vae))
+
+    def validate(step):
+        pipeline = validation_pipeline(args, accelerator, unet=unet_in_use, text_encoder=text_encoder_in_use, vae=vae)
+        log_validation(accelerator, args, pipeline, step)
+
+    loss_fn = partial(denoising_batch_loss, unet=unet_in_use, latent_encoder=latent_encoder,
+                      text_encoder=text_encoder_in_use, noise_scheduler=models.noise_scheduler, args=args,
+                      weight_dtype=weight_dtype)
+    train_loop(accelerator, args, models=list(trained.values()), dataloader=dataloader, batch_sampler=batch_sampler,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params, loss_fn=loss_fn,
+               global_step=global_step, validate=validate, logger=logger)
+
+    if accelerator.is_main_process:
+        unwrapped = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
+        save_pipeline(args, {name: getattr(model, "vae", model) for name, model in unwrapped.items()})
+    prior = " with prior preservation" if args.with_prior_preservation else ""
+    finish_outputs(accelerator, args, f"DreamBooth{prior} ({', '.join(args.trainable_modules)})", mix_info)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

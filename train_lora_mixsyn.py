@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""MixSyn fine-tuning with LoRA (and DreamBooth+LoRA with `--with_prior_preservation`).
+
+The flags are those of diffusers' `examples/dreambooth/train_dreambooth_lora.py` plus the MixSyn data
+flags: the training set is the self-synthesized set with a fraction `--mixup_ratio` of its images (or
+pixels) replaced by their adversarially perturbed copies. Output: `pytorch_lora_weights.safetensors`,
+loadable with `pipe.load_lora_weights(output_dir)`, and a model card.
+
+    accelerate launch train_lora_mixsyn.py \
+      --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
+      --dataset_name outputs/synthetic --perturbed_dataset_name outputs/perturbed \
+      --mixup_mode image --mixup_ratio 0.5 --rank 4 --max_train_steps 1000 --output_dir outputs/lora
+"""
+
+import argparse
+import os
+import shutil
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+
+from mixsyn_utils.data import InputError, run_cli, temp_sibling
+from mixsyn_utils.models import load_components, native_resolution
+from mixsyn_utils.training import (
+    LatentEncoder,
+    TrainingImages,
+    add_common_args,
+    add_prior_preservation_args,
+    check_common_args,
+    denoising_batch_loss,
+    finish_outputs,
+    init_trackers,
+    load_class_images,
+    load_training_images,
+    log_validation,
+    make_accelerator,
+    make_dataloader,
+    make_lr_scheduler,
+    make_optimizer,
+    plan_steps,
+    resume_training_state,
+    train_loop,
+    validation_pipeline,
+    weight_dtype_of,
+)
+
+logger = get_logger(__name__)
+
+UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="MixSyn LoRA / DreamBooth+LoRA fine-tuning of Stable Diffusion.")
+    add_common_args(parser)
+    add_prior_preservation_args(parser)
+    lora = parser.add_argument_group("LoRA (arXiv:2106.09685)")
+    lora.add_argument("--rank", type=int, default=4, help="LoRA rank r of the update ΔW = B·A.")
+    lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA α (scale α/r); default: r, as upstream.")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
+    lora.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA on the text encoder.")
+    parser.set_defaults(learning_rate=5e-4, output_dir="lora-dreambooth-model")
+    args = parser.parse_args(input_args)
+    if args.rank <= 0:
+        raise InputError(f"--rank must be positive, got {args.rank}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    return check_common_args(args)
+
+
+def lora_layers(model):
+    """The LoRA weights of a peft-wrapped model, named as diffusers' LoRA loader expects."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+
+def save_lora(output_dir, unet, text_encoder=None):
+    """`pytorch_lora_weights.safetensors` (+ the adapters' configs, so α ≠ r loads right)."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        output_dir, unet_lora_layers=lora_layers(unet),
+        text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=(text_encoder.peft_config["default"].to_dict()
+                                            if text_encoder is not None else None))
+
+
+def load_lora(input_dir, unet, text_encoder=None):
+    """Load `save_lora`'s file back into the peft-wrapped models (resume)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.training_utils import _set_state_dict_into_text_encoder
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state_dict = StableDiffusionPipeline.lora_state_dict(input_dir)[0]
+    unet_state = {k[len("unet."):]: v for k, v in state_dict.items() if k.startswith("unet.")}
+    set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    if text_encoder is not None:
+        _set_state_dict_into_text_encoder(state_dict, prefix="text_encoder.", text_encoder=text_encoder)
+
+
+def register_lora_checkpoint_hooks(accelerator, unet, text_encoder):
+    """Checkpoints hold only the LoRA weights (upstream format), not the frozen base model."""
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_lora(output_dir, accelerator.unwrap_model(unet),
+                      accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+            weights.clear()
+
+    def load_hook(models, input_dir):
+        load_lora(input_dir, accelerator.unwrap_model(unet),
+                  accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def add_lora_adapters(args, unet, text_encoder, accelerator):
+    """Freeze the base model and add trainable LoRA adapters (fp32, so fp16 grads can be unscaled)."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+
+    alpha = args.lora_alpha or args.rank
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=alpha, lora_dropout=args.lora_dropout,
+                                init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
+    trained = [unet]
+    if args.train_text_encoder:
+        text_encoder.add_adapter(LoraConfig(r=args.rank, lora_alpha=alpha, lora_dropout=args.lora_dropout,
+                                            init_lora_weights="gaussian", target_modules=TEXT_ENCODER_LORA_TARGETS))
+        trained.append(text_encoder)
+    # Upstream fault: LoRA weights left in fp16 make GradScaler fail with "Attempting to unscale FP16 gradients".
+    cast_training_params(trained, dtype=torch.float32)
+    return trained
+
+
+def main(args):
+    accelerator = make_accelerator(args)
+    weight_dtype = weight_dtype_of(accelerator)
+    images, mix_info = load_training_images(args, accelerator.is_main_process)
+    models = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    args.resolution = args.resolution or native_resolution(unet, vae)
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False)
+        model.to(accelerator.device, dtype=weight_dtype)
+    trained = add_lora_adapters(args, unet, text_encoder, accelerator)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+
+    dataset = TrainingImages(images, tokenizer, args.resolution, lambda row: row[args.caption_column],
+                             args.center_crop, args.random_flip, args.seed or 0, load_class_images(args, accelerator))
+    dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
+    plan_steps(args, batch_sampler.batches_per_epoch())
+    params = [p for model in trained for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, args, accelerator)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
+    if args.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    register_lora_checkpoint_hooks(accelerator, unet, text_encoder if args.train_text_encoder else None)
+    init_trackers(accelerator, args, "mixsyn-lora")
+    global_step = resume_training_state(accelerator, args.resume_path)
+
+    def validate(step):
+        pipeline = validation_pipeline(args, accelerator, unet=unet, text_encoder=text_encoder)
+        log_validation(accelerator, args, pipeline, step)
+
+    loss_fn = partial(denoising_batch_loss, unet=unet, latent_encoder=LatentEncoder(vae), text_encoder=text_encoder,
+                      noise_scheduler=models.noise_scheduler, args=args, weight_dtype=weight_dtype)
+    train_loop(accelerator, args, models=[unet, text_encoder] if args.train_text_encoder else [unet],
+               dataloader=dataloader, batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
+               params_to_clip=params, loss_fn=loss_fn, global_step=global_step,
+               validate=validate, logger=logger)
+
+    if accelerator.is_main_process:
+        staging_dir = temp_sibling(Path(args.output_dir) / LORA_WEIGHTS_FILE)
+        save_lora(str(staging_dir), accelerator.unwrap_model(unet),
+                  accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None)
+        os.replace(staging_dir / LORA_WEIGHTS_FILE, Path(args.output_dir) / LORA_WEIGHTS_FILE)
+        shutil.rmtree(staging_dir)
+    method = "DreamBooth+LoRA" if args.with_prior_preservation else "LoRA"
+    finish_outputs(accelerator, args, f"{method} (rank {args.rank})", mix_info)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""MixSyn fine-tuning with Textual Inversion: one learned placeholder token per private domain.
+
+The flags are those of diffusers' `examples/textual_inversion/textual_inversion.py` plus the MixSyn data
+flags. Each domain d gets the placeholder `--placeholder_token_template` (default "<{domain}>"), spread
+over `--num_vectors` tokens the upstream way (<d>, <d>_1, …), initialised from the mean embedding of the
+domain name's tokens. Captions are the dataset's own with the domain name replaced by its placeholder
+(`mixsyn_utils.models.rewrite_caption`, the same rewrite the attack scripts use). Only the new rows of the
+token-embedding matrix train (Gal et al. 2022, arXiv:2208.01618).
+
+Output: `learned_embeds-<domain>.safetensors` per domain (each loadable by `pipe.load_textual_inversion`),
+`learned_embeds.safetensors` for a single-domain run, and `token_map.json` (domain → placeholder, file).
+
+    accelerate launch train_textual_inversion_mixsyn.py \
+      --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
+      --dataset_name outputs/synthetic --perturbed_dataset_name outputs/perturbed \
+      --mixup_mode image --mixup_ratio 0.5 --max_train_steps 3000 --output_dir outputs/ti
+"""
+
+import argparse
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate.logging import get_logger
+
+from mixsyn_utils.data import InputError, run_cli, temp_sibling
+from mixsyn_utils.models import TOKEN_MAP_FILE, load_components, native_resolution, rewrite_caption
+from mixsyn_utils.training import (
+    LatentEncoder,
+    TrainingImages,
+    add_common_args,
+    check_common_args,
+    denoising_batch_loss,
+    finish_outputs,
+    init_trackers,
+    load_training_images,
+    log_validation,
+    make_accelerator,
+    make_dataloader,
+    make_lr_scheduler,
+    make_optimizer,
+    plan_steps,
+    register_pretrained_checkpoint_hooks,
+    resume_training_state,
+    train_loop,
+    validation_pipeline,
+    weight_dtype_of,
+)
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="MixSyn Textual Inversion: one learned token per domain.")
+    add_common_args(parser)
+    group = parser.add_argument_group("textual inversion")
+    group.add_argument("--placeholder_token_template", type=str, default="<{domain}>",
+                       help="Placeholder of each domain; '{domain}' is replaced by the domain name.")
+    group.add_argument("--num_vectors", type=int, default=1, help="Embedding vectors per placeholder.")
+    group.add_argument("--domain_column", type=str, default="domain",
+                       help="Column of --dataset_name naming each image's domain (its name appears in the caption).")
+    parser.set_defaults(learning_rate=1e-4, train_batch_size=16, max_train_steps=5000,
+                        output_dir="text-inversion-model")
+    args = parser.parse_args(input_args)
+    if "{domain}" not in args.placeholder_token_template:
+        raise InputError(f"--placeholder_token_template must contain '{{domain}}', got {args.placeholder_token_template!r}")
+    if args.num_vectors <= 0:
+        raise InputError(f"--num_vectors must be positive, got {args.num_vectors}")
+    if args.instance_data_dir is not None:
+        raise InputError("--instance_data_dir: textual inversion needs --dataset_name with a domain column")
+    return check_common_args(args)
+
+
+def add_placeholder_tokens(args, domains, tokenizer, text_encoder):
+    """Add `<d>`, `<d>_1`, … per domain; initialise each from the mean embedding of the domain name's tokens.
+
+    Returns {domain: {"placeholder", "file", "num_vectors", "token_ids"}}. A placeholder that is already
+    in the vocabulary is an error (its old meaning would leak into training).
+    """
+    token_map = {}
+    for domain in domains:
+        placeholder = args.placeholder_token_template.format(domain=domain)
+        tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, args.num_vectors)]
+        # A placeholder the tokenizer already reads as one known token (e.g. "zero" → "zero</w>") would
+        # shadow that word, and its old meaning would leak into training.
+        pieces = tokenizer.tokenize(placeholder)
+        known_word = len(pieces) == 1 and pieces[0] in tokenizer.get_vocab()
+        if known_word or tokenizer.add_tokens(tokens) != len(tokens):
+            raise InputError(f"--placeholder_token_template gives {placeholder!r} for domain {domain!r}, which is "
+                             "already in the tokenizer's vocabulary; pick another template")
+        token_map[domain] = {"placeholder": placeholder, "file": f"learned_embeds-{domain}.safetensors",
+                             "num_vectors": args.num_vectors, "token_ids": tokenizer.convert_tokens_to_ids(tokens)}
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
+    embeddings = text_encoder.get_input_embeddings().weight.data
+    with torch.no_grad():
+        for domain, entry in token_map.items():
+            name_ids = tokenizer.encode(domain, add_special_tokens=False)
+            embeddings[entry["token_ids"]] = embeddings[name_ids].mean(dim=0)
+    return token_map
+
+
+def keep_original_embeddings(text_encoder, original_embeddings, trained_ids):
+    """After each update: restore every row but the placeholders' (AdamW's decay would move them)."""
+    frozen = torch.ones(len(original_embeddings), dtype=torch.bool, device=original_embeddings.device)
+    frozen[trained_ids] = False
+
+    def restore():
+        with torch.no_grad():
+            weight = text_encoder.get_input_embeddings().weight
+            weight[frozen] = original_embeddings[frozen]
+    return restore
+
+
+def save_learned_embeds(output_dir, text_encoder, token_map):
+    """One safetensors file per domain ({placeholder: (num_vectors, D)}), the token map, and upstream's file."""
+    from safetensors.torch import save_file
+
+    weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+    staging_dir = temp_sibling(Path(output_dir) / "learned_embeds")
+    public_map = {domain: {k: v for k, v in entry.items() if k != "token_ids"} for domain, entry in token_map.items()}
+    for entry in token_map.values():
+        save_file({entry["placeholder"]: weight[entry["token_ids"]].contiguous()}, str(staging_dir / entry["file"]))
+    if len(token_map) == 1:
+        entry = next(iter(token_map.values()))
+        save_file({entry["placeholder"]: weight[entry["token_ids"]].contiguous()},
+                  str(staging_dir / "learned_embeds.safetensors"))
+    (staging_dir / TOKEN_MAP_FILE).write_text(json.dumps(public_map, indent=2, sort_keys=True))
+    for path in staging_dir.iterdir():
+        os.replace(path, Path(output_dir) / path.name)
+    staging_dir.rmdir()
+
+
+def main(args):
+    accelerator = make_accelerator(args)
+    weight_dtype = weight_dtype_of(accelerator)
+    images, mix_info = load_training_images(args, accelerator.is_main_process)
+    if args.domain_column not in images.column_names:
+        raise InputError(f"--dataset_name {args.dataset_name} has no column {args.domain_column!r} (needed to know "
+                         "which placeholder each image trains)")
+    models = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
+    args.resolution = args.resolution or native_resolution(unet, vae)
+    domains = list(dict.fromkeys(images[args.domain_column]))
+    token_map = add_placeholder_tokens(args, domains, tokenizer, text_encoder)
+    trained_ids = [i for entry in token_map.values() for i in entry["token_ids"]]
+
+    for model in (unet, vae, text_encoder):
+        model.requires_grad_(False)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.get_input_embeddings().requires_grad_(True)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+
+    def caption_of(row):
+        return rewrite_caption(row[args.caption_column], row[args.domain_column], token_map)
+
+    dataset = TrainingImages(images, tokenizer, args.resolution, caption_of, args.center_crop, args.random_flip,
+                             args.seed or 0)
+    dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
+    plan_steps(args, batch_sampler.batches_per_epoch())
+    params = list(text_encoder.get_input_embeddings().parameters())
+    optimizer = make_optimizer(params, args, accelerator)
+    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
+    text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
+    register_pretrained_checkpoint_hooks(accelerator)
+    init_trackers(accelerator, args, "mixsyn-textual-inversion")
+    global_step = resume_training_state(accelerator, args.resume_path)
+    original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
+
+    def validate(step):
+        pipeline = validation_pipeline(args, accelerator, text_encoder=text_encoder, tokenizer=tokenizer)
+        log_validation(accelerator, args, pipeline, step)
+
+    loss_fn = partial(denoising_batch_loss, unet=unet, latent_encoder=LatentEncoder(vae), text_encoder=text_encoder,
+                      noise_scheduler=models.noise_scheduler, args=args, weight_dtype=weight_dtype)
+    train_loop(accelerator, args, models=[text_encoder], dataloader=dataloader, batch_sampler=batch_sampler,
+               optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params, loss_fn=loss_fn,
+               global_step=global_step, validate=validate, logger=logger,
+               after_update=keep_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings,
+                                                     trained_ids))
+
+    if accelerator.is_main_process:
+        save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map)
+    finish_outputs(accelerator, args, f"Textual Inversion ({args.num_vectors} vector(s) per domain)", mix_info)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args)
