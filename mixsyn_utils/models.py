@@ -95,12 +95,20 @@ def placeholder_text(placeholder, num_vectors):
     return " ".join([placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)])
 
 
-def rewrite_caption(caption, domain, token_map):
-    """Replace the domain name in a caption by its learned placeholder (all occurrences)."""
+def rewrite_caption(caption, domain, token_map, for_pipeline=False):
+    """Replace the domain name (whole words only) in a caption by its learned placeholder.
+
+    For direct tokenization (training, attacks) a multi-vector placeholder is spelled out as
+    `<p> <p>_1 …`; a diffusers pipeline expands `<p>` itself (`maybe_convert_prompt`), so with
+    `for_pipeline=True` only the bare placeholder is written.
+    """
+    import re
+
     entry = token_map.get(domain)
     if entry is None:
         return caption
-    return caption.replace(domain, placeholder_text(entry["placeholder"], entry.get("num_vectors", 1)))
+    placeholder = entry["placeholder"] if for_pipeline else placeholder_text(entry["placeholder"], entry.get("num_vectors", 1))
+    return re.sub(rf"(?<!\w){re.escape(domain)}(?!\w)", lambda _: placeholder, caption)
 
 
 def load_model_variant(pretrained_model_name_or_path, revision=None, variant=None, unet_path=None,
@@ -146,7 +154,7 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
 
 
 _LORA_KEY = re.compile(
-    r"^(unet|text_encoder)\.(.+?)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|"
+    r"^(unet|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|"
     r"lora_linear_layer\.down|lora_linear_layer\.up)(?:\.[A-Za-z_0-9]+)?\.weight$"
 )
 
@@ -172,7 +180,7 @@ def check_lora_matches(pipeline, lora_weights):
             module = models[model_name].get_submodule(module_name)
         except AttributeError:
             raise InputError(f"--lora_weights {lora_weights} does not match the model: no layer {model_name}.{module_name}")
-        is_down = any(tag in key for tag in ("lora_A", "down"))
+        is_down = found.group(3).endswith(("lora_A", "down"))
         layer_width = getattr(module, "in_features" if is_down else "out_features", None)
         if layer_width is None:
             layer_width = getattr(module, "in_channels" if is_down else "out_channels", None)

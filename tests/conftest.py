@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 FAST_VICTIM_ARGS = [
     "--members_per_domain", "4", "--nonmembers_per_domain", "4",
-    "--vae_steps", "60", "--unet_steps", "150", "--train_batch_size", "40", "--skip_report",
+    "--vae_steps", "60", "--unet_steps", "150", "--train_batch_size", "40", "--rprecision_steps", "60", "--skip_report",
 ]
 
 

@@ -241,7 +241,7 @@ def memorising_victim(tmp_path_factory):
     victim_dir = tmp_path_factory.mktemp("memorising") / "victim"
     make_tiny_victim.main(make_tiny_victim.parse_args([
         "--output_dir", str(victim_dir), "--members_per_domain", "1", "--nonmembers_per_domain", "4",
-        "--vae_steps", "40", "--unet_steps", "150", "--train_batch_size", "10", "--ema_decay", "0.9", "--skip_report",
+        "--vae_steps", "40", "--unet_steps", "150", "--train_batch_size", "10", "--ema_decay", "0.9", "--rprecision_steps", "10", "--skip_report",
     ]))
     return victim_dir
 
@@ -320,9 +320,7 @@ def test_identical_pixels_under_another_id_are_refused(tiny_victim, tmp_path):
 
 
 def test_empty_set_is_refused(tiny_victim, tmp_path):
-    members = datasets.load_from_disk(str(tiny_victim / "members"))
-    empty = datasets.Dataset.from_dict({name: [] for name in members.column_names}, features=members.features)
-    empty.save_to_disk(str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
     argv = common_argv(tiny_victim, tmp_path / "out") + ["--member_dataset", str(tmp_path / "empty")]
     with pytest.raises(InputError, match="empty"):
         attack_pia.main(attack_pia.parse_args(argv))
@@ -340,7 +338,7 @@ def test_missing_caption_column_is_refused(tiny_victim, tmp_path):
     (attack_secmi, ["--t_sec", 1000, "--k", 10], "--t_sec"),
 ])
 def test_timestep_outside_schedule_is_refused(tiny_victim, tmp_path, script, flags, flag):
-    with pytest.raises(InputError, match=f"{flag} must be in \\(0, 1000\\)"):
+    with pytest.raises(InputError, match=f"{flag} must be in \\(0, "):
         script.main(script.parse_args(common_argv(tiny_victim, tmp_path / "out", *flags)))
 
 

@@ -60,7 +60,7 @@ def test_victim_splits_are_disjoint_and_stratified(tiny_victim):
 
 def test_victim_build_is_deterministic(tmp_path):
     argv = ["--members_per_domain", "2", "--nonmembers_per_domain", "2", "--vae_steps", "3", "--unet_steps", "3",
-            "--train_batch_size", "8", "--skip_report"]
+            "--train_batch_size", "8", "--rprecision_steps", "2", "--skip_report"]
     for name in ("a", "b"):
         make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / name), "--seed", "5", *argv]))
     make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / "c"), "--seed", "6", *argv]))
