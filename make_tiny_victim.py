@@ -63,7 +63,7 @@ def parse_args(input_args=None):
     parser.add_argument("--nonmembers_per_domain", type=int, default=25, help="Held-out images per digit class.")
     parser.add_argument("--vae_steps", type=int, default=400, help="VAE pretraining steps (run first).")
     parser.add_argument(
-        "--unet_steps", type=int, default=1500,
+        "--unet_steps", type=int, default=600,
         help="UNet pretraining steps. Membership signal grows with them (see README for the measured curve).",
     )
     parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size for both stages.")
