@@ -8,6 +8,9 @@ domain name's tokens. Captions are the dataset's own with the domain name replac
 (`mixsyn_utils.models.rewrite_caption`, the same rewrite the attack scripts use). Only the new rows of the
 token-embedding matrix train (Gal et al. 2022, arXiv:2208.01618).
 
+Upstream's single-concept input works too: `--instance_data_dir DIR --instance_prompt "The face of Ada
+Lovelace" --instance_domain "Ada Lovelace"` learns `<Ada Lovelace>` from the folder's images.
+
 Output: `learned_embeds-<domain>.safetensors` per domain (each loadable by `pipe.load_textual_inversion`),
 `learned_embeds.safetensors` for a single-domain run, and `token_map.json` (domain → placeholder, file).
 
@@ -27,7 +30,13 @@ import torch
 from accelerate.logging import get_logger
 
 from mixsyn_utils.data import InputError, run_cli, temp_sibling
-from mixsyn_utils.models import TOKEN_MAP_FILE, load_components, native_resolution, rewrite_caption
+from mixsyn_utils.models import (
+    TOKEN_MAP_FILE,
+    domain_name_pattern,
+    load_components,
+    native_resolution,
+    rewrite_caption,
+)
 from mixsyn_utils.training import (
     LatentEncoder,
     TrainingImages,
@@ -69,9 +78,31 @@ def parse_args(input_args=None):
         raise InputError(f"--placeholder_token_template must contain '{{domain}}', got {args.placeholder_token_template!r}")
     if args.num_vectors <= 0:
         raise InputError(f"--num_vectors must be positive, got {args.num_vectors}")
+    args = check_common_args(args)
     if args.instance_data_dir is not None:
-        raise InputError("--instance_data_dir: textual inversion needs --dataset_name with a domain column")
-    return check_common_args(args)
+        if not args.instance_domain:
+            raise InputError("--instance_domain is required with --instance_data_dir: the word(s) of --instance_prompt "
+                             "that the learned token replaces, e.g. --instance_prompt 'The face of Ada Lovelace' "
+                             "--instance_domain 'Ada Lovelace'")
+        domains_named_in_captions([args.instance_domain], [args.instance_prompt])
+        args.domain_column = "domain"
+    return args
+
+
+def domains_named_in_captions(domains, captions):
+    """The domains in order of appearance; an error if a domain's name is in none of its captions.
+
+    A placeholder replaces the domain name in the captions; a domain whose name never appears would
+    train nothing, so the run stops before any model is loaded.
+    """
+    named = {}
+    for domain, caption in zip(domains, captions):
+        named[domain] = named.get(domain, False) or domain_name_pattern(domain).search(caption) is not None
+    silent = [domain for domain, found in named.items() if not found]
+    if silent:
+        raise InputError(f"no caption of domain {silent[0]!r} contains its name, so its token would never train "
+                         "(with --instance_data_dir: --instance_domain must appear in --instance_prompt)")
+    return list(named)
 
 
 def add_placeholder_tokens(args, domains, tokenizer, text_encoder):
@@ -143,7 +174,7 @@ def main(args):
     models = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
     unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
     args.resolution = args.resolution or native_resolution(unet, vae)
-    domains = list(dict.fromkeys(images[args.domain_column]))
+    domains = domains_named_in_captions(images[args.domain_column], images[args.caption_column])
     token_map = add_placeholder_tokens(args, domains, tokenizer, text_encoder)
     trained_ids = [i for entry in token_map.values() for i in entry["token_ids"]]
 

@@ -5,8 +5,11 @@ domain. Mixup-P (`mode="pixel"`): every image is m ⊙ x_pert + (1 − m) ⊙ x_
 covering a ratio r of the pixel positions. r = 0 is the clean set, r = 1 the fully perturbed set.
 """
 
+import atexit
 import hashlib
 import json
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -97,13 +100,17 @@ def _pair_by_id(clean, perturbed):
     return [perturbed_row[i] for i in clean_ids]
 
 
-def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resolution=None):
+def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resolution=None, cache_dir=None):
     """The MixSyn training set: the clean dataset's rows with `image` mixed, plus `perturbed_fraction`, `mask_seed`.
 
     Rows are paired by `id` (a missing or extra id raises `InputError` naming it). Images are converted
     to RGB and brought to `resolution` by the shared `resize_and_crop`; by default the perturbed images'
     size (the perturbation was computed there, so it is never resampled). Mixing is exact on uint8.
     `mask_seed`: the seed of the row's pixel mask (pixel mode) or of the per-domain selection (image mode).
+
+    The mixed rows are streamed one at a time into an Arrow file under `cache_dir` (default: a fresh
+    temporary folder, removed when the process exits) and memory-mapped from there, so memory does not
+    grow with the number of rows; the input datasets' folders are never written to.
     """
     import datasets
 
@@ -124,32 +131,35 @@ def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resoluti
     selected = image_selection(domains, ratio, seed) if mode == "image" else None
     domain_index = {name: d for d, name in enumerate(sorted(set(domains)))}
 
-    mixed_images, fractions, mask_seeds = [], [], []
-    for row, image_id in enumerate(clean["id"]):
-        clean_array = np.asarray(resize_and_crop(clean[row]["image"], resolution))
-        perturbed_array = np.asarray(resize_and_crop(perturbed[perturbed_rows[row]]["image"], resolution))
-        if mode == "image":
-            use_perturbed = bool(selected[row])
-            mixed, fraction = (perturbed_array if use_perturbed else clean_array), float(use_perturbed)
-            mask_seed = derive_seed(seed, 1, domain_index[domains[row]])  # the domain's selection permutation
-        else:
-            mask_seed = derive_seed(seed, id_key(image_id) % (2**62))
-            mask = pixel_mask(resolution, resolution, ratio, mask_seed, pattern)
-            mixed = np.where(mask[:, :, None], perturbed_array, clean_array)
-            fraction = float(mask.mean())
-        mixed_images.append(mixed)
-        fractions.append(fraction)
-        mask_seeds.append(int(mask_seed))
+    def mixed_rows():
+        from PIL import Image
 
-    from PIL import Image
+        for row in range(len(clean)):
+            example = clean[row]
+            clean_array = np.asarray(resize_and_crop(example["image"], resolution))
+            perturbed_array = np.asarray(resize_and_crop(perturbed[perturbed_rows[row]]["image"], resolution))
+            if mode == "image":
+                use_perturbed = bool(selected[row])
+                mixed, fraction = (perturbed_array if use_perturbed else clean_array), float(use_perturbed)
+                mask_seed = derive_seed(seed, 1, domain_index[domains[row]])  # the domain's selection permutation
+            else:
+                mask_seed = derive_seed(seed, id_key(example["id"]) % (2**62))
+                mask = pixel_mask(resolution, resolution, ratio, mask_seed, pattern)
+                mixed = np.where(mask[:, :, None], perturbed_array, clean_array)
+                fraction = float(mask.mean())
+            example.update(image=Image.fromarray(mixed), perturbed_fraction=fraction, mask_seed=int(mask_seed))
+            yield example  # `image` keeps its place among the clean columns
 
     features = clean.features.copy()
     features["image"] = datasets.Image()
     features["perturbed_fraction"] = datasets.Value("float64")
     features["mask_seed"] = datasets.Value("int64")
-    columns = {name: clean[name] for name in clean.column_names if name not in ("perturbed_fraction", "mask_seed")}
-    columns.update(image=[Image.fromarray(array) for array in mixed_images], perturbed_fraction=fractions,
-                   mask_seed=mask_seeds)  # `image` keeps its place among the clean columns
-    mixed_dataset = datasets.Dataset.from_dict(columns, features=features)
-    return with_provenance(mixed_dataset, json.dumps({"mixing": {"mode": mode, "ratio": float(ratio), "seed": seed,
-                                                                  "pattern": pattern, "resolution": resolution}}))
+    recipe = {"mode": mode, "ratio": ratio, "seed": seed, "pattern": pattern, "resolution": resolution}
+    if cache_dir is None:
+        cache_dir = tempfile.mkdtemp(prefix="mixsyn-mixed-")
+        atexit.register(shutil.rmtree, cache_dir, True)
+    # An explicit fingerprint: hashing the generator would pickle both datasets (in-memory ones entirely).
+    fingerprint = hashlib.sha256(json.dumps([clean._fingerprint, perturbed._fingerprint, recipe]).encode()).hexdigest()
+    mixed_dataset = datasets.Dataset.from_generator(mixed_rows, features=features, cache_dir=str(cache_dir),
+                                                    fingerprint=fingerprint[:32])
+    return with_provenance(mixed_dataset, json.dumps({"mixing": recipe}))

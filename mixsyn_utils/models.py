@@ -95,6 +95,13 @@ def placeholder_text(placeholder, num_vectors):
     return " ".join([placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)])
 
 
+def domain_name_pattern(domain):
+    """The regex of a domain name as a whole word (not inside a longer word) in a caption."""
+    import re
+
+    return re.compile(rf"(?<!\w){re.escape(domain)}(?!\w)")
+
+
 def rewrite_caption(caption, domain, token_map, for_pipeline=False):
     """Replace the domain name (whole words only) in a caption by its learned placeholder.
 
@@ -102,13 +109,11 @@ def rewrite_caption(caption, domain, token_map, for_pipeline=False):
     `<p> <p>_1 …`; a diffusers pipeline expands `<p>` itself (`maybe_convert_prompt`), so with
     `for_pipeline=True` only the bare placeholder is written.
     """
-    import re
-
     entry = token_map.get(domain)
     if entry is None:
         return caption
     placeholder = entry["placeholder"] if for_pipeline else placeholder_text(entry["placeholder"], entry.get("num_vectors", 1))
-    return re.sub(rf"(?<!\w){re.escape(domain)}(?!\w)", lambda _: placeholder, caption)
+    return domain_name_pattern(domain).sub(lambda _: placeholder, caption)
 
 
 def load_model_variant(pretrained_model_name_or_path, revision=None, variant=None, unet_path=None,

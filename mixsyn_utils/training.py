@@ -48,6 +48,9 @@ def add_common_args(parser):
     data.add_argument("--instance_data_dir", type=str, default=None,
                       help="Upstream DreamBooth input: a folder of images that all train with --instance_prompt.")
     data.add_argument("--instance_prompt", type=str, default=None, help="Caption of every --instance_data_dir image.")
+    data.add_argument("--instance_domain", type=str, default=None,
+                      help="Domain name of the --instance_data_dir images, as it appears in --instance_prompt "
+                           "(textual inversion learns its token and needs it; the others record it).")
     data.add_argument("--resolution", type=int, default=None,
                       help="Training resolution in pixels (multiple of 8); default: the model's native resolution "
                            "(512 for SD-1.4, as upstream).")
@@ -160,23 +163,29 @@ def check_common_args(args):
 # The training set: clean (+ perturbed, mixed) images with their own captions
 # ----------------------------------------------------------------------------------------------
 
-def load_instance_folder(instance_data_dir, instance_prompt):
-    """Upstream's `--instance_data_dir`: every image file of the folder, captioned with `instance_prompt`."""
+def load_instance_folder(instance_data_dir, instance_prompt, instance_domain=""):
+    """Upstream's `--instance_data_dir`: every image file of the folder, captioned with `instance_prompt`.
+
+    The images stay files (the dataset holds their paths and decodes on access), so a large folder
+    costs no memory; `domain` is `instance_domain` for every row.
+    """
     import datasets
     from PIL import Image
 
     files = sorted(p for p in Path(instance_data_dir).iterdir() if p.is_file() and not p.name.startswith("."))
-    images = []
+    image_files = []
     for path in files:
         try:
-            images.append(Image.open(path).convert("RGB"))
+            with Image.open(path) as image:
+                image.verify()
         except OSError:
             continue  # upstream skips non-images the same way (metadata files, .DS_Store)
-    if not images:
+        image_files.append(path)
+    if not image_files:
         raise InputError(f"--instance_data_dir {instance_data_dir} holds no images")
     return datasets.Dataset.from_dict(
-        {"id": [p.stem for p in files[: len(images)]], "image": images, "prompt": [instance_prompt] * len(images),
-         "domain": [""] * len(images)},
+        {"id": [p.stem for p in image_files], "image": [str(p) for p in image_files],
+         "prompt": [instance_prompt] * len(image_files), "domain": [instance_domain] * len(image_files)},
         features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
                                     "prompt": datasets.Value("string"), "domain": datasets.Value("string")}))
 
@@ -189,7 +198,7 @@ def load_training_images(args, is_main_process=True):
     ...)`. mix_info holds mode, ratio, seed, pattern and the perturbed set's PGD flags from its provenance.
     """
     if args.instance_data_dir is not None:
-        clean = load_instance_folder(args.instance_data_dir, args.instance_prompt)
+        clean = load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or "")
         args.caption_column = "prompt"
     else:
         clean = load_image_dataset(args.dataset_name, required_columns=(args.image_column, args.caption_column))

@@ -1,6 +1,7 @@
 """train_textual_inversion_mixsyn.py: per-domain learned tokens, their files, the token map, errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -22,10 +23,10 @@ def argv(tiny_victim, synthetic_dataset, perturbed_dataset):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def two_vector_run(argv, tmp_path_factory):
-    """4 updates of batch 8, 2 vectors per domain, a checkpoint at update 4."""
+    """6 updates of batch 8, 2 vectors per domain, a checkpoint at update 4."""
     output_dir = tmp_path_factory.mktemp("ti") / "out"
     # batch 8 × 4 updates > 30 images: every domain's token gets gradients
-    run_in_process(ti_script, argv(output_dir, max_train_steps=4, checkpointing_steps=4, num_vectors=2,
+    run_in_process(ti_script, argv(output_dir, max_train_steps=6, checkpointing_steps=4, num_vectors=2,
                                    train_batch_size=8))
     return output_dir
 
@@ -73,6 +74,67 @@ def test_only_placeholder_rows_train(two_vector_run, tiny_victim):
     initial = base_rows[tokenizer.encode("three", add_special_tokens=False)].mean(0)
     learned = load_file(str(two_vector_run / "learned_embeds-three.safetensors"))["<three>"]
     assert (learned - initial).abs().max() > 1e-4
+
+
+def test_resume_from_a_copied_checkpoint_ends_with_the_uninterrupted_embeddings(two_vector_run, argv, tmp_path,
+                                                                                 tiny_victim):
+    from transformers import CLIPTextModel
+
+    # The state a run killed right after checkpoint-4 leaves behind, moved outside its output folder.
+    saved_state = tmp_path / "elsewhere" / "state-after-update-4"
+    shutil.copytree(two_vector_run / "checkpoint-4", saved_state)
+    run_in_process(ti_script, argv(tmp_path / "resumed", max_train_steps=6, checkpointing_steps=4, num_vectors=2,
+                                   train_batch_size=8, resume_from_checkpoint=saved_state))
+    token_map = load_token_map(two_vector_run)
+    resumed = torch.cat([load_file(str(tmp_path / "resumed" / e["file"]))[e["placeholder"]] for e in token_map.values()])
+    reference = torch.cat([load_file(str(two_vector_run / e["file"]))[e["placeholder"]] for e in token_map.values()])
+    assert (resumed.double() - reference.double()).abs().max() <= 1e-6
+    base_rows = CLIPTextModel.from_pretrained(str(tiny_victim / "pipeline"), subfolder="text_encoder").config.vocab_size
+    at_update_4 = CLIPTextModel.from_pretrained(str(saved_state / "text_encoder")).get_input_embeddings().weight
+    placeholder_rows_at_4 = at_update_4[base_rows:].detach()
+    assert len(placeholder_rows_at_4) == len(resumed)
+    # updates 5 and 6 did train: some learned vector is none of the update-4 vectors
+    distance_to_update_4 = (resumed[:, None, :] - placeholder_rows_at_4[None]).abs().amax(-1).amin(-1)
+    assert distance_to_update_4.max() > 1e-4
+
+
+def test_instance_folder_learns_the_token_of_instance_domain(argv, tmp_path, synthetic_dataset):
+    from datasets import load_from_disk
+
+    instance_dir = tmp_path / "three"
+    instance_dir.mkdir()
+    for row in load_from_disk(str(synthetic_dataset)).filter(lambda row: row["domain"] == "three"):
+        row["image"].save(instance_dir / f"{row['id']}.png")
+    (instance_dir / "notes.txt").write_text("not an image")  # skipped, as upstream does
+    run_in_process(ti_script, argv(tmp_path / "out", dataset_name=None, instance_data_dir=instance_dir,
+                                   instance_prompt="The face of three", instance_domain="three",
+                                   perturbed_dataset_name=None, mixup_ratio=0, max_train_steps=1))
+    assert load_token_map(tmp_path / "out") == {
+        "three": {"placeholder": "<three>", "file": "learned_embeds-three.safetensors", "num_vectors": 1}}
+    assert (tmp_path / "out" / "learned_embeds.safetensors").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({}, "--instance_domain is required"),
+    ({"instance_domain": "seven"}, "no caption of domain 'seven' contains its name"),
+])
+def test_instance_folder_needs_a_domain_named_in_the_prompt(argv, tmp_path, flags, message):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(InputError, match=message):
+        ti_script.parse_args([str(a) for a in argv(tmp_path / "out", dataset_name=None, perturbed_dataset_name=None,
+                                                   mixup_ratio=0, instance_data_dir=tmp_path / "images",
+                                                   instance_prompt="The face of three", **flags)])
+
+
+def test_dataset_domain_never_named_in_its_captions_is_an_error(argv, tmp_path, synthetic_dataset):
+    from datasets import load_from_disk
+
+    renamed = tmp_path / "renamed"
+    dataset = load_from_disk(str(synthetic_dataset))
+    dataset.map(lambda row: {"domain": "ada" if row["domain"] == "three" else row["domain"]}).save_to_disk(str(renamed))
+    with pytest.raises(InputError, match="no caption of domain 'ada' contains its name"):
+        run_in_process(ti_script, argv(tmp_path / "out", dataset_name=renamed, perturbed_dataset_name=None,
+                                       mixup_ratio=0, max_train_steps=1))
 
 
 def test_single_domain_run_also_writes_upstream_learned_embeds(argv, tmp_path, synthetic_dataset):
