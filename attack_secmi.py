@@ -103,9 +103,7 @@ def secmi_nn_scores(dataset, latent_shape, args):
     """
     from sklearn.metrics import roc_auc_score
 
-    error_columns = [name for name in dataset.column_names if name.startswith("error_")]
-    maps = torch.tensor(np.stack([dataset[name] for name in error_columns], axis=1), dtype=torch.float32)
-    maps = maps.view(len(dataset), *latent_shape)
+    maps = torch.from_numpy(np.stack(dataset.with_format("numpy")["error_map"])).view(len(dataset), *latent_shape)
     labels = torch.tensor(dataset["is_member"], dtype=torch.float32)
     splits = nn_splits(labels.numpy().astype(bool), args.nn_train_fraction, args.nn_val_fraction, args.seed)
     torch.manual_seed(args.seed)
@@ -135,7 +133,7 @@ def secmi_nn_scores(dataset, latent_shape, args):
     network.load_state_dict(best_state)
     with torch.no_grad():
         test_logits = network(maps[splits["test"]] / scale).squeeze(1).double().numpy()
-    test = dataset.select(splits["test"]).remove_columns(error_columns).rename_column("score", "score_t_error")
+    test = dataset.select(splits["test"]).remove_columns("error_map").rename_column("score", "score_t_error")
     test = test.add_column("score", (-test_logits).tolist())
     record = {name: int(len(rows)) for name, rows in splits.items()} | {"val_auc": float(best_auc)}
     return test.select_columns(["id", "domain", "is_member", "score", "score_t_error"]), record
@@ -155,8 +153,8 @@ def main(args):
     def score_batch(latents, context):
         t_error, error_map = secmi_t_error(components.unet, latents, context, alpha_bar, args.t_sec, args.k)
         columns = {"score": t_error}
-        if args.secmi_nn:  # the NN variant needs each element's error; stored flat, reshaped for training
-            columns.update({f"error_{i}": column for i, column in enumerate(error_map.abs().flatten(1).double().T)})
+        if args.secmi_nn:  # the NN variant trains on each image's |error| map
+            columns["error_map"] = error_map.abs()
         return columns
 
     calls_per_image = args.t_sec // args.k + 1

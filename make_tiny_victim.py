@@ -21,7 +21,6 @@ import argparse
 import copy
 import gzip
 import json
-import math
 import shutil
 import time
 from pathlib import Path

@@ -21,21 +21,17 @@ from pathlib import Path
 from accelerate.logging import get_logger
 
 from mixsyn_utils.data import InputError, run_cli, temp_sibling
+from mixsyn_utils.model_card import finish_outputs
 from mixsyn_utils.models import load_components, native_resolution
 from mixsyn_utils.training import (
     LatentEncoder,
-    TrainingImages,
     add_common_args,
     add_prior_preservation_args,
     check_common_args,
     denoising_batch_loss,
-    finish_outputs,
     init_trackers,
-    load_class_images,
-    load_training_images,
     log_validation,
     make_accelerator,
-    make_dataloader,
     make_lr_scheduler,
     make_optimizer,
     plan_steps,
@@ -45,6 +41,7 @@ from mixsyn_utils.training import (
     validation_pipeline,
     weight_dtype_of,
 )
+from mixsyn_utils.training_data import TrainingImages, load_class_images, load_training_images, make_dataloader
 
 logger = get_logger(__name__)
 

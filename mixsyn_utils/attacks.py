@@ -12,6 +12,8 @@ The attack maths itself lives in `diffusion.py`. An attack script gives `score_a
 
 import hashlib
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ from .models import (
 )
 
 # Flags that do not change a score: a resumed run may differ in these.
-_OUTPUT_FLAGS = ("output_dir", "overwrite", "push_to_hub", "hub_dataset_id", "hub_token")
+_OUTPUT_FLAGS = ("output_dir", "overwrite", "push_to_hub", "hub_dataset_id", "hub_token", "latents_cache_dir")
 
 
 def add_common_args(parser):
@@ -74,6 +76,9 @@ def add_common_args(parser):
     data.add_argument("--vae_sample", action="store_true",
                       help="z₀ = a VAE posterior sample (seeded per image) instead of the posterior mode.")
     data.add_argument("--seed", type=int, default=0, help="Seed for --vae_sample and for the naive attack's noise.")
+    data.add_argument("--latents_cache_dir", type=str, default=None,
+                      help="Keep each batch's z₀ here and reuse it in later runs whose VAE encoder, images, resolution "
+                           "and batch size match (attacking many fine-tunes of one model skips the VAE and decoding).")
     out = parser.add_argument_group("output")
     out.add_argument("--output_dir", type=str, required=True, help="Where the scores dataset is saved (save_to_disk).")
     out.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
@@ -118,9 +123,10 @@ def _pixel_digest(image):
 
 
 def load_attack_data(args):
-    """Members and non-members as one list of rows {id, domain, is_member, caption, source}, checked.
+    """Members and non-members as one list of rows {id, domain, is_member, caption, digest, source}, checked.
 
-    `source` = (dataset, index): images are decoded again batch by batch rather than all kept in memory.
+    `source` = (image-only view of the dataset, index): images are decoded again batch by batch rather than
+    all kept in memory. `digest` identifies the decoded pixels (`_pixel_digest`).
 
     Raises `InputError` for an empty set, a missing caption column, or any id or identical image present in
     both sets (such an image's label is undefined and would poison the evaluation).
@@ -136,15 +142,16 @@ def load_attack_data(args):
         if token_map is not None and "domain" not in dataset.column_names:
             raise InputError(f"{flag} {path} has no 'domain' column, needed to apply --textual_inversion placeholders")
         prefix = "member" if is_member else "nonmember"
-        sources.append(dataset)
+        sources.append(dataset.select_columns(["image"]))
         for index, row in enumerate(dataset):
             domain = str(row.get("domain", "") or "")
             caption = "" if args.null_prompt else str(row[args.caption_column])
             if token_map is not None:
                 caption = rewrite_caption(caption, domain, token_map)
             rows.append({"id": str(row["id"]) if "id" in row else f"{prefix}-{index:06d}", "domain": domain,
-                         "is_member": is_member, "caption": caption, "source": (sources[-1], index)})
-            digests.setdefault(_pixel_digest(row["image"]), set()).add((is_member, rows[-1]["id"]))
+                         "is_member": is_member, "caption": caption, "digest": _pixel_digest(row["image"]),
+                         "source": (sources[-1], index)})
+            digests.setdefault(rows[-1]["digest"], set()).add((is_member, rows[-1]["id"]))
     member_ids = {row["id"] for row in rows if row["is_member"]}
     shared_ids = sorted(member_ids & {row["id"] for row in rows if not row["is_member"]})
     if shared_ids:
@@ -185,10 +192,22 @@ class CaptionCache:
         return torch.stack([self.embeddings[caption] for caption in captions])
 
 
+def batch_images(rows):
+    """The rows' PIL images, fetched with one indexed read per source dataset (rows of a batch are contiguous)."""
+    images = [None] * len(rows)
+    by_source = {}
+    for position, row in enumerate(rows):
+        by_source.setdefault(id(row["source"][0]), (row["source"][0], []))[1].append((position, row["source"][1]))
+    for view, members in by_source.values():
+        for (position, _), image in zip(members, view[[index for _, index in members]]["image"]):
+            images[position] = image
+    return images
+
+
 @torch.no_grad()
 def encode_batch_latents(vae, rows, resolution, sample, seed, first_index):
     """z₀ = scaling_factor · E(x): posterior mode, or with `sample` one draw seeded by (seed, global index)."""
-    pixel_values = torch.stack([image_to_tensor(row["source"][0][row["source"][1]]["image"], resolution) for row in rows])
+    pixel_values = torch.stack([image_to_tensor(image, resolution) for image in batch_images(rows)])
     posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
     if sample:
         # One generator per image: its draw must not depend on which batch or process holds it.
@@ -197,7 +216,73 @@ def encode_batch_latents(vae, rows, resolution, sample, seed, first_index):
         latents = posterior.mean + posterior.std * noise.to(posterior.mean)
     else:
         latents = posterior.mode()
-    return latents * vae.config.scaling_factor
+    # Contiguous, as when read back from the latents cache: the UNet's kernels differ by layout in the last bits.
+    return (latents * vae.config.scaling_factor).contiguous()
+
+
+def vae_encoder_digest(vae):
+    """sha256 of what z₀ depends on in the VAE: encoder and quant_conv weights (with dtypes), scaling factor."""
+    digest = hashlib.sha256(repr(float(vae.config.scaling_factor)).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        if name.startswith(("encoder.", "quant_conv.")):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LatentCache:
+    """Batches of z₀ on disk (safetensors), keyed by everything they depend on.
+
+    Key = sha256(VAE encoder digest, resolution, posterior mode or sample (+ seed and the batch's first
+    global index, which seed the draws), the pixel digests of the batch's images). A fine-tuned UNet, LoRA
+    or textual inversion leaves the key unchanged; a trained VAE encoder or other images change it.
+    Files are written atomically, so concurrent processes and killed runs leave no torn entry.
+    """
+
+    def __init__(self, cache_dir, vae, resolution, sample, seed):
+        self.cache_dir = Path(cache_dir)
+        # The device type too: a GPU's kernels give latents that differ from a CPU's in the last bits.
+        self.recipe = [vae_encoder_digest(vae), vae.device.type, int(resolution), bool(sample),
+                       int(seed) if sample else None]
+        self.hits = self.misses = 0
+
+    def _path(self, rows, first_index):
+        sample = self.recipe[3]
+        payload = json.dumps(self.recipe + [first_index if sample else None, [row["digest"] for row in rows]])
+        return self.cache_dir / f"latents-{hashlib.sha256(payload.encode()).hexdigest()[:40]}.safetensors"
+
+    def get(self, rows, first_index, device, dtype):
+        from safetensors.torch import load_file
+
+        path = self._path(rows, first_index)
+        if not path.exists():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return load_file(str(path))["latents"].to(device=device, dtype=dtype)
+
+    def put(self, rows, first_index, latents):
+        from safetensors.torch import save_file
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(rows, first_index)
+        tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"latents": latents.detach().cpu().contiguous()}, str(tmp_path))
+        os.replace(tmp_path, path)
+
+
+def batch_latents(components, rows, args, first_index, latent_cache=None):
+    """z₀ of a batch: from `latent_cache` when it holds them, else encoded (and stored there)."""
+    vae = components.vae
+    if latent_cache is not None:
+        latents = latent_cache.get(rows, first_index, vae.device, vae.dtype)
+        if latents is not None:
+            return latents
+    latents = encode_batch_latents(vae, rows, args.resolution, args.vae_sample, args.seed, first_index)
+    if latent_cache is not None:
+        latent_cache.put(rows, first_index, latents)
+    return latents
 
 
 def run_meta(args):
@@ -209,10 +294,10 @@ def run_meta(args):
 def score_all(rows, components, args, accelerator, score_batch, progress_factory):
     """Score every row in global batches sharded over processes; returns the `PartialResults` and batch count.
 
-    `score_batch(latents, context) -> {column: (B,) array}` runs the attack on one batch. Each finished batch
+    `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch. Each finished batch
     is saved at once, so a killed run resumes with the batches it has not finished.
     """
-    from datasets import Dataset, Features, Value
+    from datasets import Dataset, Features, Sequence, Value
 
     partial = PartialResults(args.output_dir)
     if accelerator.is_main_process:
@@ -222,19 +307,26 @@ def score_all(rows, components, args, accelerator, score_batch, progress_factory
     mine = shard_units(range(num_batches), accelerator.process_index, accelerator.num_processes)
     todo = [unit for unit in mine if not partial.is_done(unit)]
     captions = CaptionCache(components.tokenizer, components.text_encoder)
+    latent_cache = None
+    if args.latents_cache_dir:
+        latent_cache = LatentCache(args.latents_cache_dir, components.vae, args.resolution, args.vae_sample, args.seed)
     progress = progress_factory(total=len(mine), initial=len(mine) - len(todo))
     for unit in todo:
         start = unit * args.batch_size
         batch = rows[start : start + args.batch_size]
-        latents = encode_batch_latents(components.vae, batch, args.resolution, args.vae_sample, args.seed, start)
+        latents = batch_latents(components, batch, args, start, latent_cache)
         with torch.no_grad():
             scores = score_batch(latents, captions([row["caption"] for row in batch]))
         columns = {"id": [row["id"] for row in batch], "domain": [row["domain"] for row in batch],
                    "is_member": [row["is_member"] for row in batch]}
         features = {"id": Value("string"), "domain": Value("string"), "is_member": Value("bool")}
         for name, values in scores.items():
-            columns[name] = np.asarray(values.cpu() if torch.is_tensor(values) else values, dtype=np.float64)
-            features[name] = Value("float64")
+            values = np.asarray(values.cpu() if torch.is_tensor(values) else values)
+            if values.ndim == 1:
+                columns[name], features[name] = values.astype(np.float64), Value("float64")
+            else:  # a per-image map (SecMI-NN's error map), stored flat
+                columns[name] = list(values.reshape(len(batch), -1).astype(np.float32))
+                features[name] = Sequence(Value("float32"))
         partial.save(unit, Dataset.from_dict(columns, features=Features(features)))
         progress.update(1)
     progress.close()

@@ -3,8 +3,6 @@
 import re
 from types import SimpleNamespace
 
-import torch
-
 from .data import InputError
 
 

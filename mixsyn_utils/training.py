@@ -1,4 +1,6 @@
-"""What the three MixSyn fine-tuning scripts share: flags, the mixed training set, the resumable loop, outputs.
+"""What the three MixSyn fine-tuning scripts share: flags, accelerator and optimizer, checkpoints, the resumable loop.
+
+The training set is built in `training_data.py`, the model card and Hub upload in `model_card.py`.
 
 The flags keep the names and defaults of diffusers' `train_dreambooth.py`, `train_dreambooth_lora.py` and
 `textual_inversion.py`. Where those scripts are known to go wrong, this module does it differently:
@@ -22,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import InputError, check_resolution, load_image_dataset, read_provenance, save_dataset
+from .data import InputError, check_resolution
+from .model_card import read_privacy_report
 
 TRAINING_STATE_FILE = "training_state.json"
 
@@ -157,194 +160,6 @@ def check_common_args(args):
         read_privacy_report(args.privacy_report)
     args.resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     return args
-
-
-# ----------------------------------------------------------------------------------------------
-# The training set: clean (+ perturbed, mixed) images with their own captions
-# ----------------------------------------------------------------------------------------------
-
-def load_instance_folder(instance_data_dir, instance_prompt, instance_domain=""):
-    """Upstream's `--instance_data_dir`: every image file of the folder, captioned with `instance_prompt`.
-
-    The images stay files (the dataset holds their paths and decodes on access), so a large folder
-    costs no memory; `domain` is `instance_domain` for every row.
-    """
-    import datasets
-    from PIL import Image
-
-    files = sorted(p for p in Path(instance_data_dir).iterdir() if p.is_file() and not p.name.startswith("."))
-    image_files = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except OSError:
-            continue  # upstream skips non-images the same way (metadata files, .DS_Store)
-        image_files.append(path)
-    if not image_files:
-        raise InputError(f"--instance_data_dir {instance_data_dir} holds no images")
-    return datasets.Dataset.from_dict(
-        {"id": [p.stem for p in image_files], "image": [str(p) for p in image_files],
-         "prompt": [instance_prompt] * len(image_files), "domain": [instance_domain] * len(image_files)},
-        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
-                                    "prompt": datasets.Value("string"), "domain": datasets.Value("string")}))
-
-
-def load_training_images(args, is_main_process=True):
-    """The mixed training set and a record of how it was mixed (for the model card).
-
-    Returns (dataset, mix_info). The dataset has `image` and the caption column (`prompt` for
-    `--instance_data_dir`); with `--perturbed_dataset_name` its images are `mix_datasets(clean, perturbed,
-    ...)`. mix_info holds mode, ratio, seed, pattern and the perturbed set's PGD flags from its provenance.
-    """
-    if args.instance_data_dir is not None:
-        clean = load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or "")
-        args.caption_column = "prompt"
-    else:
-        clean = load_image_dataset(args.dataset_name, required_columns=(args.image_column, args.caption_column))
-        if args.image_column != "image":
-            clean = clean.rename_column(args.image_column, "image")
-    mix_info = {"mode": args.mixup_mode, "ratio": args.mixup_ratio, "seed": args.mixup_seed,
-                "pattern": args.mixup_pattern, "perturbed_dataset": args.perturbed_dataset_name, "pgd": {}}
-    if args.perturbed_dataset_name is None:
-        return clean, mix_info
-    from .mixing import mix_datasets
-
-    perturbed = load_image_dataset(args.perturbed_dataset_name, required_columns=("image",))
-    flags = read_provenance(perturbed).get("flags", {})
-    mix_info["pgd"] = {key: value for key, value in flags.items() if key.startswith("pgd_")}
-    mixed = mix_datasets(clean, perturbed, args.mixup_mode, args.mixup_ratio, args.mixup_seed,
-                         pattern=args.mixup_pattern, resolution=args.resolution)
-    if args.save_mixed_dataset and is_main_process:
-        save_dataset(mixed, args.save_mixed_dataset)
-    return mixed, mix_info
-
-
-def training_pixel_values(image, resolution, center_crop, random_flip, rng):
-    """PIL image → (3, R, R) float32 in [-1, 1]: shorter side resized to R (bicubic), crop, optional flip.
-
-    The random crop offset and the flip are drawn from `rng`, which the caller seeds per (seed, epoch,
-    image), so a resumed run sees the same crops as an uninterrupted one.
-    """
-    from PIL import Image
-
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != (width, height):
-        image = image.resize(size, resample=Image.BICUBIC)
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = int(rng.integers(0, size[0] - resolution + 1)), int(rng.integers(0, size[1] - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if random_flip and rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-class TrainingImages(torch.utils.data.Dataset):
-    """Rows of the mixed set as `pixel_values` + `input_ids` of their own (optionally rewritten) caption.
-
-    `caption_fn(row) -> str` picks/rewrites the caption (textual inversion puts placeholders in).
-    With `class_images` (prior preservation) item i also carries class image i mod len(class_images).
-    """
-
-    def __init__(self, rows, tokenizer, resolution, caption_fn, center_crop=False, random_flip=False, seed=0,
-                 class_images=None):
-        self.rows, self.tokenizer, self.resolution, self.caption_fn = rows, tokenizer, resolution, caption_fn
-        self.center_crop, self.random_flip, self.seed, self.class_images = center_crop, random_flip, seed, class_images
-        self.epoch = 0
-        self._token_ids = {}  # caption → ids; captions repeat (few templates × domains), so this stays small
-
-    def _tokenize(self, caption):
-        from .models import tokenize_prompts
-
-        if caption not in self._token_ids:
-            if len(self._token_ids) >= 4096:
-                self._token_ids.clear()
-            self._token_ids[caption] = tokenize_prompts(self.tokenizer, [caption])[0]
-        return self._token_ids[caption]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _encode(self, image, caption, key):
-        from .data import derive_seed
-
-        rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
-        return (training_pixel_values(image, self.resolution, self.center_crop, self.random_flip, rng),
-                self._tokenize(caption))
-
-    def __getitem__(self, index):
-        row = self.rows[int(index)]
-        pixel_values, input_ids = self._encode(row["image"], self.caption_fn(row), index)
-        example = {"pixel_values": pixel_values, "input_ids": input_ids}
-        if self.class_images is not None:
-            class_row = self.class_images[int(index) % len(self.class_images)]
-            example["class_pixel_values"], example["class_input_ids"] = self._encode(
-                class_row["image"], class_row["prompt"], 10**9 + index)
-        return example
-
-
-def collate_examples(examples):
-    """Stack a batch; with prior preservation the class rows follow the instance rows (upstream order)."""
-    pixel_values = [e["pixel_values"] for e in examples] + [e["class_pixel_values"] for e in examples
-                                                            if "class_pixel_values" in e]
-    input_ids = [e["input_ids"] for e in examples] + [e["class_input_ids"] for e in examples if "class_input_ids" in e]
-    return {"pixel_values": torch.stack(pixel_values).float(), "input_ids": torch.stack(input_ids),
-            "num_instance": len(examples)}
-
-
-class EpochBatchSampler:
-    """Batches of this process's share of a permutation that depends only on (seed, epoch).
-
-    Each epoch: π = randperm(N) seeded by (seed, epoch), padded by wrap-around to a multiple of the
-    number of processes; process p takes π[p::P] and cuts it into batches of `batch_size` (last one
-    may be short). `set_epoch(epoch, skip_batches)` drops the first batches, which is how a resumed run
-    skips what it has already trained on.
-    """
-
-    def __init__(self, num_items, batch_size, seed, process_index=0, num_processes=1):
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.process_index, self.num_processes = process_index, num_processes
-        self.epoch, self.skip_batches = 0, 0
-
-    def set_epoch(self, epoch, skip_batches=0):
-        self.epoch, self.skip_batches = epoch, skip_batches
-
-    def epoch_batches(self):
-        from .data import derive_seed
-
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        order = torch.randperm(self.num_items, generator=generator).tolist()
-        order += order[: (-len(order)) % self.num_processes]
-        mine = order[self.process_index :: self.num_processes]
-        return [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
-
-    def __iter__(self):
-        return iter(self.epoch_batches()[self.skip_batches :])
-
-    def __len__(self):
-        return len(self.epoch_batches()) - self.skip_batches
-
-    def batches_per_epoch(self):
-        return math.ceil(math.ceil(self.num_items / self.num_processes) / self.batch_size)
-
-
-def make_dataloader(dataset, args, accelerator):
-    """A DataLoader over `dataset` with an `EpochBatchSampler`; its own generator keeps the global RNG untouched."""
-    sampler = EpochBatchSampler(len(dataset), args.train_batch_size, args.seed or 0, accelerator.process_index,
-                                accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples,
-                                         num_workers=args.dataloader_num_workers,
-                                         generator=torch.Generator().manual_seed(0))
-    return loader, sampler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,95 +442,7 @@ def validation_pipeline(args, accelerator, **components):
 
 
 # ----------------------------------------------------------------------------------------------
-# Model card and Hub
-# ----------------------------------------------------------------------------------------------
-
-def read_privacy_report(path):
-    """evaluate.py's results.json (schema 1): its `privacy` blocks hold AUC/TPR and their bootstrap CIs."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"--privacy_report {path} is not a readable JSON file ({error})") from error
-    blocks = report.get("privacy") if isinstance(report, dict) else None
-    if not isinstance(blocks, dict) or not blocks or not all("auc" in block for block in blocks.values()):
-        raise InputError(f"--privacy_report {path} has no 'privacy' blocks with an AUC (expected evaluate.py's "
-                         "results.json)")
-    return report
-
-
-def privacy_lines(report):
-    """Model-card table of the measured membership-inference risk: value [95% CI] per metric."""
-    def with_ci(block, key):
-        value, interval = block.get(key), block.get(f"{key}_ci")
-        if value is None:
-            return "n/a"
-        return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
-
-    lines = ["## Measured membership-inference risk (evaluate.py)", "",
-             "| scores | attack | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@0.1%FPR [95% CI] | verdict |",
-             "|---|---|---|---|---|---|"]
-    for name, block in report["privacy"].items():
-        lines.append(f"| {name} | {block.get('attack', '')} | {with_ci(block, 'auc')} | "
-                     f"{with_ci(block, 'tpr_at_1pct_fpr')} | {with_ci(block, 'tpr_at_0.1pct_fpr')} | "
-                     f"{block.get('verdict', '')} |")
-    if report.get("blind_baseline"):
-        lines += ["", f"Blind baseline (never sees the model): AUC {with_ci(report['blind_baseline'], 'auc')}."]
-    return lines
-
-
-def model_card_text(args, method, mix_info, privacy_report=None):
-    """README.md of a fine-tuned model: base model, method, MixSyn mix, PGD budget, measured privacy."""
-    method_tag = re.sub(r"[^a-z0-9]+", "-", method.split(" (")[0].lower()).strip("-")
-    pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix_info["pgd"].items())) or "n/a (no perturbed set)"
-    lines = ["---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
-             f"tags: [stable-diffusion, text-to-image, diffusers, mixsyn, {method_tag}]",
-             "---", "", f"# MixSyn {method} fine-tune of {args.pretrained_model_name_or_path}", "",
-             f"- Method: {method}, {args.max_train_steps} steps, learning rate {args.learning_rate}, "
-             f"resolution {args.resolution}",
-             f"- Training data: {args.dataset_name or args.instance_data_dir}",
-             f"- MixSyn mixup: mode = {mix_info['mode']}, ratio = {mix_info['ratio']}, seed = {mix_info['seed']}, "
-             f"pattern = {mix_info['pattern']}",
-             f"- Perturbed set: {mix_info['perturbed_dataset'] or 'none'}; PGD budget: {pgd}", ""]
-    if privacy_report:
-        lines += privacy_lines(privacy_report)
-    return "\n".join(lines) + "\n"
-
-
-def write_model_card(args, method, mix_info, output_dir):
-    report = read_privacy_report(args.privacy_report) if args.privacy_report else None
-    (Path(output_dir) / "README.md").write_text(model_card_text(args, method, mix_info, report))
-
-
-def push_to_hub(args, output_dir):
-    """Upload `output_dir` (without checkpoints and logs) to `--hub_model_id`; a failure is one clear error."""
-    from huggingface_hub import create_repo, upload_folder
-
-    repo_id = args.hub_model_id or Path(output_dir).name
-    try:
-        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
-                      commit_message="MixSyn fine-tune", ignore_patterns=["checkpoint-*", ".*", "logs/*", "step_*"])
-    except Exception as error:  # noqa: BLE001 - offline, auth and network errors all end the same way
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        reason = "HF_HUB_OFFLINE is set" if offline else (str(error).strip().splitlines() or [type(error).__name__])[0]
-        if args.hub_token:
-            reason = reason.replace(args.hub_token, "***")
-        raise InputError(f"--push_to_hub to {repo_id} failed ({reason}); the trained model is saved in "
-                         f"{output_dir}") from None
-    return repo_id
-
-
-def finish_outputs(accelerator, args, method, mix_info):
-    """Main process: model card, then the optional Hub upload (after the trackers are closed)."""
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        write_model_card(args, method, mix_info, args.output_dir)
-        if args.push_to_hub:
-            push_to_hub(args, args.output_dir)
-
-
-# ----------------------------------------------------------------------------------------------
-# Prior preservation (DreamBooth and DreamBooth+LoRA) and the denoising loss of one batch
+# Prior-preservation flags (DreamBooth and DreamBooth+LoRA) and the denoising loss of one batch
 # ----------------------------------------------------------------------------------------------
 
 def add_prior_preservation_args(parser):
@@ -728,20 +455,6 @@ def add_prior_preservation_args(parser):
     group.add_argument("--num_class_images", type=int, default=100, help="Class images to generate and use.")
     group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class-image generation.")
     return parser
-
-
-def load_class_images(args, accelerator):
-    """Class images for prior preservation (generated once, cached), or None without the flag."""
-    if not args.with_prior_preservation:
-        return None
-    from .dreambooth import ensure_class_images
-
-    if args.class_data_dir is None or not args.class_prompt:
-        raise InputError("--with_prior_preservation needs --class_data_dir and --class_prompt")
-    return ensure_class_images(args.pretrained_model_name_or_path, args.class_prompt, args.num_class_images,
-                               args.class_data_dir, revision=args.revision, variant=args.variant,
-                               resolution=args.resolution, sample_batch_size=args.sample_batch_size,
-                               seed=args.seed or 0, accelerator=accelerator)
 
 
 class LatentEncoder(torch.nn.Module):

@@ -5,6 +5,7 @@ loops; UNet work is counted with a forward hook; the scores dataset contract wit
 """
 
 import copy
+import shutil
 import json
 import math
 
@@ -392,3 +393,109 @@ def test_textual_inversion_captions_use_learned_placeholders(tiny_victim, tmp_pa
 def test_null_prompt_conditions_on_the_empty_caption(tiny_victim, tmp_path):
     rows = load_attack_data(attack_pia.parse_args(common_argv(tiny_victim, tmp_path / "out", "--null_prompt")))
     assert {row["caption"] for row in rows} == {""}
+
+
+# ----------------------------------------------------------------------------------------------
+# z₀ options: posterior samples (--vae_sample) and the latents cache shared across attacked models
+# ----------------------------------------------------------------------------------------------
+
+def test_vae_sample_draws_mean_plus_std_noise_seeded_per_image(tiny_victim):
+    from mixsyn_utils.attacks import encode_batch_latents
+    from mixsyn_utils.data import derive_seed, image_to_tensor
+
+    args = attack_pia.parse_args(common_argv(tiny_victim, "unused", "--vae_sample", "--seed", 3))
+    rows = load_attack_data(args)[:5]
+    vae = load_model_variant(str(tiny_victim / "pipeline")).vae.double()
+    first_index = 7  # the rows' global position decides their draws, not their batch
+    sampled = encode_batch_latents(vae, rows, 16, sample=True, seed=3, first_index=first_index)
+    mode = encode_batch_latents(vae, rows, 16, sample=False, seed=3, first_index=first_index)
+    for i, row in enumerate(rows):
+        pixels = image_to_tensor(row["source"][0][row["source"][1]]["image"], 16)[None].double()
+        mean, logvar = vae.quant_conv(vae.encoder(pixels)).chunk(2, dim=1)
+        noise = torch.randn(mean.shape[1:], generator=torch.Generator().manual_seed(derive_seed(3, first_index + i)))
+        expected = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * noise.double()) * vae.config.scaling_factor
+        torch.testing.assert_close(sampled[i : i + 1], expected, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(mode[i : i + 1], mean * vae.config.scaling_factor, rtol=1e-9, atol=1e-9)
+    assert (sampled - mode).abs().max() > 1e-3
+
+
+def test_vae_sample_scores_do_not_depend_on_batch_size_but_on_seed(tiny_victim, tmp_path):
+    def scores(name, *flags):
+        dataset, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / name, "--attack_timesteps", 100, *flags))
+        return np.asarray(dataset["score"])
+
+    by_16 = scores("b16", "--vae_sample", "--batch_size", 16)
+    np.testing.assert_allclose(scores("b24", "--vae_sample", "--batch_size", 24), by_16, rtol=1e-5)
+    assert np.abs(scores("seed1", "--vae_sample", "--batch_size", 16, "--seed", 1) - by_16).max() > 0
+    assert np.abs(scores("mode", "--batch_size", 16) - by_16).max() > 0
+
+
+def test_latents_cache_is_reused_across_models_with_the_same_vae(tiny_victim, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    encoded = []
+    original_encode = attacks_module.encode_batch_latents
+    monkeypatch.setattr(attacks_module, "encode_batch_latents",
+                        lambda vae, rows, *a, **k: encoded.append(len(rows)) or original_encode(vae, rows, *a, **k))
+    cache = ["--latents_cache_dir", tmp_path / "cache", "--batch_size", 16]
+    uncached, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "plain", "--batch_size", 16))
+    first, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "first", *cache))
+    assert sum(encoded) == 2 * len(first)  # the plain run and the cold cached run encode every image
+    # Another attack on another model sharing the VAE encoder (here: the same model) encodes nothing.
+    secmi, _ = run_attack(attack_secmi, common_argv(tiny_victim, tmp_path / "secmi", "--t_sec", 20, "--k", 10, *cache))
+    second, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "second", *cache))
+    assert sum(encoded) == 2 * len(first)
+    assert uncached["score"] == first["score"] == second["score"]
+    # A different VAE encoder (e.g. DreamBooth with --trainable_modules vae_encoder) misses the cache.
+    changed = tmp_path / "changed_vae"
+    shutil.copytree(tiny_victim / "pipeline", changed)
+    vae = AutoencoderKL.from_pretrained(str(changed / "vae"))
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(0.01)
+    vae.save_pretrained(str(changed / "vae"))
+    run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "changed", *cache,
+                                       "--pretrained_model_name_or_path", changed))
+    assert sum(encoded) == 3 * len(first)
+
+
+# ----------------------------------------------------------------------------------------------
+# SecMI-NN: separate train / validation / test splits
+# ----------------------------------------------------------------------------------------------
+
+def test_secmi_nn_scores_only_the_test_split_and_picks_its_epoch_on_validation(tiny_victim, tmp_path, monkeypatch):
+    import sklearn.metrics
+
+    validation_sizes, roc_auc_score = [], sklearn.metrics.roc_auc_score
+    monkeypatch.setattr(sklearn.metrics, "roc_auc_score",
+                        lambda y, s: validation_sizes.append(len(y)) or roc_auc_score(y, s))
+    flags = ["--t_sec", 20, "--k", 10, "--batch_size", 32, "--seed", 5]
+    plain, _ = run_attack(attack_secmi, common_argv(tiny_victim, tmp_path / "plain", *flags))
+    nn, _ = run_attack(attack_secmi, common_argv(tiny_victim, tmp_path / "nn", *flags, "--secmi_nn", "--nn_epochs", 3))
+    splits = attack_secmi.nn_splits(np.asarray(plain["is_member"]), 0.5, 0.1, seed=5)
+    assert sorted(map(len, splits.values())) == sorted([len(splits["train"]), len(splits["val"]), len(splits["test"])])
+    assert not set(splits["train"]) & set(splits["val"]) and not set(splits["test"]) & (
+        set(splits["train"]) | set(splits["val"]))
+    assert sorted(nn["id"]) == sorted(plain.select(splits["test"])["id"])
+    assert validation_sizes == [len(splits["val"])] * 3  # one validation AUC per epoch, never on the test rows
+    plain_by_id = dict(zip(plain["id"], plain["score"]))
+    assert [plain_by_id[i] for i in nn["id"]] == nn["score_t_error"]
+    info = json.loads(nn.info.description)
+    assert info["attack"] == "secmi_nn" and info["nn"]["test"] == len(nn)
+
+
+def test_secmi_nn_network_learns_error_maps_that_separate_members():
+    """On synthetic maps where members' errors are smaller, the test-split AUC of the network is high."""
+    from types import SimpleNamespace
+
+    generator = torch.Generator().manual_seed(0)
+    n, shape = 200, (4, 8, 8)
+    is_member = torch.arange(n) % 2 == 0
+    maps = torch.rand(n, *shape, generator=generator) * torch.where(is_member, 0.7, 1.0)[:, None, None, None]
+    dataset = datasets.Dataset.from_dict({
+        "id": [f"img-{i}" for i in range(n)], "domain": ["d"] * n, "is_member": is_member.tolist(),
+        "score": maps.flatten(1).pow(2).sum(1).double().tolist(), "error_map": list(maps.flatten(1).numpy())})
+    args = SimpleNamespace(nn_train_fraction=0.5, nn_val_fraction=0.1, nn_epochs=20, seed=0, batch_size=32)
+    test, record = attack_secmi.secmi_nn_scores(dataset, shape, args)
+    auc = scores_summary(test)["score"]
+    print(f"\nSecMI-NN on synthetic maps: test AUC {auc:.3f}, validation AUC {record['val_auc']:.3f}")
+    assert len(test) == record["test"] == 80 and auc > 0.9

@@ -133,7 +133,7 @@ def test_model_card_records_base_model_mix_pgd_budget_and_privacy(uninterrupted,
 def test_push_to_hub_uploads_the_output_without_checkpoints(uninterrupted, monkeypatch):
     import huggingface_hub
 
-    from mixsyn_utils.training import push_to_hub
+    from mixsyn_utils.model_card import push_to_hub
 
     calls = {}
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("repo", (repo_id, kw))
@@ -194,7 +194,7 @@ def test_hub_token_with_wandb_is_refused(argv, tmp_path):
 
 
 def test_data_order_depends_only_on_seed_and_epoch_and_processes_split_it():
-    from mixsyn_utils.training import EpochBatchSampler
+    from mixsyn_utils.training_data import EpochBatchSampler
 
     whole = EpochBatchSampler(10, 2, seed=3)
     whole.set_epoch(1)

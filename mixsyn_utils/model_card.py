@@ -1,0 +1,96 @@
+"""The fine-tuned model's README (base model, method, MixSyn mix, PGD budget, measured privacy) and the Hub upload.
+
+The Hub token is only handed to `huggingface_hub`; it never reaches a model card, a tracker or a log,
+and an upload error is reported with the token masked.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+
+from .data import InputError
+
+
+def read_privacy_report(path):
+    """evaluate.py's results.json (schema 1): its `privacy` blocks hold AUC/TPR and their bootstrap CIs."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"--privacy_report {path} is not a readable JSON file ({error})") from error
+    blocks = report.get("privacy") if isinstance(report, dict) else None
+    if not isinstance(blocks, dict) or not blocks or not all("auc" in block for block in blocks.values()):
+        raise InputError(f"--privacy_report {path} has no 'privacy' blocks with an AUC (expected evaluate.py's "
+                         "results.json)")
+    return report
+
+
+def privacy_lines(report):
+    """Model-card table of the measured membership-inference risk: value [95% CI] per metric."""
+    def with_ci(block, key):
+        value, interval = block.get(key), block.get(f"{key}_ci")
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    lines = ["## Measured membership-inference risk (evaluate.py)", "",
+             "| scores | attack | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@0.1%FPR [95% CI] | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, block in report["privacy"].items():
+        lines.append(f"| {name} | {block.get('attack', '')} | {with_ci(block, 'auc')} | "
+                     f"{with_ci(block, 'tpr_at_1pct_fpr')} | {with_ci(block, 'tpr_at_0.1pct_fpr')} | "
+                     f"{block.get('verdict', '')} |")
+    if report.get("blind_baseline"):
+        lines += ["", f"Blind baseline (never sees the model): AUC {with_ci(report['blind_baseline'], 'auc')}."]
+    return lines
+
+
+def model_card_text(args, method, mix_info, privacy_report=None):
+    """README.md of a fine-tuned model: base model, method, MixSyn mix, PGD budget, measured privacy."""
+    method_tag = re.sub(r"[^a-z0-9]+", "-", method.split(" (")[0].lower()).strip("-")
+    pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix_info["pgd"].items())) or "n/a (no perturbed set)"
+    lines = ["---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
+             f"tags: [stable-diffusion, text-to-image, diffusers, mixsyn, {method_tag}]",
+             "---", "", f"# MixSyn {method} fine-tune of {args.pretrained_model_name_or_path}", "",
+             f"- Method: {method}, {args.max_train_steps} steps, learning rate {args.learning_rate}, "
+             f"resolution {args.resolution}",
+             f"- Training data: {args.dataset_name or args.instance_data_dir}",
+             f"- MixSyn mixup: mode = {mix_info['mode']}, ratio = {mix_info['ratio']}, seed = {mix_info['seed']}, "
+             f"pattern = {mix_info['pattern']}",
+             f"- Perturbed set: {mix_info['perturbed_dataset'] or 'none'}; PGD budget: {pgd}", ""]
+    if privacy_report:
+        lines += privacy_lines(privacy_report)
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(args, method, mix_info, output_dir):
+    report = read_privacy_report(args.privacy_report) if args.privacy_report else None
+    (Path(output_dir) / "README.md").write_text(model_card_text(args, method, mix_info, report))
+
+
+def push_to_hub(args, output_dir):
+    """Upload `output_dir` (without checkpoints and logs) to `--hub_model_id`; a failure is one clear error."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = args.hub_model_id or Path(output_dir).name
+    try:
+        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
+                      commit_message="MixSyn fine-tune", ignore_patterns=["checkpoint-*", ".*", "logs/*", "step_*"])
+    except Exception as error:  # noqa: BLE001 - offline, auth and network errors all end the same way
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        reason = "HF_HUB_OFFLINE is set" if offline else (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if args.hub_token:
+            reason = reason.replace(args.hub_token, "***")
+        raise InputError(f"--push_to_hub to {repo_id} failed ({reason}); the trained model is saved in "
+                         f"{output_dir}") from None
+    return repo_id
+
+
+def finish_outputs(accelerator, args, method, mix_info):
+    """Main process: model card, then the optional Hub upload (after the trackers are closed)."""
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        write_model_card(args, method, mix_info, args.output_dir)
+        if args.push_to_hub:
+            push_to_hub(args, args.output_dir)
