@@ -39,6 +39,7 @@ def parse_args(input_args=None):
     parser.add_argument("--memory_rows", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--memory_image_size", type=int, default=64,
                         help="Side of the memory-test images: large enough that 10k rows in RAM would show.")
+    parser.add_argument("--memory_only", action="store_true", help="Skip the loop-overhead part.")
     parser.add_argument("--memory_child", type=str, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(input_args)
 
@@ -158,10 +159,6 @@ def main(args):
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     if args.memory_child:
         return memory_child(args.memory_child)
-    import train_dreambooth_mixsyn
-    import train_lora_mixsyn
-    import train_textual_inversion_mixsyn
-
     work_dir = Path(tempfile.mkdtemp(prefix="bench_training_"))
     victim_dir = args.victim_dir
     if victim_dir is None:
@@ -169,9 +166,19 @@ def main(args):
 
         victim_dir = work_dir / "victim"
         make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(victim_dir), *FAST_VICTIM_ARGS]))
+    if not args.memory_only:
+        loop_overhead(args, victim_dir, work_dir)
+    peak_memory(args, victim_dir, work_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def loop_overhead(args, victim_dir, work_dir):
+    import train_dreambooth_mixsyn
+    import train_lora_mixsyn
+    import train_textual_inversion_mixsyn
+
     dataset = make_dataset(work_dir / "data-200", 200)
     perturbed = make_dataset(work_dir / "data-200-perturbed", 200, eps=0.05)
-
     print(f"\n=== Loop overhead: {args.steps} updates, batch {args.train_batch_size}, fp32, CPU threads "
           f"{torch.get_num_threads()} ===")
     scripts = {"lora": train_lora_mixsyn, "dreambooth": train_dreambooth_mixsyn,
@@ -186,26 +193,30 @@ def main(args):
         print(f"{method:>18}: script {1 / script_s:7.2f} steps/s, bare loop {1 / bare_s:7.2f} steps/s, "
               f"ratio {bare_s / script_s:.2f} (target >= 0.9)")
 
-    print(f"\n=== Peak memory of a LoRA run vs dataset rows ({args.memory_image_size}-px images, mixed with a "
-          "perturbed copy) ===")
-    peaks = {}
-    for rows in args.memory_rows:
-        spec = json.dumps({"victim_dir": str(victim_dir), "output_dir": str(work_dir / f"mem-{rows}"),
-                           "dataset": str(make_dataset(work_dir / f"mem-data-{rows}", rows,
-                                                       image_size=args.memory_image_size)),
-                           "perturbed": str(make_dataset(work_dir / f"mem-pert-{rows}", rows, eps=0.05,
-                                                         image_size=args.memory_image_size))})
-        child = subprocess.run([sys.executable, __file__, "--memory_child", spec], capture_output=True, text=True)
-        if child.returncode != 0:
-            sys.exit(f"memory run on {rows} rows failed:\n{child.stderr[-3000:]}")
-        measured = json.loads(child.stdout.strip().splitlines()[-1])
-        peaks[rows] = measured["peak_rss_mib"]
-        print(f"{rows:>8} rows: peak RSS {peaks[rows]:8.1f} MiB; at the end anonymous "
-              f"{measured.get('end_RssAnon_mib', float('nan')):.1f} MiB, file-backed "
-              f"{measured.get('end_RssFile_mib', float('nan')):.1f} MiB")
-    shutil.rmtree(work_dir, ignore_errors=True)
-    rows = sorted(peaks)
-    print(f"ratio peak({rows[-1]}) / peak({rows[0]}) = {peaks[rows[-1]] / peaks[rows[0]]:.2f} (target ~1.0)")
+
+def peak_memory(args, victim_dir, work_dir):
+    print(f"\n=== Peak memory of a LoRA run vs dataset rows ({args.memory_image_size}-px images; clean, and mixed "
+          "with a perturbed copy at ratio 0.5) ===")
+    for setting in ("clean", "mixed"):
+        peaks = {}
+        for rows in args.memory_rows:
+            dataset = work_dir / f"mem-data-{rows}"
+            perturbed = work_dir / f"mem-pert-{rows}"
+            if not dataset.exists():
+                make_dataset(dataset, rows, image_size=args.memory_image_size)
+                make_dataset(perturbed, rows, eps=0.05, image_size=args.memory_image_size)
+            spec = json.dumps({"victim_dir": str(victim_dir), "output_dir": str(work_dir / f"mem-{setting}-{rows}"),
+                               "dataset": str(dataset), "perturbed": str(perturbed) if setting == "mixed" else None})
+            child = subprocess.run([sys.executable, __file__, "--memory_child", spec], capture_output=True, text=True)
+            if child.returncode != 0:
+                sys.exit(f"memory run on {rows} rows failed:\n{child.stderr[-3000:]}")
+            measured = json.loads(child.stdout.strip().splitlines()[-1])
+            peaks[rows] = measured["peak_rss_mib"]
+            print(f"{setting:>6} {rows:>7} rows: peak RSS {peaks[rows]:8.1f} MiB; at the end anonymous "
+                  f"{measured.get('end_RssAnon_mib', float('nan')):.1f} MiB, file-backed "
+                  f"{measured.get('end_RssFile_mib', float('nan')):.1f} MiB")
+        rows = sorted(peaks)
+        print(f"{setting:>6}: peak({rows[-1]}) / peak({rows[0]}) = {peaks[rows[-1]] / peaks[rows[0]]:.3f} (target ~1.0)")
 
 
 if __name__ == "__main__":

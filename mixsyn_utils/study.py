@@ -146,6 +146,8 @@ def plan_stages(config, output_dir):
         for attack, script in ATTACKS.items():
             stages.append(Stage(f"{attack}:{name}", script, dict(
                 stage_flags.get(attack, {}), **model_flags(name, spec, experiment, out), **data_flags,
+                # Most models share the pretrained VAE encoder: each image is encoded once for all of them.
+                latents_cache_dir=str(out / "latents_cache"),
                 output_dir=str(out / "scores" / f"{name}-{attack}"), overwrite=True),
                 str(out / "scores" / f"{name}-{attack}"), upstream))
         evaluate_flags = dict(stage_flags.get("evaluate", {}), **model_flags(name, spec, experiment, out),
