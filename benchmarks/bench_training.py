@@ -13,7 +13,6 @@
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -151,7 +150,9 @@ def memory_child(spec):
                                                   config["output_dir"], 20, 4))
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     end_kib = {key: int(status[key].split()[0]) for key in ("RssAnon", "RssFile") if key in status}
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child would report
+    # the parent's size at fork time (the parent holds the freshly built datasets) whenever that is larger.
+    print(json.dumps({"peak_rss_mib": int(status["VmHWM"].split()[0]) / 1024,
                       **{f"end_{key}_mib": value / 1024 for key, value in end_kib.items()}}))
 
 
