@@ -41,6 +41,9 @@ from .models import (
     tokenize_prompts,
 )
 
+# Bumped whenever image preprocessing or the latent encoding changes, so older cached z₀ are not reused.
+LATENT_CACHE_VERSION = 1
+
 # Flags that do not change a score: a resumed run may differ in these.
 _OUTPUT_FLAGS = ("output_dir", "overwrite", "push_to_hub", "hub_dataset_id", "hub_token", "latents_cache_dir")
 
@@ -243,12 +246,11 @@ class LatentCache:
     def __init__(self, cache_dir, vae, resolution, sample, seed):
         self.cache_dir = Path(cache_dir)
         # The device type too: a GPU's kernels give latents that differ from a CPU's in the last bits.
-        self.recipe = [vae_encoder_digest(vae), vae.device.type, int(resolution), bool(sample),
+        self.recipe = [LATENT_CACHE_VERSION, vae_encoder_digest(vae), vae.device.type, int(resolution), bool(sample),
                        int(seed) if sample else None]
-        self.hits = self.misses = 0
 
     def _path(self, rows, first_index):
-        sample = self.recipe[3]
+        sample = self.recipe[4]
         payload = json.dumps(self.recipe + [first_index if sample else None, [row["digest"] for row in rows]])
         return self.cache_dir / f"latents-{hashlib.sha256(payload.encode()).hexdigest()[:40]}.safetensors"
 
@@ -257,9 +259,7 @@ class LatentCache:
 
         path = self._path(rows, first_index)
         if not path.exists():
-            self.misses += 1
             return None
-        self.hits += 1
         return load_file(str(path))["latents"].to(device=device, dtype=dtype)
 
     def put(self, rows, first_index, latents):
@@ -294,8 +294,8 @@ def run_meta(args):
 def score_all(rows, components, args, accelerator, score_batch, progress_factory):
     """Score every row in global batches sharded over processes; returns the `PartialResults` and batch count.
 
-    `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch. Each finished batch
-    is saved at once, so a killed run resumes with the batches it has not finished.
+    `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
+    Each finished batch is saved at once, so a killed run resumes with the batches it has not finished.
     """
     from datasets import Dataset, Features, Sequence, Value
 

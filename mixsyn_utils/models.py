@@ -95,8 +95,6 @@ def placeholder_text(placeholder, num_vectors):
 
 def domain_name_pattern(domain):
     """The regex of a domain name as a whole word (not inside a longer word) in a caption."""
-    import re
-
     return re.compile(rf"(?<!\w){re.escape(domain)}(?!\w)")
 
 
