@@ -46,6 +46,7 @@ from mixsyn_utils.data import (InputError, PartialResults, atomic_replace_dir, c
                                save_dataset, shard_units, temp_sibling)
 from mixsyn_utils.metrics import (blind_baseline_auc, blind_features, bootstrap_ci, calibrated_attack,
                                   extraction_metrics, paired_bootstrap_deltas, roc_metrics)
+from mixsyn_utils.models import add_pretrained_model_args
 from mixsyn_utils.utility import utility_metrics
 
 METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy")
@@ -68,9 +69,7 @@ def parse_args(input_args=None):
     parser.add_argument("--generate", action="store_true", help="Sample images from the model below (seeded).")
     parser.add_argument("--generations", type=str, default=None,
                         help="Instead of --generate: a generations dataset (image, prompt, domain).")
-    parser.add_argument("--pretrained_model_name_or_path", type=str, default=None, help="Model to sample (as attacks).")
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
-    parser.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    add_pretrained_model_args(parser, required=False, help="Model to sample (as the attacks load it).")
     parser.add_argument("--unet_path", type=str, default=None, help="Fine-tuned UNet folder.")
     parser.add_argument("--lora_weights", type=str, default=None, help="LoRA weights folder or file.")
     parser.add_argument("--textual_inversion", type=str, default=None, help="Folder with token_map.json.")

@@ -34,16 +34,14 @@ from mixsyn_utils import (
     shard_units,
     with_provenance,
 )
+from mixsyn_utils.models import add_pretrained_model_args
 
 logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Self-synthesize images per private domain (MixSyn step 1).")
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                        help="Pipeline folder or Hub id, e.g. CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
-    parser.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    add_pretrained_model_args(parser)
     parser.add_argument("--domains_file", type=str, default=None,
                         help="A .json ({'domains': [...], 'templates': [...]}) or .txt (one name per line) file.")
     parser.add_argument("--domain", action="append", default=None, help="A domain name; repeat for several.")

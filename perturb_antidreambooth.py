@@ -43,17 +43,14 @@ from mixsyn_utils.data import (
     with_provenance,
 )
 from mixsyn_utils.dreambooth import ensure_class_images
-from mixsyn_utils.models import load_components, native_resolution, tokenize_prompts
+from mixsyn_utils.models import add_pretrained_model_args, load_components, native_resolution, tokenize_prompts
 
 logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Anti-DreamBooth (ASPL / FSMG) perturbation of a dataset.")
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                        help="Surrogate's starting point: CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
-    parser.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    add_pretrained_model_args(parser, help="Surrogate's starting point: CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
     parser.add_argument("--dataset_name", type=str, required=True,
                         help="Clean images: a save_to_disk folder, an imagefolder directory or a Hub dataset id.")
     parser.add_argument("--dataset_split", type=str, default="train", help="Split to read from a DatasetDict.")

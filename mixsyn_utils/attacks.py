@@ -32,6 +32,7 @@ from .data import (
 )
 from .metrics import roc_metrics
 from .models import (
+    add_pretrained_model_args,
     components_from_pipeline,
     encode_prompts,
     load_model_variant,
@@ -51,10 +52,7 @@ _OUTPUT_FLAGS = ("output_dir", "overwrite", "push_to_hub", "hub_dataset_id", "hu
 def add_common_args(parser):
     """Model, data and output flags shared by `attack_secmi.py` and `attack_pia.py`."""
     model = parser.add_argument_group("model (the pretrained pipeline plus an optional fine-tuned variant)")
-    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Pipeline folder or Hub id, e.g. CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
-    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model.")
-    model.add_argument("--variant", type=str, default=None, help="Weights variant, e.g. fp16.")
+    add_pretrained_model_args(model)
     model.add_argument("--unet_path", type=str, default=None,
                        help="Fine-tuned UNet folder (checkpoint-N/unet or a pipeline folder) replacing the pretrained one.")
     model.add_argument("--lora_weights", type=str, default=None,

@@ -6,6 +6,18 @@ from types import SimpleNamespace
 from .data import InputError
 
 
+def add_pretrained_model_args(parser, required=True,
+                              help="Pipeline folder or Hub id, e.g. CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline."):
+    """Add the diffusers examples' model flags to `parser` (or a group): what `load_components` reads.
+
+    --pretrained_model_name_or_path, --revision (a Hub revision) and --variant (a weights variant, e.g. fp16).
+    """
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=required, default=None, help=help)
+    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    parser.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
+    return parser
+
+
 def load_components(pretrained_model_name_or_path, revision=None, variant=None):
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of an SD-1.x pipeline folder or Hub id.
 

@@ -26,6 +26,7 @@ import torch
 
 from .data import InputError, check_resolution
 from .model_card import read_privacy_report
+from .models import add_pretrained_model_args
 
 TRAINING_STATE_FILE = "training_state.json"
 
@@ -37,10 +38,7 @@ TRAINING_STATE_FILE = "training_state.json"
 def add_common_args(parser):
     """Add every flag the three scripts share to `parser` (an `argparse.ArgumentParser`)."""
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="Pipeline folder or Hub id, e.g. CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
-    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
-    model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
+    add_pretrained_model_args(model)
 
     data = parser.add_argument_group("data (a dataset with one caption per image, or upstream's instance folder)")
     data.add_argument("--dataset_name", type=str, default=None,
