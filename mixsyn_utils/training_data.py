@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import InputError, load_image_dataset, read_provenance, save_dataset
+from .data import InputError, load_image_dataset, pil_to_tensor, read_provenance, resize_and_crop, save_dataset
 
 
 def load_instance_folder(instance_data_dir, instance_prompt, instance_domain=""):
@@ -81,21 +81,10 @@ def training_pixel_values(image, resolution, center_crop, random_flip, rng):
     """
     from PIL import Image
 
-    image = image.convert("RGB")
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != (width, height):
-        image = image.resize(size, resample=Image.BICUBIC)
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = int(rng.integers(0, size[0] - resolution + 1)), int(rng.integers(0, size[1] - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = resize_and_crop(image, resolution, center_crop, rng=rng)
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return pil_to_tensor(image)
 
 
 class TrainingImages(torch.utils.data.Dataset):
