@@ -22,11 +22,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from tqdm.auto import tqdm
 
-from mixsyn_utils.attacks import (
-    add_common_args,
-    check_common_args,
+# Shared with the other attack scripts (mixsyn_utils/):
+from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, output
+    attack_resolution,
     check_timestep,
     load_attack_data,
     load_attack_model,
@@ -34,15 +33,18 @@ from mixsyn_utils.attacks import (
     score_all,
     write_scores,
 )
-from mixsyn_utils.data import InputError, check_output_dir, run_cli
-from mixsyn_utils.diffusion import alphas_cumprod, secmi_t_error
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.diffusion import alphas_cumprod, secmi_t_error  # the t-error (equations in its docstring)
+from mixsyn_utils.flags import add_attack_args, check_attack_args, require_positive  # flags of every attack
+from mixsyn_utils.models import vae_scale_factor, weight_dtype_of  # latent size; --mixed_precision -> dtype
+from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
 
 logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="SecMI (t-error) membership inference on a diffusion model.")
-    add_common_args(parser)
+    add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--t_sec", type=int, default=100,
                         help="Timestep of the t-error, in (0, T) and a multiple of --k. The paper uses 100 with "
@@ -57,9 +59,8 @@ def parse_args(input_args=None):
                         help="--secmi_nn: fraction used to pick the epoch (never the scored test split).")
     attack.add_argument("--nn_epochs", type=int, default=30, help="--secmi_nn: training epochs.")
     args = parser.parse_args(input_args)
-    check_common_args(args)
-    if args.k <= 0:
-        raise InputError(f"--k must be positive, got {args.k}")
+    check_attack_args(args)
+    require_positive(args, "k", "nn_epochs")
     if args.t_sec <= 0:
         raise InputError(f"--t_sec must be in (0, T), got {args.t_sec}")
     if args.t_sec % args.k != 0:
@@ -68,16 +69,7 @@ def parse_args(input_args=None):
         fractions = (args.nn_train_fraction, args.nn_val_fraction)
         if min(fractions) <= 0 or sum(fractions) >= 1:
             raise InputError(f"--nn_train_fraction and --nn_val_fraction must be > 0 and sum below 1, got {fractions}")
-        if args.nn_epochs <= 0:
-            raise InputError(f"--nn_epochs must be positive, got {args.nn_epochs}")
     return args
-
-
-def latents_hw(components, resolution):
-    from mixsyn_utils.models import vae_scale_factor
-
-    side = resolution // vae_scale_factor(components.vae)
-    return side, side
 
 
 def nn_splits(is_member, train_fraction, val_fraction, seed):
@@ -143,11 +135,10 @@ def main(args):
     check_output_dir(args.output_dir, args.overwrite)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
     check_timestep(args.t_sec, num_train_timesteps(args), "--t_sec")
     rows = load_attack_data(args)
-    components = load_attack_model(args, accelerator.device, weight_dtype)
+    components = load_attack_model(args, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+    resolution = attack_resolution(args, components)
     alpha_bar = alphas_cumprod(components.noise_scheduler)
 
     def score_batch(latents, context):
@@ -161,18 +152,17 @@ def main(args):
     logger.info("***** Running SecMI *****")
     logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), t_sec = {args.t_sec}, "
                 f"k = {args.k}, UNet calls per image = {calls_per_image}")
-    logger.info(f"  Resolution = {args.resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    progress = lambda **kwargs: tqdm(desc="secmi", disable=not accelerator.is_local_main_process, **kwargs)  # noqa: E731
-    partial, num_batches = score_all(rows, components, args, accelerator, score_batch, progress)
+    logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
+    dataset, work = score_all(rows, components, args, resolution, accelerator, score_batch, desc="secmi")
 
     if accelerator.is_main_process:
-        dataset = partial.load(range(num_batches))
-        extra = {"t_sec": args.t_sec, "k": args.k, "unet_calls_per_image": calls_per_image}
+        extra = {"t_sec": args.t_sec, "k": args.k, "unet_calls_per_image": calls_per_image, "resolution": resolution}
         if args.secmi_nn:
-            latent_shape = (components.unet.config.in_channels, *latents_hw(components, args.resolution))
+            latent_side = resolution // vae_scale_factor(components.vae)
+            latent_shape = (components.unet.config.in_channels, latent_side, latent_side)
             dataset, extra["nn"] = secmi_nn_scores(dataset, latent_shape, args)
         dataset = write_scores(dataset, "attack_secmi.py", "secmi_nn" if args.secmi_nn else "secmi", args, extra=extra)
-        partial.cleanup()
+        work.cleanup()
         logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

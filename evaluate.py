@@ -40,14 +40,25 @@ from pathlib import Path
 
 import numpy as np
 
-from mixsyn_utils.brisque import is_installed as brisque_is_installed
-from mixsyn_utils.data import (InputError, PartialResults, atomic_replace_dir, check_output_dir, derive_seed,
-                               load_domains, load_image_dataset, read_provenance, run_cli,
-                               save_dataset, shard_units, temp_sibling)
-from mixsyn_utils.metrics import (blind_baseline_auc, blind_features, bootstrap_ci, calibrated_attack,
-                                  extraction_metrics, paired_bootstrap_deltas, roc_metrics)
-from mixsyn_utils.models import add_pretrained_model_args
-from mixsyn_utils.utility import utility_metrics
+# Shared with the other scripts (mixsyn_utils/):
+from mixsyn_utils.brisque import is_installed as brisque_is_installed  # offline BRISQUE weights present?
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.dataset_io import load_image_dataset, read_provenance, save_dataset  # datasets in and out
+from mixsyn_utils.domains import load_domains  # domains and prompt templates to sample
+from mixsyn_utils.flags import add_model_variant_args, add_pretrained_model_args, require_positive  # shared flags
+from mixsyn_utils.metrics import (  # MIA metrics with CIs, calibrated attack, blind baseline, extraction
+    blind_baseline_auc,
+    blind_features,
+    bootstrap_ci,
+    calibrated_attack,
+    extraction_metrics,
+    paired_bootstrap_deltas,
+    roc_metrics,
+)
+from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
+from mixsyn_utils.resumable import ResumableWork, run_signature  # sampling batches saved as they finish
+from mixsyn_utils.seeds import SALT_GENERATION, derive_seed  # generation i's seed, independent of batch and process
+from mixsyn_utils.utility import utility_metrics  # R-precision and BRISQUE
 
 METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy")
 
@@ -70,9 +81,7 @@ def parse_args(input_args=None):
     parser.add_argument("--generations", type=str, default=None,
                         help="Instead of --generate: a generations dataset (image, prompt, domain).")
     add_pretrained_model_args(parser, required=False, help="Model to sample (as the attacks load it).")
-    parser.add_argument("--unet_path", type=str, default=None, help="Fine-tuned UNet folder.")
-    parser.add_argument("--lora_weights", type=str, default=None, help="LoRA weights folder or file.")
-    parser.add_argument("--textual_inversion", type=str, default=None, help="Folder with token_map.json.")
+    add_model_variant_args(parser)
     parser.add_argument("--domains_file", type=str, default=None, help="Domains and prompt templates (.json/.txt).")
     parser.add_argument("--num_images_per_prompt", type=int, default=4, help="Utility images per domain prompt.")
     parser.add_argument("--num_extraction_samples", type=int, default=0,
@@ -97,10 +106,7 @@ def parse_args(input_args=None):
 
     if not args.scores and not (args.generate or args.generations):
         raise InputError("nothing to evaluate: pass --scores and/or --generate / --generations")
-    for flag, value in (("--bootstrap", args.bootstrap), ("--num_images_per_prompt", args.num_images_per_prompt),
-                        ("--sample_batch_size", args.sample_batch_size), ("--extraction_tiles", args.extraction_tiles)):
-        if value <= 0:
-            raise InputError(f"{flag} must be positive, got {value}")
+    require_positive(args, "bootstrap", "num_images_per_prompt", "sample_batch_size", "extraction_tiles")
     if not 0 < args.target_fpr < 1:
         raise InputError(f"--target_fpr must be in (0, 1), got {args.target_fpr}")
     if args.reference_scores is not None and len(args.reference_scores) != len(args.scores):
@@ -203,43 +209,41 @@ def blind_baseline(args, members, nonmembers, all_scores):
 
 
 def generate_images(args, num_per_prompt):
-    """num_per_prompt images for every (domain, template), seeded per image; batches resumable and sharded."""
+    """num_per_prompt images for every (domain, template), seeded per image; batches resumable and sharded.
+
+    Returns (generations on the main process / None elsewhere, the `ResumableWork` to clean up once saved).
+    """
     import torch
     from accelerate import Accelerator
     from datasets import Dataset, Features, Image as ImageFeature, Value
 
-    from mixsyn_utils.models import load_model_variant, load_token_map, rewrite_caption
+    from mixsyn_utils.models import load_model_variant
+    from mixsyn_utils.placeholders import load_token_map, rewrite_caption
 
     domain_names, templates = load_domains(args.domains_file)
     token_map = load_token_map(args.textual_inversion) if args.textual_inversion else {}
     plan = [{"id": f"gen-{d}-{t}-{i:05d}", "domain": name, "prompt": template.format(name), "sample_index": i,
-             "seed": derive_seed(args.seed, d, t, i, 11)}
+             "seed": derive_seed(args.seed, d, t, i, SALT_GENERATION)}
             for d, name in enumerate(domain_names) for t, (template, _) in enumerate(templates)
             for i in range(num_per_prompt)]
     batches = [plan[start:start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
-    accelerator, partial = Accelerator(), PartialResults(args.output_dir)
-    if accelerator.is_main_process:
-        partial.write_meta({"model": [args.pretrained_model_name_or_path, args.unet_path, args.lora_weights,
-                                      args.textual_inversion], "num_per_prompt": num_per_prompt, "seed": args.seed,
-                            "steps": args.num_inference_steps, "guidance": args.guidance_scale,
-                            "batch": args.sample_batch_size})
-    accelerator.wait_for_everyone()
+    accelerator = Accelerator()
+    signature = run_signature(args, inputs={"domains": [domain_names, [list(pair) for pair in templates]]})
+    work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
     pipeline = load_model_variant(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
                                   args.lora_weights, args.textual_inversion).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     features = Features({"id": Value("string"), "image": ImageFeature(), "prompt": Value("string"),
                          "domain": Value("string"), "sample_index": Value("int32"), "seed": Value("int64")})
-    for unit in shard_units(range(len(batches)), accelerator.process_index, accelerator.num_processes):
-        if partial.is_done(unit):
-            continue
+
+    def generate_unit(unit):
         rows = batches[unit]
         images = pipeline([rewrite_caption(row["prompt"], row["domain"], token_map, for_pipeline=True) for row in rows],
                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                           generator=[torch.Generator().manual_seed(row["seed"]) for row in rows]).images
-        partial.save(unit, Dataset.from_list([dict(row, image=image) for row, image in zip(rows, images)],
-                                             features=features))
-    accelerator.wait_for_everyone()
-    return partial, len(batches), accelerator.is_main_process
+        return Dataset.from_list([dict(row, image=image) for row, image in zip(rows, images)], features=features)
+
+    return work.run(len(batches), generate_unit, desc="Generating"), work
 
 
 def plot_roc(all_scores, path):
@@ -340,13 +344,11 @@ def main(args):
                                for path in (args.member_dataset, args.nonmember_dataset))
 
     # Sampling is the only heavy step: it alone is sharded over processes; everything else is main-process work.
-    generations, partial = None, None
+    generations, work = None, None
     if args.generate:
-        partial, num_batches, is_main = generate_images(args, max(args.num_images_per_prompt,
-                                                                  args.num_extraction_samples))
-        if not is_main:
+        generations, work = generate_images(args, max(args.num_images_per_prompt, args.num_extraction_samples))
+        if generations is None:  # not the main process
             return None
-        generations = partial.load(range(num_batches))
     elif args.generations:
         generations = load_image_dataset(args.generations, required_columns=("image", "prompt", "domain"))
 
@@ -381,8 +383,8 @@ def main(args):
     finally:
         if work_dir.exists():
             shutil.rmtree(work_dir, ignore_errors=True)
-    if partial is not None:
-        partial.cleanup()
+    if work is not None:
+        work.cleanup()
     print(render_markdown(results))
     return results
 

@@ -29,26 +29,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Shared with the other scripts (mixsyn_utils/):
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.dataset_io import load_image_dataset  # the saved member / non-member sets
 # Pretraining captions use the paper's templates too, so self-synthesis prompts come from the same
 # distribution as the victim's own training captions.
-from mixsyn_utils import (
-    PAPER_PROMPT_TEMPLATES,
-    InputError,
-    atomic_replace_dir,
-    blind_baseline_auc,
-    blind_features,
-    check_output_dir,
-    derive_seed,
-    draw_prompt,
+from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES, draw_prompt
+from mixsyn_utils.diffusion import alphas_cumprod, loss_attack_scores, q_sample  # ᾱ_t, the loss attack, noising
+from mixsyn_utils.images import image_to_tensor  # the shared preprocessing
+from mixsyn_utils.metrics import blind_baseline_auc, blind_features, roc_metrics  # the membership figures
+from mixsyn_utils.models import (  # SD components, z₀ and prompt encoding
     encode_images_to_latents,
     encode_prompts,
-    naive_loss_scores,
-    roc_metrics,
-    run_cli,
-    temp_sibling,
+    load_components,
+    native_resolution,
     tokenize_prompts,
 )
-from mixsyn_utils.utility import train_domain_classifier
+from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
+from mixsyn_utils.seeds import derive_seed  # the build's random streams
+from mixsyn_utils.utility import train_domain_classifier  # the offline R-precision scorer
 
 DOMAIN_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RESOLUTION = 16
@@ -228,12 +227,13 @@ def pretrain_unet(unet, latents, text_embeddings, empty_embedding, noise_schedul
     ema_unet = copy.deepcopy(unet).requires_grad_(False)
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 2))
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    alpha_bar = alphas_cumprod(noise_scheduler)
     unet.train()
     for step in range(args.unet_steps):
         rows = torch.randint(len(latents), (args.train_batch_size,), generator=generator)
         noise = torch.randn(latents[rows].shape, generator=generator)
         timesteps = torch.randint(0, num_timesteps, (len(rows),), generator=generator)
-        noisy_latents = noise_scheduler.add_noise(latents[rows], noise, timesteps)
+        noisy_latents = q_sample(latents[rows], noise, timesteps, alpha_bar)
         # Caption dropout, as in SD's training: the empty prompt's embedding is what classifier-free guidance
         # subtracts at sampling time, so the model must have seen it.
         drop = torch.rand(len(rows), generator=generator) < args.caption_dropout
@@ -312,19 +312,32 @@ def build_tiny_victim(args):
     return figures
 
 
-def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50, 100, 200, 300)):
-    """Loss-threshold attack AUC of −(mean denoising MSE) per attack seed, and the model-free blind baseline."""
-    from mixsyn_utils import load_components, load_image_dataset
+@torch.no_grad()
+def loss_attack_member_scores(components, dataset, timesteps, seed, batch_size=64):
+    """Per image −L(x) of `diffusion.loss_attack_scores` averaged over `timesteps` (higher = more member-like)."""
+    alpha_bar = alphas_cumprod(components.noise_scheduler)
+    resolution = native_resolution(components.unet, components.vae)
+    scores = []
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        pixel_values = torch.stack([image_to_tensor(image, resolution) for image in rows["image"]])
+        latents = encode_images_to_latents(components.vae, pixel_values)
+        context = encode_prompts(components.text_encoder, tokenize_prompts(components.tokenizer, rows["prompt"]))
+        by_timestep = loss_attack_scores(components.unet, latents, context, alpha_bar, timesteps, seed=seed)
+        scores.append(-torch.stack([by_timestep[t] for t in timesteps]).mean(0))
+    return torch.cat(scores).numpy()
 
+
+def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50, 100, 200, 300)):
+    """Loss-attack AUC per attack seed (members expected to have the lower loss), and the model-free blind baseline."""
     components = load_components(str(Path(victim_dir) / "pipeline"))
     members = load_image_dataset(str(Path(victim_dir) / "members"), required_columns=("image", "prompt"))
     nonmembers = load_image_dataset(str(Path(victim_dir) / "nonmembers"), required_columns=("image", "prompt"))
     results = {}
     for attack_seed in attack_seeds:
-        member_scores = naive_loss_scores(components, members, timesteps, seed=attack_seed)
-        nonmember_scores = naive_loss_scores(components, nonmembers, timesteps, seed=attack_seed)
-        # Members are expected to have the smaller loss: score = −loss so that higher means "member".
-        results[f"loss_attack_auc_seed{attack_seed}"] = roc_metrics(-member_scores, -nonmember_scores)["auc"]
+        member_scores = loss_attack_member_scores(components, members, timesteps, attack_seed)
+        nonmember_scores = loss_attack_member_scores(components, nonmembers, timesteps, attack_seed)
+        results[f"loss_attack_auc_seed{attack_seed}"] = roc_metrics(member_scores, nonmember_scores)["auc"]
     features = blind_features(list(members["image"]) + list(nonmembers["image"]),
                               list(members["prompt"]) + list(nonmembers["prompt"]))
     blind = blind_baseline_auc(features, [True] * len(members) + [False] * len(nonmembers))

@@ -25,25 +25,37 @@ import logging
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from tqdm.auto import tqdm
 
-from mixsyn_utils.adversarial import aspl_perturb_group, fsmg_perturb_group, perturbation_norms, quantize_within_budget
-from mixsyn_utils.data import (
-    InputError,
-    PartialResults,
-    check_output_dir,
-    check_resolution,
+# Shared with the other scripts (mixsyn_utils/):
+from mixsyn_utils.adversarial import (  # ASPL / FSMG for one group, the budget-respecting uint8 rounding
+    aspl_perturb_group,
+    fsmg_perturb_group,
+    perturbation_norms,
+    quantize_within_budget,
+)
+from mixsyn_utils.class_images import ensure_class_images  # prior-preservation images, generated once and cached
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.dataset_io import (  # datasets in and out, with provenance
     dataset_provenance,
-    derive_seed,
-    image_to_tensor,
     load_image_dataset,
-    run_cli,
     save_dataset,
-    shard_units,
     with_provenance,
 )
-from mixsyn_utils.dreambooth import ensure_class_images
-from mixsyn_utils.models import add_pretrained_model_args, load_components, native_resolution, tokenize_prompts
+from mixsyn_utils.flags import (  # flag groups shared with the other scripts
+    add_dataset_output_args,
+    add_mixed_precision_arg,
+    add_pretrained_model_args,
+    add_prior_preservation_args,
+    add_resolution_arg,
+    check_prior_preservation_args,
+    class_data_dir_of,
+    require_positive,
+)
+from mixsyn_utils.images import check_resolution, image_to_tensor  # the shared preprocessing
+from mixsyn_utils.models import load_components, native_resolution, tokenize_prompts, weight_dtype_of
+from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.resumable import ResumableWork, run_signature  # groups saved as they finish; a killed run resumes
+from mixsyn_utils.seeds import derive_seed  # group g's generator, independent of process
 
 logger = get_logger(__name__)
 
@@ -80,50 +92,26 @@ def parse_args(input_args=None):
                              "use 5e-4: measured on its clean images, 3 surrogate steps lower the denoising loss by "
                              "8%% at 5e-4 and by 0.01%% at 5e-7 (30 steps: 34%% vs 0.1%%), i.e. 5e-7 leaves it frozen.")
     parser.add_argument("--train_text_encoder", action="store_true", help="Also train the surrogate's text encoder.")
-    parser.add_argument("--with_prior_preservation", action="store_true",
-                        help="DreamBooth prior-preservation loss with class images from the base model (Ruiz et al.).")
-    parser.add_argument("--class_prompt", type=str, default=None,
-                        help="Prompt of the class images, e.g. 'a photo of person'.")
-    parser.add_argument("--class_data_dir", type=str, default=None,
-                        help="Cache of the class images (a saved dataset); default <output_dir>.class_images.")
-    parser.add_argument("--num_class_images", type=int, default=200, help="Class images generated once and cached.")
-    parser.add_argument("--prior_loss_weight", type=float, default=1.0, help="λ of the prior-preservation loss.")
-    parser.add_argument("--class_num_inference_steps", type=int, default=50, help="Sampler steps for class images.")
-    parser.add_argument("--sample_batch_size", type=int, default=4, help="Class images per pipeline call.")
-    parser.add_argument("--resolution", type=int, default=None,
-                        help="Working and output size (multiple of 8); default: the model's native resolution.")
+    add_prior_preservation_args(parser)
+    add_resolution_arg(parser)
     parser.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
                         help="Center-crop non-square images after resizing (--no-center_crop: top-left). Keep the "
                              "default: `mix_datasets` center-crops the clean images, so the crops line up.")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                        help="Autocast dtype of the frozen VAE and forward passes; default: the accelerate config.")
+    add_mixed_precision_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="Base seed; group g uses a seed derived from it and g.")
-    parser.add_argument("--output_dir", type=str, required=True, help="Where the perturbed dataset is saved.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
-    parser.add_argument("--push_to_hub", action="store_true", help="Also push the dataset to the Hub (private).")
-    parser.add_argument("--hub_dataset_id", type=str, default=None, help="Hub dataset repo id for --push_to_hub.")
-    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
+    add_dataset_output_args(parser)
     args = parser.parse_args(input_args)
 
     if args.pgd_eps <= 0:
         raise InputError(f"--pgd_eps must be > 0, got {args.pgd_eps}")
     if not 0 < args.pgd_alpha <= args.pgd_eps:
         raise InputError(f"--pgd_alpha must be in (0, --pgd_eps={args.pgd_eps}], got {args.pgd_alpha}")
-    for flag in ("max_train_steps", "max_adv_train_steps", "pgd_batch_size", "sample_batch_size",
-                 "class_num_inference_steps"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    require_positive(args, "max_train_steps", "max_adv_train_steps", "pgd_batch_size", "learning_rate")
     for flag in ("max_f_train_steps", "fsmg_train_steps"):
         if getattr(args, flag) < 0:
             raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if args.learning_rate <= 0:
-        raise InputError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if args.with_prior_preservation and not args.class_prompt:
-        raise InputError("--class_prompt is required with --with_prior_preservation")
-    if args.with_prior_preservation and args.num_class_images <= 0:
-        raise InputError(f"--num_class_images must be positive, got {args.num_class_images}")
+    check_prior_preservation_args(args)
     check_resolution(args.resolution)
-    args.class_data_dir = args.class_data_dir or f"{args.output_dir.rstrip('/')}.class_images"
     return args
 
 
@@ -137,24 +125,24 @@ def plan_groups(dataset, group_by):
     return [(name, [i for i, value in enumerate(values) if value == name]) for name in sorted(set(values))]
 
 
-def class_image_tensors(components, args, accelerator):
+def class_image_tensors(components, args, resolution, accelerator):
     """Pixels and token ids of the cached prior-preservation class images (None, None without prior)."""
     if not args.with_prior_preservation:
         return None, None
     class_images = ensure_class_images(
-        args.pretrained_model_name_or_path, args.class_prompt, args.num_class_images, args.class_data_dir,
-        revision=args.revision, variant=args.variant, resolution=args.resolution,
+        args.pretrained_model_name_or_path, args.class_prompt, args.num_class_images, class_data_dir_of(args),
+        revision=args.revision, variant=args.variant, resolution=resolution,
         sample_batch_size=args.sample_batch_size, num_inference_steps=args.class_num_inference_steps,
         seed=args.seed, accelerator=accelerator)
-    pixels = torch.stack([image_to_tensor(image, args.resolution, args.center_crop) for image in class_images["image"]])
+    pixels = torch.stack([image_to_tensor(image, resolution, args.center_crop) for image in class_images["image"]])
     return pixels.to(accelerator.device), tokenize_prompts(components.tokenizer, class_images["prompt"])
 
 
-def perturb_group(components, rows, group_index, class_pixels, class_ids, args, accelerator):
+def perturb_group(components, rows, group_index, class_pixels, class_ids, args, resolution, accelerator):
     """The group's saved rows: input columns, the budget-respecting perturbed image, `linf` and `l2` of δ."""
     from PIL import Image
 
-    clean_pixels = torch.stack([image_to_tensor(image, args.resolution, args.center_crop)
+    clean_pixels = torch.stack([image_to_tensor(image, resolution, args.center_crop)
                                 for image in rows[args.image_column]])
     clean_uint8 = torch.round((clean_pixels + 1.0) * 127.5).to(torch.uint8)  # exact: the tensor came from uint8
     input_ids = tokenize_prompts(components.tokenizer, rows[args.caption_column])
@@ -179,52 +167,36 @@ def main(args):
     dataset = load_image_dataset(args.dataset_name, args.dataset_split,
                                  required_columns=("id", args.image_column, args.caption_column, args.group_by))
     groups = plan_groups(dataset, args.group_by)
+    work = ResumableWork(args.output_dir, run_signature(args), accelerator, discard_other_settings=args.overwrite)
 
     components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
-    args.resolution = args.resolution or native_resolution(components.unet, components.vae)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    resolution = args.resolution or native_resolution(components.unet, components.vae)
     for module in (components.vae, components.unet, components.text_encoder):
         module.requires_grad_(False)
-    components.vae.to(accelerator.device, dtype=weight_dtype).eval()  # frozen: gradients only reach the pixels
+    # Frozen: gradients only reach the pixels.
+    components.vae.to(accelerator.device, dtype=weight_dtype_of(accelerator.mixed_precision)).eval()
     components.unet.to(accelerator.device)
     components.text_encoder.to(accelerator.device)
+    class_pixels, class_ids = class_image_tensors(components, args, resolution, accelerator)
 
-    partial = PartialResults(args.output_dir)
-    meta_keys = ("pretrained_model_name_or_path", "revision", "variant", "dataset_name", "dataset_split",
-                 "image_column", "caption_column", "group_by", "method", "max_train_steps", "max_f_train_steps",
-                 "max_adv_train_steps", "fsmg_train_steps", "pgd_eps", "pgd_alpha", "pgd_batch_size", "learning_rate",
-                 "train_text_encoder", "with_prior_preservation", "class_prompt", "num_class_images",
-                 "prior_loss_weight", "resolution", "center_crop", "mixed_precision", "seed")
-    if accelerator.is_main_process:
-        partial.write_meta({key: getattr(args, key) for key in meta_keys})
-    accelerator.wait_for_everyone()
-    class_pixels, class_ids = class_image_tensors(components, args, accelerator)
+    def perturb_unit(group_index):
+        name, row_indices = groups[group_index]
+        saved = perturb_group(components, dataset.select(row_indices)[:], group_index, class_pixels, class_ids, args,
+                              resolution, accelerator)
+        saved["_row"] = row_indices  # restores the input order when the groups are assembled
+        return datasets.Dataset.from_dict(saved)
 
-    my_groups = shard_units(range(len(groups)), accelerator.process_index, accelerator.num_processes)
-    todo = [g for g in my_groups if not partial.is_done(g)]
     logger.info("***** Running Anti-DreamBooth perturbation *****")
     logger.info(f"  Method = {args.method}, images = {len(dataset)}, groups ({args.group_by}) = {len(groups)}")
-    logger.info(f"  pgd_eps = {args.pgd_eps}, pgd_alpha = {args.pgd_alpha}, resolution = {args.resolution}")
-    logger.info(f"  Groups on this process = {len(my_groups)} ({len(my_groups) - len(todo)} already done)")
-    progress = tqdm(total=len(my_groups), initial=len(my_groups) - len(todo), desc="Groups",
-                    disable=not accelerator.is_local_main_process)
-    for group_index in todo:
-        name, row_indices = groups[group_index]
-        rows = dataset.select(row_indices)[:]
-        saved = perturb_group(components, rows, group_index, class_pixels, class_ids, args, accelerator)
-        saved["_row"] = row_indices  # restores the input order when the groups are assembled
-        partial.save(group_index, datasets.Dataset.from_dict(saved))
-        progress.set_postfix(group=name, linf=max(saved["linf"]))
-        progress.update(1)
-    progress.close()
-    accelerator.wait_for_everyone()
+    logger.info(f"  pgd_eps = {args.pgd_eps}, pgd_alpha = {args.pgd_alpha}, resolution = {resolution}")
+    perturbed = work.run(len(groups), perturb_unit, desc="Groups")
 
     if accelerator.is_main_process:
-        perturbed = partial.load(range(len(groups))).sort("_row").remove_columns("_row")
-        perturbed = perturbed.cast_column(args.image_column, datasets.Image())
-        with_provenance(perturbed, dataset_provenance("perturb_antidreambooth.py", args))
-        save_dataset(perturbed, args.output_dir, args.push_to_hub, args.hub_dataset_id, hub_token=args.hub_token)
-        partial.cleanup()
+        perturbed = perturbed.sort("_row").remove_columns("_row").cast_column(args.image_column, datasets.Image())
+        provenance = dataset_provenance("perturb_antidreambooth.py", args, extra={"resolution": resolution})
+        save_dataset(with_provenance(perturbed, provenance), args.output_dir, args.push_to_hub, args.hub_dataset_id,
+                     hub_token=args.hub_token)
+        work.cleanup()
         logger.info(f"Saved {len(perturbed)} perturbed images to {args.output_dir} "
                     f"(max ‖δ‖∞ = {max(perturbed['linf']):.4f} ≤ η = {args.pgd_eps})")
     accelerator.wait_for_everyone()

@@ -18,10 +18,10 @@ import shutil
 import time
 from pathlib import Path
 
-from mixsyn_utils.data import InputError, run_cli
-from mixsyn_utils.pipeline_runner import run_stages
-from mixsyn_utils.report import write_report
-from mixsyn_utils.study import load_config, load_results, plan_stages
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from study.plan import load_config, load_results, plan_stages  # the config, its models and stages
+from study.report import write_report  # Tables 1-5, Figure 4, the claim-by-claim verdicts
+from study.runner import run_stages  # cached stages, in-process or through accelerate launch
 
 # Measured per-stage costs on one A100-class GPU for SD-1.x at 512 px, used only by --dry_run's estimate.
 # Basis: public diffusers figures (SD-1.5 UNet fwd+bwd ≈ 0.25 s per image at fp16; 50-step sampling ≈ 2.5 s per
@@ -45,7 +45,7 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     if args.num_processes < 1:
         raise InputError(f"--num_processes must be >= 1, got {args.num_processes}")
-    args.config_dict = load_config(args.config, quick=args.quick)
+    load_config(args.config, quick=args.quick)  # a bad config fails here, in one line
     return args
 
 
@@ -71,7 +71,7 @@ def gpu_hours_estimate(config, stages):
 
 
 def main(args):
-    config, output_dir = args.config_dict, Path(args.output_dir)
+    config, output_dir = load_config(args.config, quick=args.quick), Path(args.output_dir)
     stages, models = plan_stages(config, output_dir)
     for stage in stages:
         if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":

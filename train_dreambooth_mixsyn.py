@@ -14,20 +14,24 @@ and checkpoints whose `checkpoint-N/unet` loads with `UNet2DConditionModel.from_
 """
 
 import argparse
-import os
 from functools import partial
 from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from mixsyn_utils.data import InputError, run_cli, temp_sibling
-from mixsyn_utils.model_card import finish_outputs
-from mixsyn_utils.models import load_components, native_resolution
-from mixsyn_utils.training import (
-    LatentEncoder,
-    add_common_args,
+# Shared with the other training scripts (mixsyn_utils/):
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.flags import (  # flag groups shared with the other scripts, and their checks
     add_prior_preservation_args,
-    check_common_args,
+    add_training_args,
+    check_prior_preservation_args,
+    check_training_args,
+)
+from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
+from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.outputs import move_entries_into, temp_sibling  # the pipeline staged, then moved in whole
+from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
+    LatentEncoder,
     denoising_batch_loss,
     init_trackers,
     log_validation,
@@ -36,12 +40,19 @@ from mixsyn_utils.training import (
     make_optimizer,
     plan_steps,
     register_pretrained_checkpoint_hooks,
+    resolve_resume_checkpoint,
     resume_training_state,
+    scaled_learning_rate,
     train_loop,
+    training_signature,
     validation_pipeline,
-    weight_dtype_of,
 )
-from mixsyn_utils.training_data import TrainingImages, load_class_images, load_training_images, make_dataloader
+from mixsyn_utils.training_data import (  # the (mixed) training set, seeded data order, class images
+    TrainingImages,
+    load_class_images,
+    load_training_images,
+    make_dataloader,
+)
 
 logger = get_logger(__name__)
 
@@ -50,7 +61,7 @@ TRAINABLE_MODULES = ("unet", "vae_encoder", "text_embeddings", "text_encoder")
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="MixSyn DreamBooth fine-tuning of Stable Diffusion.")
-    add_common_args(parser)
+    add_training_args(parser)
     add_prior_preservation_args(parser)
     group = parser.add_argument_group("what to fine-tune")
     group.add_argument("--train_text_encoder", action="store_true",
@@ -63,9 +74,14 @@ def parse_args(input_args=None):
     unknown = [name for name in args.trainable_modules if name not in TRAINABLE_MODULES]
     if unknown:
         raise InputError(f"--trainable_modules: unknown {unknown[0]!r} (choose from {', '.join(TRAINABLE_MODULES)})")
-    if args.train_text_encoder and "text_encoder" not in args.trainable_modules:
-        args.trainable_modules.append("text_encoder")
-    return check_common_args(args)
+    check_training_args(args)
+    check_prior_preservation_args(args)
+    return args
+
+
+def trainable_modules_of(args):
+    """--trainable_modules, plus text_encoder with upstream's --train_text_encoder."""
+    return list(dict.fromkeys(args.trainable_modules + (["text_encoder"] if args.train_text_encoder else [])))
 
 
 def select_trainable(trainable_modules, unet, vae, text_encoder):
@@ -95,8 +111,6 @@ def save_pipeline(args, trained):
 
     Staged in a hidden folder; each part is moved in whole.
     """
-    import shutil
-
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(
@@ -104,22 +118,19 @@ def save_pipeline(args, trained):
         requires_safety_checker=False, **trained)
     staging_dir = temp_sibling(Path(args.output_dir) / "pipeline")
     pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
-    for entry in staging_dir.iterdir():
-        target = Path(args.output_dir) / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staging_dir.rmdir()
+    move_entries_into(staging_dir, args.output_dir)
 
 
 def main(args):
     accelerator = make_accelerator(args)
-    weight_dtype = weight_dtype_of(accelerator)
-    images, mix_info = load_training_images(args, accelerator.is_main_process)
-    models = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
-    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
-    args.resolution = args.resolution or native_resolution(unet, vae)
-    trained = select_trainable(args.trainable_modules, unet, vae, text_encoder)
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    training_set = load_training_images(args, accelerator.is_main_process)
+    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
+    resolution = args.resolution or native_resolution(unet, vae)
+    trainable_modules = trainable_modules_of(args)
+    trained = select_trainable(trainable_modules, unet, vae, text_encoder)
     # Trained weights stay float32 (mixed precision autocasts them); frozen ones take the half dtype.
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
         model.to(accelerator.device, dtype=weight_dtype if name not in trained else None)
@@ -130,18 +141,21 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    dataset = TrainingImages(images, tokenizer, args.resolution, lambda row: row[args.caption_column],
-                             args.center_crop, args.random_flip, args.seed or 0, load_class_images(args, accelerator))
+    dataset = TrainingImages(training_set.rows, tokenizer, resolution, lambda row: row[training_set.caption_column],
+                             args.center_crop, args.random_flip, args.seed or 0,
+                             load_class_images(args, resolution, accelerator))
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
-    plan_steps(args, batch_sampler.batches_per_epoch())
+    plan = plan_steps(args, batch_sampler.batches_per_epoch())
     params = [p for model in trained.values() for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args, accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
+    learning_rate = scaled_learning_rate(args, accelerator.num_processes)
+    optimizer = make_optimizer(params, learning_rate, args)
+    lr_scheduler = make_lr_scheduler(optimizer, args, plan, accelerator.num_processes)
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = dict(zip(trained, prepared[:-2])), prepared[-2], prepared[-1]
     register_pretrained_checkpoint_hooks(accelerator)
     init_trackers(accelerator, args, "mixsyn-dreambooth")
-    global_step = resume_training_state(accelerator, args.resume_path)
+    signature = training_signature(args)
+    global_step = resume_training_state(accelerator, resume_path, signature)
 
     unet_in_use = trained.get("unet", unet)
     text_encoder_in_use = trained.get("text_encoder", text_encoder)
@@ -149,20 +163,21 @@ def main(args):
 
     def validate(step):
         pipeline = validation_pipeline(args, accelerator, unet=unet_in_use, text_encoder=text_encoder_in_use, vae=vae)
-        log_validation(accelerator, args, pipeline, step)
+        log_validation(accelerator, args, pipeline, step, resolution)
 
     loss_fn = partial(denoising_batch_loss, unet=unet_in_use, latent_encoder=latent_encoder,
-                      text_encoder=text_encoder_in_use, noise_scheduler=models.noise_scheduler, args=args,
-                      weight_dtype=weight_dtype)
-    train_loop(accelerator, args, models=list(trained.values()), dataloader=dataloader, batch_sampler=batch_sampler,
-               optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params, loss_fn=loss_fn,
-               global_step=global_step, validate=validate, logger=logger)
+                      text_encoder=text_encoder_in_use, noise_scheduler=components.noise_scheduler,
+                      weight_dtype=weight_dtype, prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma)
+    train_loop(accelerator, args, plan, models=list(trained.values()), dataloader=dataloader,
+               batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params,
+               loss_fn=loss_fn, signature=signature, global_step=global_step, validate=validate, logger=logger)
 
     if accelerator.is_main_process:
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
         save_pipeline(args, {name: getattr(model, "vae", model) for name, model in unwrapped.items()})
     prior = " with prior preservation" if args.with_prior_preservation else ""
-    finish_outputs(accelerator, args, f"DreamBooth{prior} ({', '.join(args.trainable_modules)})", mix_info)
+    finish_outputs(accelerator, args, f"DreamBooth{prior} ({', '.join(trainable_modules)})", training_set.mix_info,
+                   {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution})
 
 
 if __name__ == "__main__":

@@ -21,14 +21,19 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 
-from mixsyn_utils.data import InputError, run_cli, temp_sibling
-from mixsyn_utils.model_card import finish_outputs
-from mixsyn_utils.models import load_components, native_resolution
-from mixsyn_utils.training import (
-    LatentEncoder,
-    add_common_args,
+# Shared with the other training scripts (mixsyn_utils/):
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.flags import (  # flag groups shared with the other scripts, and their checks
     add_prior_preservation_args,
-    check_common_args,
+    add_training_args,
+    check_prior_preservation_args,
+    check_training_args,
+)
+from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
+from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.outputs import temp_sibling  # weights staged in a hidden folder, moved in when whole
+from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
+    LatentEncoder,
     denoising_batch_loss,
     init_trackers,
     log_validation,
@@ -36,12 +41,19 @@ from mixsyn_utils.training import (
     make_lr_scheduler,
     make_optimizer,
     plan_steps,
+    resolve_resume_checkpoint,
     resume_training_state,
+    scaled_learning_rate,
     train_loop,
+    training_signature,
     validation_pipeline,
-    weight_dtype_of,
 )
-from mixsyn_utils.training_data import TrainingImages, load_class_images, load_training_images, make_dataloader
+from mixsyn_utils.training_data import (  # the (mixed) training set, seeded data order, class images
+    TrainingImages,
+    load_class_images,
+    load_training_images,
+    make_dataloader,
+)
 
 logger = get_logger(__name__)
 
@@ -52,7 +64,7 @@ LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="MixSyn LoRA / DreamBooth+LoRA fine-tuning of Stable Diffusion.")
-    add_common_args(parser)
+    add_training_args(parser)
     add_prior_preservation_args(parser)
     lora = parser.add_argument_group("LoRA (arXiv:2106.09685)")
     lora.add_argument("--rank", type=int, default=4, help="LoRA rank r of the update ΔW = B·A.")
@@ -65,7 +77,9 @@ def parse_args(input_args=None):
         raise InputError(f"--rank must be positive, got {args.rank}")
     if not 0.0 <= args.lora_dropout < 1.0:
         raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    return check_common_args(args)
+    check_training_args(args)
+    check_prior_preservation_args(args)
+    return args
 
 
 def lora_layers(model):
@@ -119,7 +133,7 @@ def register_lora_checkpoint_hooks(accelerator, unet, text_encoder):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def add_lora_adapters(args, unet, text_encoder, accelerator):
+def add_lora_adapters(args, unet, text_encoder):
     """Freeze the base model and add trainable LoRA adapters (fp32, so fp16 grads can be unscaled)."""
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
@@ -139,15 +153,16 @@ def add_lora_adapters(args, unet, text_encoder, accelerator):
 
 def main(args):
     accelerator = make_accelerator(args)
-    weight_dtype = weight_dtype_of(accelerator)
-    images, mix_info = load_training_images(args, accelerator.is_main_process)
-    models = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
-    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
-    args.resolution = args.resolution or native_resolution(unet, vae)
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    training_set = load_training_images(args, accelerator.is_main_process)
+    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
+    resolution = args.resolution or native_resolution(unet, vae)
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False)
         model.to(accelerator.device, dtype=weight_dtype)
-    trained = add_lora_adapters(args, unet, text_encoder, accelerator)
+    trained_models = add_lora_adapters(args, unet, text_encoder)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
@@ -155,30 +170,34 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    dataset = TrainingImages(images, tokenizer, args.resolution, lambda row: row[args.caption_column],
-                             args.center_crop, args.random_flip, args.seed or 0, load_class_images(args, accelerator))
+    dataset = TrainingImages(training_set.rows, tokenizer, resolution, lambda row: row[training_set.caption_column],
+                             args.center_crop, args.random_flip, args.seed or 0,
+                             load_class_images(args, resolution, accelerator))
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
-    plan_steps(args, batch_sampler.batches_per_epoch())
-    params = [p for model in trained for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args, accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
+    plan = plan_steps(args, batch_sampler.batches_per_epoch())
+    params = [p for model in trained_models for p in model.parameters() if p.requires_grad]
+    learning_rate = scaled_learning_rate(args, accelerator.num_processes)
+    optimizer = make_optimizer(params, learning_rate, args)
+    lr_scheduler = make_lr_scheduler(optimizer, args, plan, accelerator.num_processes)
     if args.train_text_encoder:
         unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_lora_checkpoint_hooks(accelerator, unet, text_encoder if args.train_text_encoder else None)
     init_trackers(accelerator, args, "mixsyn-lora")
-    global_step = resume_training_state(accelerator, args.resume_path)
+    signature = training_signature(args)
+    global_step = resume_training_state(accelerator, resume_path, signature)
 
     def validate(step):
         pipeline = validation_pipeline(args, accelerator, unet=unet, text_encoder=text_encoder)
-        log_validation(accelerator, args, pipeline, step)
+        log_validation(accelerator, args, pipeline, step, resolution)
 
     loss_fn = partial(denoising_batch_loss, unet=unet, latent_encoder=LatentEncoder(vae), text_encoder=text_encoder,
-                      noise_scheduler=models.noise_scheduler, args=args, weight_dtype=weight_dtype)
-    train_loop(accelerator, args, models=[unet, text_encoder] if args.train_text_encoder else [unet],
+                      noise_scheduler=components.noise_scheduler, weight_dtype=weight_dtype,
+                      prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma)
+    train_loop(accelerator, args, plan, models=[unet, text_encoder] if args.train_text_encoder else [unet],
                dataloader=dataloader, batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               params_to_clip=params, loss_fn=loss_fn, global_step=global_step,
+               params_to_clip=params, loss_fn=loss_fn, signature=signature, global_step=global_step,
                validate=validate, logger=logger)
 
     if accelerator.is_main_process:
@@ -188,7 +207,8 @@ def main(args):
         os.replace(staging_dir / LORA_WEIGHTS_FILE, Path(args.output_dir) / LORA_WEIGHTS_FILE)
         shutil.rmtree(staging_dir)
     method = "DreamBooth+LoRA" if args.with_prior_preservation else "LoRA"
-    finish_outputs(accelerator, args, f"{method} (rank {args.rank})", mix_info)
+    finish_outputs(accelerator, args, f"{method} (rank {args.rank})", training_set.mix_info,
+                   {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution})
 
 
 if __name__ == "__main__":

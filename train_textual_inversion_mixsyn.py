@@ -22,26 +22,25 @@ Output: `learned_embeds-<domain>.safetensors` per domain (each loadable by `pipe
 
 import argparse
 import json
-import os
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
 
-from mixsyn_utils.data import InputError, run_cli, temp_sibling
-from mixsyn_utils.model_card import finish_outputs
-from mixsyn_utils.models import (
+# Shared with the other training scripts (mixsyn_utils/):
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.flags import add_training_args, check_training_args  # flag groups shared with the other scripts
+from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
+from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.outputs import move_entries_into, temp_sibling  # files staged, then moved in whole
+from mixsyn_utils.placeholders import (  # the token map and the caption rewrite the attacks use too
     TOKEN_MAP_FILE,
     domain_name_pattern,
-    load_components,
-    native_resolution,
     rewrite_caption,
 )
-from mixsyn_utils.training import (
+from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
     LatentEncoder,
-    add_common_args,
-    check_common_args,
     denoising_batch_loss,
     init_trackers,
     log_validation,
@@ -50,19 +49,21 @@ from mixsyn_utils.training import (
     make_optimizer,
     plan_steps,
     register_pretrained_checkpoint_hooks,
+    resolve_resume_checkpoint,
     resume_training_state,
+    scaled_learning_rate,
     train_loop,
+    training_signature,
     validation_pipeline,
-    weight_dtype_of,
 )
-from mixsyn_utils.training_data import TrainingImages, load_training_images, make_dataloader
+from mixsyn_utils.training_data import TrainingImages, load_training_images, make_dataloader  # the training set
 
 logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="MixSyn Textual Inversion: one learned token per domain.")
-    add_common_args(parser)
+    add_training_args(parser)
     group = parser.add_argument_group("textual inversion")
     group.add_argument("--placeholder_token_template", type=str, default="<{domain}>",
                        help="Placeholder of each domain; '{domain}' is replaced by the domain name.")
@@ -76,14 +77,13 @@ def parse_args(input_args=None):
         raise InputError(f"--placeholder_token_template must contain '{{domain}}', got {args.placeholder_token_template!r}")
     if args.num_vectors <= 0:
         raise InputError(f"--num_vectors must be positive, got {args.num_vectors}")
-    args = check_common_args(args)
+    check_training_args(args)
     if args.instance_data_dir is not None:
         if not args.instance_domain:
             raise InputError("--instance_domain is required with --instance_data_dir: the word(s) of --instance_prompt "
                              "that the learned token replaces, e.g. --instance_prompt 'The face of Ada Lovelace' "
                              "--instance_domain 'Ada Lovelace'")
         domains_named_in_captions([args.instance_domain], [args.instance_prompt])
-        args.domain_column = "domain"
     return args
 
 
@@ -157,22 +157,23 @@ def save_learned_embeds(output_dir, text_encoder, token_map):
         save_file({entry["placeholder"]: weight[entry["token_ids"]].contiguous()},
                   str(staging_dir / "learned_embeds.safetensors"))
     (staging_dir / TOKEN_MAP_FILE).write_text(json.dumps(public_map, indent=2, sort_keys=True))
-    for path in staging_dir.iterdir():
-        os.replace(path, Path(output_dir) / path.name)
-    staging_dir.rmdir()
+    move_entries_into(staging_dir, output_dir)
 
 
 def main(args):
     accelerator = make_accelerator(args)
-    weight_dtype = weight_dtype_of(accelerator)
-    images, mix_info = load_training_images(args, accelerator.is_main_process)
-    if args.domain_column not in images.column_names:
-        raise InputError(f"--dataset_name {args.dataset_name} has no column {args.domain_column!r} (needed to know "
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    training_set = load_training_images(args, accelerator.is_main_process)
+    images, caption_column = training_set.rows, training_set.caption_column
+    domain_column = "domain" if args.instance_data_dir is not None else args.domain_column
+    if domain_column not in images.column_names:
+        raise InputError(f"--dataset_name {args.dataset_name} has no column {domain_column!r} (needed to know "
                          "which placeholder each image trains)")
-    models = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
-    unet, text_encoder, vae, tokenizer = models.unet, models.text_encoder, models.vae, models.tokenizer
-    args.resolution = args.resolution or native_resolution(unet, vae)
-    domains = domains_named_in_captions(images[args.domain_column], images[args.caption_column])
+    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
+    resolution = args.resolution or native_resolution(unet, vae)
+    domains = domains_named_in_captions(images[domain_column], images[caption_column])
     token_map = add_placeholder_tokens(args, domains, tokenizer, text_encoder)
     trained_ids = [i for entry in token_map.values() for i in entry["token_ids"]]
 
@@ -188,36 +189,40 @@ def main(args):
         unet.enable_xformers_memory_efficient_attention()
 
     def caption_of(row):
-        return rewrite_caption(row[args.caption_column], row[args.domain_column], token_map)
+        return rewrite_caption(row[caption_column], row[domain_column], token_map)
 
-    dataset = TrainingImages(images, tokenizer, args.resolution, caption_of, args.center_crop, args.random_flip,
+    dataset = TrainingImages(images, tokenizer, resolution, caption_of, args.center_crop, args.random_flip,
                              args.seed or 0)
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
-    plan_steps(args, batch_sampler.batches_per_epoch())
+    plan = plan_steps(args, batch_sampler.batches_per_epoch())
     params = list(text_encoder.get_input_embeddings().parameters())
-    optimizer = make_optimizer(params, args, accelerator)
-    lr_scheduler = make_lr_scheduler(optimizer, args, accelerator)
+    learning_rate = scaled_learning_rate(args, accelerator.num_processes)
+    optimizer = make_optimizer(params, learning_rate, args)
+    lr_scheduler = make_lr_scheduler(optimizer, args, plan, accelerator.num_processes)
     text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
     register_pretrained_checkpoint_hooks(accelerator)
     init_trackers(accelerator, args, "mixsyn-textual-inversion")
-    global_step = resume_training_state(accelerator, args.resume_path)
+    signature = training_signature(args)
+    global_step = resume_training_state(accelerator, resume_path, signature)
     original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
 
     def validate(step):
         pipeline = validation_pipeline(args, accelerator, text_encoder=text_encoder, tokenizer=tokenizer)
-        log_validation(accelerator, args, pipeline, step)
+        log_validation(accelerator, args, pipeline, step, resolution)
 
     loss_fn = partial(denoising_batch_loss, unet=unet, latent_encoder=LatentEncoder(vae), text_encoder=text_encoder,
-                      noise_scheduler=models.noise_scheduler, args=args, weight_dtype=weight_dtype)
-    train_loop(accelerator, args, models=[text_encoder], dataloader=dataloader, batch_sampler=batch_sampler,
+                      noise_scheduler=components.noise_scheduler, weight_dtype=weight_dtype, snr_gamma=args.snr_gamma)
+    train_loop(accelerator, args, plan, models=[text_encoder], dataloader=dataloader, batch_sampler=batch_sampler,
                optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params, loss_fn=loss_fn,
-               global_step=global_step, validate=validate, logger=logger,
+               signature=signature, global_step=global_step, validate=validate, logger=logger,
                after_update=keep_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings,
                                                      trained_ids))
 
     if accelerator.is_main_process:
         save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map)
-    finish_outputs(accelerator, args, f"Textual Inversion ({args.num_vectors} vector(s) per domain)", mix_info)
+    finish_outputs(accelerator, args, f"Textual Inversion ({args.num_vectors} vector(s) per domain)",
+                   training_set.mix_info,
+                   {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 """Direction and strength of SecMI, PIA and the loss attack on the embedded victim as its training gets longer.
 
 Builds the victim with `make_tiny_victim.py`'s defaults at each `--unet_steps` (same seed, so only the training
-length differs), runs `attack_secmi.py` (t_sec 100, k 10) and `attack_pia.py` (PIA, t 200, p 4; and the naive
-loss attack at t 200) on its 500 members and 500 non-members, and prints each AUC with a stratified bootstrap
+length differs), runs `attack_secmi.py` (t_sec 100, k 10) and `attack_pia.py` (PIA, t 200, p 4) on its members
+and non-members, and prints each AUC with a stratified bootstrap
 95% CI. AUC is in the members-lower convention of the scores: below 0.5 means members have the LARGER error
 ("inverted"), which an attacker exploits just as well.
 
@@ -31,7 +31,6 @@ from mixsyn_utils.metrics import bootstrap_ci, roc_metrics  # noqa: E402
 ATTACKS = {
     "secmi": (attack_secmi, ["--t_sec", "100", "--k", "10"]),
     "pia": (attack_pia, ["--method", "pia", "--attack_timesteps", "200", "--lp", "4"]),
-    "naive": (attack_pia, ["--method", "naive", "--attack_timesteps", "200", "--num_noise_samples", "4"]),
 }
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-image attack time against the UNet floor, for PIA and SecMI (issue 5; target ratio ≤ 1.2×).
+"""Per-image attack time against the UNet floor, for PIA and SecMI (target ratio ≤ 1.2×).
 
 floor = the same number of batched UNet forwards (same batch size, same latent shape, same text-context
 shape) on random latents, timed in the same process right after the attack. The attack's time is the
@@ -22,26 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mixsyn_utils.attacks import load_attack_data, load_attack_model, score_all  # noqa: E402
+from mixsyn_utils.attacks import attack_resolution, load_attack_data, load_attack_model, score_all  # noqa: E402
 from mixsyn_utils.diffusion import alphas_cumprod, pia_scores, secmi_t_error  # noqa: E402
-
-
-class NoProgress:
-    def __init__(self, **kwargs):
-        pass
-
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
-class SingleProcess:
-    is_main_process, process_index, num_processes = True, 0, 1
-
-    def wait_for_everyone(self):
-        pass
 
 
 def attack_args(victim_dir, output_dir, batch_size):
@@ -84,14 +66,15 @@ def vae_floor_seconds(vae, batch_size, resolution, device):
 
 def measure(name, rows, components, args, score_batch, calls_per_image, device, encodes=True):
     """Per-image time of `score_all` against the UNet floor, and against UNet + VAE-encoder floor."""
+    resolution = attack_resolution(args, components)
     with tempfile.TemporaryDirectory() as scratch:
         args.output_dir = str(Path(scratch) / name)
         synchronize(device)
         start = time.perf_counter()
-        partial, num_batches = score_all(rows, components, args, SingleProcess(), score_batch, NoProgress)
+        _, work = score_all(rows, components, args, resolution, None, score_batch, desc=name)
         synchronize(device)
         attack_seconds = time.perf_counter() - start
-        partial.cleanup()
+        work.cleanup()
     latent_shape = (components.unet.config.in_channels, *([components.unet.config.sample_size] * 2))
     context_shape = (components.tokenizer.model_max_length, components.text_encoder.config.hidden_size)
     # Full batches only in the floor too: same number of forwards of the same sizes as the attack.
@@ -99,7 +82,7 @@ def measure(name, rows, components, args, score_batch, calls_per_image, device, 
     for start in range(0, len(rows), args.batch_size):
         size = min(args.batch_size, len(rows) - start)
         floor += unet_floor_seconds(components.unet, calls_per_image, size, latent_shape, context_shape, device)
-        vae_floor += vae_floor_seconds(components.vae, size, args.resolution, device)
+        vae_floor += vae_floor_seconds(components.vae, size, resolution, device)
     per_image, floor_per_image, vae_per_image = (value / len(rows) for value in (attack_seconds, floor, vae_floor))
     line = (f"{name:18s} {len(rows)} images: {per_image * 1e3:9.2f} ms/image; UNet floor {floor_per_image * 1e3:9.2f} "
             f"ms/image, ratio {per_image / floor_per_image:.3f}x")

@@ -77,20 +77,20 @@ def script_argv(victim_dir, dataset_dir, perturbed_dir, output_dir, steps, batch
 
 def time_script(module, argv):
     """Seconds per update of the script's `train_loop` (wrapped, so loading and saving are not counted)."""
-    from train_fixtures import run_in_process
+    from study.runner import run_script_in_process
 
     timing = {}
     train_loop = module.train_loop
 
-    def timed_train_loop(accelerator, args, **kwargs):
+    def timed_train_loop(accelerator, args, plan, **kwargs):
         start = time.perf_counter()
-        steps_done = train_loop(accelerator, args, **kwargs)
-        timing["seconds_per_step"] = (time.perf_counter() - start) / args.max_train_steps
+        steps_done = train_loop(accelerator, args, plan, **kwargs)
+        timing["seconds_per_step"] = (time.perf_counter() - start) / plan.max_train_steps
         return steps_done
 
     module.train_loop = timed_train_loop
     try:
-        run_in_process(module, argv)
+        run_script_in_process(module, argv)
     finally:
         module.train_loop = train_loop
     return timing["seconds_per_step"]
@@ -101,15 +101,16 @@ def time_bare_loop(victim_dir, method, steps, batch_size):
     from mixsyn_utils.models import load_components
 
     torch.manual_seed(0)
-    models = load_components(str(Path(victim_dir) / "pipeline"))
-    unet, vae, text_encoder, tokenizer = models.unet, models.vae, models.text_encoder, models.tokenizer
+    components = load_components(str(Path(victim_dir) / "pipeline"))
+    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+    tokenizer = components.tokenizer
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
     if method == "lora":
         import train_lora_mixsyn
 
         args = train_lora_mixsyn.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x"])
-        train_lora_mixsyn.add_lora_adapters(args, unet, text_encoder, None)
+        train_lora_mixsyn.add_lora_adapters(args, unet, text_encoder)
         params = [p for p in unet.parameters() if p.requires_grad]
     elif method == "dreambooth":
         unet.requires_grad_(True)
@@ -121,7 +122,7 @@ def time_bare_loop(victim_dir, method, steps, batch_size):
     pixel_values = torch.rand(batch_size, 3, 16, 16) * 2 - 1
     input_ids = tokenizer(["The face of three"] * batch_size, padding="max_length", truncation=True,
                           max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    scheduler = models.noise_scheduler
+    scheduler = components.noise_scheduler
 
     def step():
         latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
@@ -143,10 +144,10 @@ def time_bare_loop(victim_dir, method, steps, batch_size):
 def memory_child(spec):
     """Run the LoRA script on the given dataset in this process; print the peak RSS in MiB."""
     import train_lora_mixsyn
-    from train_fixtures import run_in_process
+    from study.runner import run_script_in_process
 
     config = json.loads(spec)
-    run_in_process(train_lora_mixsyn, script_argv(config["victim_dir"], config["dataset"], config["perturbed"],
+    run_script_in_process(train_lora_mixsyn, script_argv(config["victim_dir"], config["dataset"], config["perturbed"],
                                                   config["output_dir"], 20, 4))
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     end_kib = {key: int(status[key].split()[0]) for key in ("RssAnon", "RssFile") if key in status}
@@ -157,7 +158,6 @@ def memory_child(spec):
 
 
 def main(args):
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
     if args.memory_child:
         return memory_child(args.memory_child)
     work_dir = Path(tempfile.mkdtemp(prefix="bench_training_"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Acceptance figures of the embedded victim (issue 2), measured in one run.
+"""Acceptance figures of the embedded victim, measured in one run.
 
 Builds the full victim with `make_tiny_victim.py`'s defaults (or reads `--victim_dir`), then reports:
 - build time on this machine (target ≤ 6 min on 2 cores) and determinism (a second build, same seed, same weights);

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .diffusion import alphas_cumprod, q_sample
-from .dreambooth import dreambooth_loss, denoising_loss, prediction_target
+from .dreambooth import denoising_loss, dreambooth_loss, prediction_target
 from .models import encode_images_to_latents, encode_prompts
 
 ADAMW_WEIGHT_DECAY = 1e-2  # the reference surrogate's AdamW settings
@@ -52,37 +52,37 @@ def perturbation_norms(perturbed_uint8, original_uint8):
     return flat.abs().amax(1).numpy(), flat.norm(dim=1).numpy()
 
 
-def diffusion_prediction(models, pixel_values, input_ids, generator, autocast=nullcontext, context=None):
+def diffusion_prediction(components, pixel_values, input_ids, generator, autocast=nullcontext, context=None):
     """The surrogate's prediction and target at a random t with random noise (the DreamBooth objective).
 
     z₀ = E(x) sampled from the VAE posterior, t ~ U{0..T−1}, ε ~ N(0, I), z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε;
     returns (ŷ = UNet(z_t, t, c), y = ε or v, t). Gradients reach `pixel_values` through the frozen encoder.
     `context`: precomputed c = text_encoder(input_ids), when it cannot change between calls.
     """
-    device = models.unet.device
+    device = components.unet.device
     with autocast():
-        latents = encode_images_to_latents(models.vae, pixel_values.to(device), sample=True, generator=generator)
+        latents = encode_images_to_latents(components.vae, pixel_values.to(device), sample=True, generator=generator)
         latents = latents.float()
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        num_timesteps = models.noise_scheduler.config.num_train_timesteps
+        num_timesteps = components.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator).to(device)
-        noisy_latents = q_sample(latents, noise, timesteps, alphas_cumprod(models.noise_scheduler))
+        noisy_latents = q_sample(latents, noise, timesteps, alphas_cumprod(components.noise_scheduler))
         if context is None:
-            context = encode_prompts(models.text_encoder, input_ids.to(device))
-        model_pred = models.unet(noisy_latents, timesteps, context).sample
-    return model_pred, prediction_target(models.noise_scheduler, latents, noise, timesteps), timesteps
+            context = encode_prompts(components.text_encoder, input_ids.to(device))
+        model_pred = components.unet(noisy_latents, timesteps, context).sample
+    return model_pred, prediction_target(components.noise_scheduler, latents, noise, timesteps), timesteps
 
 
-def train_surrogate(models, instance_pixels, instance_ids, class_pixels, class_ids, num_steps, learning_rate,
+def train_surrogate(components, instance_pixels, instance_ids, class_pixels, class_ids, num_steps, learning_rate,
                     generator, prior_loss_weight=1.0, train_text_encoder=False, autocast=nullcontext):
     """A copy of the surrogate (UNet, and text encoder when trained) after `num_steps` DreamBooth steps.
 
     As the reference: a fresh AdamW (weight decay 1e-2), one instance image (cycled) plus one class image
     per step when class images are given, loss L_instance + λ L_prior, gradient norm clipped to 1.
     """
-    unet = copy.deepcopy(models.unet).train()
-    text_encoder = copy.deepcopy(models.text_encoder).train() if train_text_encoder else models.text_encoder
-    trained = SimpleNamespace(**dict(vars(models), unet=unet, text_encoder=text_encoder))
+    unet = copy.deepcopy(components.unet).train()
+    text_encoder = copy.deepcopy(components.text_encoder).train() if train_text_encoder else components.text_encoder
+    trained = SimpleNamespace(**dict(vars(components), unet=unet, text_encoder=text_encoder))
     parameters = list(itertools.chain(unet.parameters(), text_encoder.parameters() if train_text_encoder else []))
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -95,7 +95,7 @@ def train_surrogate(models, instance_pixels, instance_ids, class_pixels, class_i
             pixel_values = torch.cat([pixel_values, class_pixels[class_index:class_index + 1]])
             input_ids = torch.cat([input_ids, class_ids[class_index:class_index + 1]])
         model_pred, target, timesteps = diffusion_prediction(trained, pixel_values, input_ids, generator, autocast)
-        loss, _, _ = dreambooth_loss(model_pred, target, timesteps, models.noise_scheduler, num_instance=1,
+        loss, _, _ = dreambooth_loss(model_pred, target, timesteps, components.noise_scheduler, num_instance=1,
                                      prior_loss_weight=prior_loss_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
@@ -106,7 +106,7 @@ def train_surrogate(models, instance_pixels, instance_ids, class_pixels, class_i
     return trained
 
 
-def pgd_attack(models, perturbed_pixels, original_pixels, input_ids, num_steps, pgd_alpha, pgd_eps, generator,
+def pgd_attack(components, perturbed_pixels, original_pixels, input_ids, num_steps, pgd_alpha, pgd_eps, generator,
                batch_size=8, autocast=nullcontext):
     """`num_steps` PGD steps (`pgd_step`) maximising the surrogate's diffusion MSE, in chunks of `batch_size`.
 
@@ -116,21 +116,21 @@ def pgd_attack(models, perturbed_pixels, original_pixels, input_ids, num_steps, 
     perturbed_pixels = perturbed_pixels.detach().clone()
     starts = range(0, len(perturbed_pixels), batch_size)
     with torch.no_grad(), autocast():
-        contexts = [encode_prompts(models.text_encoder, input_ids[start:start + batch_size].to(models.unet.device))
+        contexts = [encode_prompts(components.text_encoder, input_ids[start:start + batch_size].to(components.unet.device))
                     for start in starts]
     for _ in range(num_steps):
         for start, context in zip(starts, contexts):
             chunk = perturbed_pixels[start:start + batch_size].clone().requires_grad_(True)
             model_pred, target, timesteps = diffusion_prediction(
-                models, chunk, input_ids[start:start + batch_size], generator, autocast, context=context)
-            loss = denoising_loss(model_pred, target, timesteps, models.noise_scheduler)
+                components, chunk, input_ids[start:start + batch_size], generator, autocast, context=context)
+            loss = denoising_loss(model_pred, target, timesteps, components.noise_scheduler)
             (grad,) = torch.autograd.grad(loss, chunk)
             perturbed_pixels[start:start + batch_size] = pgd_step(
                 chunk.detach(), grad.to(chunk.device), original_pixels[start:start + batch_size], pgd_alpha, pgd_eps)
     return perturbed_pixels
 
 
-def aspl_perturb_group(models, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
+def aspl_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
                        autocast=nullcontext):
     """ASPL (Anti-DreamBooth Alg. 1): for each outer iteration, f′ ← copy(f) trained on the clean images,
     δ ← PGD against f′, then f trained on the perturbed images. Returns the perturbed pixels in [-1, 1].
@@ -139,23 +139,23 @@ def aspl_perturb_group(models, clean_pixels, input_ids, class_pixels, class_ids,
                  train_text_encoder=args.train_text_encoder, autocast=autocast)
     perturbed_pixels = clean_pixels.clone()
     for _ in range(args.max_train_steps):
-        surrogate = train_surrogate(models, clean_pixels, input_ids, class_pixels, class_ids,
+        surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids,
                                     args.max_f_train_steps, **train)
         perturbed_pixels = pgd_attack(surrogate, perturbed_pixels, clean_pixels, input_ids, args.max_adv_train_steps,
                                       args.pgd_alpha, args.pgd_eps, generator, args.pgd_batch_size, autocast)
         del surrogate
-        models = train_surrogate(models, perturbed_pixels, input_ids, class_pixels, class_ids,
+        components = train_surrogate(components, perturbed_pixels, input_ids, class_pixels, class_ids,
                                  args.max_f_train_steps, **train)
     return perturbed_pixels
 
 
-def fsmg_perturb_group(models, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
+def fsmg_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
                        autocast=nullcontext):
     """FSMG (Anti-DreamBooth Sec. 4.2): one DreamBooth surrogate trained on the clean images for
     `fsmg_train_steps`, then `max_train_steps × max_adv_train_steps` PGD steps against that fixed model
     (the same PGD budget as ASPL). Returns the perturbed pixels in [-1, 1].
     """
-    surrogate = train_surrogate(models, clean_pixels, input_ids, class_pixels, class_ids, args.fsmg_train_steps,
+    surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids, args.fsmg_train_steps,
                                 learning_rate=args.learning_rate, generator=generator,
                                 prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
                                 autocast=autocast)

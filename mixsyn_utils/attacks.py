@@ -1,11 +1,12 @@
-"""Plumbing the membership-inference attack scripts share: flags, input checks, encoding, sharded scoring, output.
+"""Plumbing every attack script shares: input checks, encoding, sharded resumable scoring, the scores dataset.
 
-The attack maths itself lives in `diffusion.py`. An attack script gives `score_all` a function
-`score_batch(latents, context) -> {column: (B,) float64 array}`; everything else is here:
+The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_args`. An attack script gives
+`score_all` a function `score_batch(latents, context) -> {column: (B,) float64 array}`; everything else is here:
 
 - members and non-members are scored together, in fixed global batches of `--batch_size`, so a batch's
-  scores do not depend on how many processes run (round-robin over batches, `PartialResults` per batch);
-- each image is encoded by the VAE once, each unique caption by the text encoder once (per process);
+  scores do not depend on how many processes run (`ResumableWork` units: a killed run resumes);
+- each image is encoded by the VAE once (and with `--latents_cache_dir` once for every model sharing the VAE
+  encoder), each unique caption by the text encoder once (per process);
 - the scores dataset has columns `id, domain, is_member, score[, score_t{t}...]` and its info records
   the attack, the flags, the model and library versions, and `member_is_lower: true`.
 """
@@ -18,84 +19,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import (
-    InputError,
-    PartialResults,
-    check_resolution,
-    dataset_provenance,
-    derive_seed,
-    image_to_tensor,
-    load_image_dataset,
-    save_dataset,
-    shard_units,
-    with_provenance,
-)
+from .cli import InputError, first_line
+from .dataset_io import dataset_provenance, load_image_dataset, save_dataset, with_provenance
+from .images import image_to_tensor
 from .metrics import roc_metrics
 from .models import (
-    add_pretrained_model_args,
     components_from_pipeline,
+    encode_images_to_latents,
     encode_prompts,
     load_model_variant,
-    load_token_map,
     native_resolution,
-    rewrite_caption,
     tokenize_prompts,
 )
+from .placeholders import load_token_map, rewrite_caption
+from .resumable import ResumableWork, run_signature
+from .seeds import derive_seed
 
 # Bumped whenever image preprocessing or the latent encoding changes, so older cached z₀ are not reused.
 LATENT_CACHE_VERSION = 1
-
-# Flags that do not change a score: a resumed run may differ in these.
-_OUTPUT_FLAGS = ("output_dir", "overwrite", "push_to_hub", "hub_dataset_id", "hub_token", "latents_cache_dir")
-
-
-def add_common_args(parser):
-    """Model, data and output flags shared by `attack_secmi.py` and `attack_pia.py`."""
-    model = parser.add_argument_group("model (the pretrained pipeline plus an optional fine-tuned variant)")
-    add_pretrained_model_args(model)
-    model.add_argument("--unet_path", type=str, default=None,
-                       help="Fine-tuned UNet folder (checkpoint-N/unet or a pipeline folder) replacing the pretrained one.")
-    model.add_argument("--lora_weights", type=str, default=None,
-                       help="LoRA folder/file (UNet and/or text encoder), fused into the model before attacking.")
-    model.add_argument("--textual_inversion", type=str, default=None,
-                       help="Folder with token_map.json; captions are rewritten with the learned placeholders.")
-    model.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Weights dtype; default: the accelerate config. SecMI's score is a small difference, keep fp32.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--member_dataset", type=str, required=True,
-                      help="Images the model was trained on (save_to_disk folder, imagefolder or Hub id).")
-    data.add_argument("--nonmember_dataset", type=str, required=True,
-                      help="Held-out images from the same distribution; must share no id and no image with members.")
-    data.add_argument("--caption_column", type=str, default="prompt",
-                      help="Column with each image's own caption, the text condition c of ε_θ(z, t, c).")
-    data.add_argument("--null_prompt", action="store_true",
-                      help="Condition on the empty prompt instead of the captions (a standard control).")
-    data.add_argument("--resolution", type=int, default=None,
-                      help="Image size fed to the VAE; default: the model's native size (unet sample_size × 8).")
-    data.add_argument("--batch_size", type=int, default=64,
-                      help="Images per UNet call (members and non-members together); lower it if memory runs out.")
-    data.add_argument("--vae_sample", action="store_true",
-                      help="z₀ = a VAE posterior sample (seeded per image) instead of the posterior mode.")
-    data.add_argument("--seed", type=int, default=0, help="Seed for --vae_sample and for the naive attack's noise.")
-    data.add_argument("--latents_cache_dir", type=str, default=None,
-                      help="Keep each batch's z₀ here and reuse it in later runs whose VAE encoder, images, resolution "
-                           "and batch size match (attacking many fine-tunes of one model skips the VAE and decoding).")
-    out = parser.add_argument_group("output")
-    out.add_argument("--output_dir", type=str, required=True, help="Where the scores dataset is saved (save_to_disk).")
-    out.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
-    out.add_argument("--push_to_hub", action="store_true", help="Also push the scores dataset to the Hub (private).")
-    out.add_argument("--hub_dataset_id", type=str, default=None, help="Hub dataset repo id for --push_to_hub.")
-    out.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
-    return parser
-
-
-def check_common_args(args):
-    """Flag checks that need no model or data; call at the end of `parse_args`."""
-    if args.batch_size <= 0:
-        raise InputError(f"--batch_size must be positive, got {args.batch_size}")
-    check_resolution(args.resolution)
-    if args.null_prompt and args.textual_inversion:
-        raise InputError("--null_prompt ignores captions, so --textual_inversion placeholders would never be used")
 
 
 def check_timestep(value, num_train_timesteps, flag):
@@ -112,8 +53,8 @@ def num_train_timesteps(args):
         config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
                                            revision=args.revision)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load --pretrained_model_name_or_path {args.pretrained_model_name_or_path}: {first_line}")
+        raise InputError(f"cannot load --pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
+                         f"{first_line(error)}") from error
     return int(config.get("num_train_timesteps", 1000))
 
 
@@ -165,7 +106,7 @@ def load_attack_data(args):
 
 
 def load_attack_model(args, device, dtype=torch.float32):
-    """The attacked model's components on `device`, in eval mode without gradients; its ᾱ table (float64)."""
+    """The attacked model's components on `device`, in eval mode without gradients."""
     pipeline = load_model_variant(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, unet_path=args.unet_path,
         lora_weights=args.lora_weights, textual_inversion=args.textual_inversion,
@@ -173,9 +114,12 @@ def load_attack_model(args, device, dtype=torch.float32):
     components = components_from_pipeline(pipeline)
     for module in (components.unet, components.vae, components.text_encoder):
         module.to(device=device, dtype=dtype).requires_grad_(False).eval()
-    if args.resolution is None:
-        args.resolution = native_resolution(components.unet, components.vae)
     return components
+
+
+def attack_resolution(args, components):
+    """--resolution, or the attacked model's native resolution."""
+    return args.resolution or native_resolution(components.unet, components.vae)
 
 
 class CaptionCache:
@@ -207,18 +151,14 @@ def batch_images(rows):
 
 @torch.no_grad()
 def encode_batch_latents(vae, rows, resolution, sample, seed, first_index):
-    """z₀ = scaling_factor · E(x): posterior mode, or with `sample` one draw seeded by (seed, global index)."""
+    """z₀ of a batch (`encode_images_to_latents`): the posterior mode, or with `sample` one draw per image from a
+    generator seeded by `derive_seed(seed, global index)`, so a draw does not depend on its batch or process.
+    """
     pixel_values = torch.stack([image_to_tensor(image, resolution) for image in batch_images(rows)])
-    posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    if sample:
-        # One generator per image: its draw must not depend on which batch or process holds it.
-        generators = [torch.Generator().manual_seed(derive_seed(seed, first_index + i)) for i in range(len(rows))]
-        noise = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in generators])
-        latents = posterior.mean + posterior.std * noise.to(posterior.mean)
-    else:
-        latents = posterior.mode()
+    generators = [torch.Generator().manual_seed(derive_seed(seed, first_index + i)) for i in range(len(rows))]
+    latents = encode_images_to_latents(vae, pixel_values, sample=sample, generator=generators if sample else None)
     # Contiguous, as when read back from the latents cache: the UNet's kernels differ by layout in the last bits.
-    return (latents * vae.config.scaling_factor).contiguous()
+    return latents.contiguous()
 
 
 def vae_encoder_digest(vae):
@@ -235,21 +175,21 @@ def vae_encoder_digest(vae):
 class LatentCache:
     """Batches of z₀ on disk (safetensors), keyed by everything they depend on.
 
-    Key = sha256(VAE encoder digest, resolution, posterior mode or sample (+ seed and the batch's first
-    global index, which seed the draws), the pixel digests of the batch's images). A fine-tuned UNet, LoRA
+    Key = sha256(VAE encoder digest, device type, resolution, posterior mode or sample (+ seed and the batch's
+    first global index, which seed the draws), the pixel digests of the batch's images). A fine-tuned UNet, LoRA
     or textual inversion leaves the key unchanged; a trained VAE encoder or other images change it.
     Files are written atomically, so concurrent processes and killed runs leave no torn entry.
     """
 
     def __init__(self, cache_dir, vae, resolution, sample, seed):
         self.cache_dir = Path(cache_dir)
+        self.sample = bool(sample)
         # The device type too: a GPU's kernels give latents that differ from a CPU's in the last bits.
-        self.recipe = [LATENT_CACHE_VERSION, vae_encoder_digest(vae), vae.device.type, int(resolution), bool(sample),
-                       int(seed) if sample else None]
+        self.recipe = [LATENT_CACHE_VERSION, vae_encoder_digest(vae), vae.device.type, int(resolution), self.sample,
+                       int(seed) if self.sample else None]
 
     def _path(self, rows, first_index):
-        sample = self.recipe[4]
-        payload = json.dumps(self.recipe + [first_index if sample else None, [row["digest"] for row in rows]])
+        payload = json.dumps(self.recipe + [first_index if self.sample else None, [row["digest"] for row in rows]])
         return self.cache_dir / f"latents-{hashlib.sha256(payload.encode()).hexdigest()[:40]}.safetensors"
 
     def get(self, rows, first_index, device, dtype):
@@ -270,66 +210,58 @@ class LatentCache:
         os.replace(tmp_path, path)
 
 
-def batch_latents(components, rows, args, first_index, latent_cache=None):
+def batch_latents(components, rows, args, resolution, first_index, latent_cache=None):
     """z₀ of a batch: from `latent_cache` when it holds them, else encoded (and stored there)."""
     vae = components.vae
     if latent_cache is not None:
         latents = latent_cache.get(rows, first_index, vae.device, vae.dtype)
         if latents is not None:
             return latents
-    latents = encode_batch_latents(vae, rows, args.resolution, args.vae_sample, args.seed, first_index)
+    latents = encode_batch_latents(vae, rows, resolution, args.vae_sample, args.seed, first_index)
     if latent_cache is not None:
         latent_cache.put(rows, first_index, latents)
     return latents
 
 
-def run_meta(args):
-    """Flags a resumed run must share with the killed one (everything that changes a score)."""
-    return {key: value for key, value in sorted(vars(args).items())
-            if key not in _OUTPUT_FLAGS and isinstance(value, (int, float, str, bool, list, type(None)))}
-
-
-def score_all(rows, components, args, accelerator, score_batch, progress_factory):
-    """Score every row in global batches sharded over processes; returns the `PartialResults` and batch count.
-
-    `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
-    Each finished batch is saved at once, so a killed run resumes with the batches it has not finished.
-    """
+def scores_to_dataset(batch, scores):
+    """One batch's rows (id, domain, is_member) with its score columns: (B,) float64, or a flat float32 map."""
     from datasets import Dataset, Features, Sequence, Value
 
-    partial = PartialResults(args.output_dir)
-    if accelerator.is_main_process:
-        partial.write_meta(run_meta(args))
-    accelerator.wait_for_everyone()
+    columns = {"id": [row["id"] for row in batch], "domain": [row["domain"] for row in batch],
+               "is_member": [row["is_member"] for row in batch]}
+    features = {"id": Value("string"), "domain": Value("string"), "is_member": Value("bool")}
+    for name, values in scores.items():
+        values = np.asarray(values.cpu() if torch.is_tensor(values) else values)
+        if values.ndim == 1:
+            columns[name], features[name] = values.astype(np.float64), Value("float64")
+        else:  # a per-image map (SecMI-NN's error map), stored flat
+            columns[name] = list(values.reshape(len(batch), -1).astype(np.float32))
+            features[name] = Sequence(Value("float32"))
+    return Dataset.from_dict(columns, features=Features(features))
+
+
+def score_all(rows, components, args, resolution, accelerator, score_batch, desc):
+    """Score every row in global batches of --batch_size (`ResumableWork` units sharded over processes).
+
+    `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
+    Returns (scores dataset on the main process / None elsewhere, the `ResumableWork` to clean up once saved).
+    """
+    work = ResumableWork(args.output_dir, run_signature(args), accelerator, discard_other_settings=args.overwrite)
     num_batches = (len(rows) + args.batch_size - 1) // args.batch_size
-    mine = shard_units(range(num_batches), accelerator.process_index, accelerator.num_processes)
-    todo = [unit for unit in mine if not partial.is_done(unit)]
     captions = CaptionCache(components.tokenizer, components.text_encoder)
     latent_cache = None
     if args.latents_cache_dir:
-        latent_cache = LatentCache(args.latents_cache_dir, components.vae, args.resolution, args.vae_sample, args.seed)
-    progress = progress_factory(total=len(mine), initial=len(mine) - len(todo))
-    for unit in todo:
+        latent_cache = LatentCache(args.latents_cache_dir, components.vae, resolution, args.vae_sample, args.seed)
+
+    def score_unit(unit):
         start = unit * args.batch_size
         batch = rows[start : start + args.batch_size]
-        latents = batch_latents(components, batch, args, start, latent_cache)
+        latents = batch_latents(components, batch, args, resolution, start, latent_cache)
         with torch.no_grad():
             scores = score_batch(latents, captions([row["caption"] for row in batch]))
-        columns = {"id": [row["id"] for row in batch], "domain": [row["domain"] for row in batch],
-                   "is_member": [row["is_member"] for row in batch]}
-        features = {"id": Value("string"), "domain": Value("string"), "is_member": Value("bool")}
-        for name, values in scores.items():
-            values = np.asarray(values.cpu() if torch.is_tensor(values) else values)
-            if values.ndim == 1:
-                columns[name], features[name] = values.astype(np.float64), Value("float64")
-            else:  # a per-image map (SecMI-NN's error map), stored flat
-                columns[name] = list(values.reshape(len(batch), -1).astype(np.float32))
-                features[name] = Sequence(Value("float32"))
-        partial.save(unit, Dataset.from_dict(columns, features=Features(features)))
-        progress.update(1)
-    progress.close()
-    accelerator.wait_for_everyone()
-    return partial, num_batches
+        return scores_to_dataset(batch, scores)
+
+    return work.run(num_batches, score_unit, desc=desc), work
 
 
 def model_record(args):
@@ -355,11 +287,3 @@ def write_scores(dataset, script, attack, args, extra=None):
     return dataset
 
 
-def scores_summary(dataset):
-    """{column: AUC} of a saved scores dataset, members-lower convention (for logs and tests)."""
-    is_member = np.asarray(dataset["is_member"], dtype=bool)
-    summary = {}
-    for column in [name for name in dataset.column_names if name.startswith("score")]:
-        values = np.asarray(dataset[column], dtype=np.float64)
-        summary[column] = roc_metrics(-values[is_member], -values[~is_member])["auc"]
-    return json.loads(json.dumps(summary))

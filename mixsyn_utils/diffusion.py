@@ -7,11 +7,9 @@ Attack scores are errors: members are expected to score LOWER.
 
 import math
 
-import numpy as np
 import torch
 
-from .data import image_to_tensor
-from .models import encode_images_to_latents, encode_prompts, native_resolution, tokenize_prompts
+from .seeds import SALT_ATTACK_NOISE, derive_seed
 
 
 def alphas_cumprod(noise_scheduler):
@@ -85,16 +83,17 @@ def pian_normalised_noise(epsilon_0):
 
 
 def pia_score(noise_pred, epsilon_0, lp):
-    """PIA score s = Σ_elements |ε̂(z_t, t) − ε₀|^p, z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀ (float64, (B,)).
-
-    Also the naive loss attack's score with ε₀ replaced by fixed Gaussian noise ε.
-    """
+    """PIA score s = Σ_elements |ε̂(z_t, t) − ε₀|^p, z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀ (float64, (B,))."""
     return ((noise_pred - epsilon_0).double().abs() ** lp).flatten(1).sum(1)
 
 
 def fixed_noise(shape, seed, timestep, draw):
-    """Gaussian noise ε (1, *shape) fixed by (seed, t, draw): every image sees the same draws, on any process."""
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(timestep) * 101 + int(draw))
+    """Gaussian noise ε (1, *shape), the same for every image: a `torch.Generator` seeded by
+    `derive_seed(seed, SALT_ATTACK_NOISE, t, draw)` draws `torch.randn((1, *shape))` (float32, CPU).
+
+    Shared by members and non-members, so both sets see identical noise, on any process and in any batch.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, SALT_ATTACK_NOISE, int(timestep), int(draw)))
     return torch.randn((1, *shape), generator=generator)
 
 
@@ -103,59 +102,36 @@ def noise_prediction_error(noise_pred, noise):
     return ((noise_pred - noise).double() ** 2).flatten(1).mean(1)
 
 
-@torch.no_grad()
-def naive_loss_scores(components, dataset, timesteps, seed=0, num_noise_samples=1, batch_size=64,
-                      caption_column="prompt", resolution=None):
-    """Loss-threshold attack: mean over t and noise draws of ‖ε_θ(z_t, t, c) − ε‖² / d (float64, per image).
+def loss_attack_scores(unet, latents, context, alpha_bar, timesteps, seed=0, num_noise_draws=1):
+    """Loss attack (Matsumoto et al. 2023): {t: (B,) float64} with L_t = mean_j ‖ε_j − ε_θ(z_t, t, c)‖² / d.
 
-    ε = `fixed_noise(seed, t, draw)`, the same for every image, so member and non-member sets see identical
-    noise. Lower loss suggests "member".
-    """
-    unet, vae, text_encoder, tokenizer = components.unet, components.vae, components.text_encoder, components.tokenizer
-    resolution = resolution or native_resolution(unet, vae)
-    alpha_bar = alphas_cumprod(components.noise_scheduler)
-    scores = []
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        pixel_values = torch.stack([image_to_tensor(image, resolution) for image in rows["image"]])
-        latents = encode_images_to_latents(vae, pixel_values)
-        context = encode_prompts(text_encoder, tokenize_prompts(tokenizer, rows[caption_column]))
-        losses = torch.zeros(len(latents), dtype=torch.float64)
-        for t in timesteps:
-            t_batch = torch.full((len(latents),), int(t), dtype=torch.long)
-            for draw in range(num_noise_samples):
-                noise = fixed_noise(latents.shape[1:], seed, t, draw).to(latents).expand_as(latents)
-                prediction = predicted_noise(unet, q_sample(latents, noise, t_batch, alpha_bar), t, context)
-                losses += noise_prediction_error(prediction, noise).cpu()
-        scores.append(losses / (len(timesteps) * num_noise_samples))
-    return torch.cat(scores).numpy().astype(np.float64)
-
-
-def pia_scores(unet, latents, context, alpha_bar, timesteps, lp=4, method="pia", seed=0, num_noise_samples=1):
-    """{t: (B,) float64 score} for PIA, PIAN or the naive loss attack, all t from one batch.
-
-    pia:   ε₀ = ε̂(z₀, 0), z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀, s_t = Σ|ε̂(z_t, t) − ε₀|^p   (1 + |T| UNet calls)
-    pian:  the same with ε₀ ← `pian_normalised_noise(ε₀)`                        (1 + |T| UNet calls)
-    naive: ε ← `fixed_noise(seed, t, draw)`, s_t = mean over draws of Σ|ε̂(z_t, t) − ε|^p  (|T|·draws calls)
-    ε₀ is shared by every t.
+    z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε_j, ε_j = `fixed_noise(seed, t, j)` for j < `num_noise_draws`. The attack's score
+    is the mean of L_t over t (members lower). UNet calls per image: |T| · num_noise_draws.
     """
     scores = {}
-    if method in ("pia", "pian"):
-        epsilon_0 = pia_epsilon_0(unet, latents, context)
-        if method == "pian":
-            epsilon_0 = pian_normalised_noise(epsilon_0)
-        for t in timesteps:
-            t_batch = torch.full((len(latents),), int(t), dtype=torch.long, device=latents.device)
-            noisy_latents = q_sample(latents, epsilon_0, t_batch, alpha_bar)
-            scores[t] = pia_score(predicted_noise(unet, noisy_latents, t, context), epsilon_0, lp)
-        return scores
-    if method != "naive":
-        raise ValueError(f"unknown PIA method {method!r}")
     for t in timesteps:
         t_batch = torch.full((len(latents),), int(t), dtype=torch.long, device=latents.device)
         total = torch.zeros(len(latents), dtype=torch.float64, device=latents.device)
-        for draw in range(num_noise_samples):
+        for draw in range(num_noise_draws):
             noise = fixed_noise(latents.shape[1:], seed, t, draw).to(latents).expand_as(latents)
-            total += pia_score(predicted_noise(unet, q_sample(latents, noise, t_batch, alpha_bar), t, context), noise, lp)
-        scores[t] = total / num_noise_samples
+            prediction = predicted_noise(unet, q_sample(latents, noise, t_batch, alpha_bar), t, context)
+            total += noise_prediction_error(prediction, noise)
+        scores[t] = total / num_noise_draws
+    return scores
+
+
+def pia_scores(unet, latents, context, alpha_bar, timesteps, lp=4, normalised=False):
+    """{t: (B,) float64 score} for PIA (or PIAN with `normalised`), all t from one ε₀.
+
+    PIA:  ε₀ = ε̂(z₀, 0), z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀, s_t = `pia_score(ε̂(z_t, t), ε₀, p)`;
+    PIAN: the same with ε₀ ← `pian_normalised_noise(ε₀)`. UNet calls per image: 1 + |T|.
+    """
+    epsilon_0 = pia_epsilon_0(unet, latents, context)
+    if normalised:
+        epsilon_0 = pian_normalised_noise(epsilon_0)
+    scores = {}
+    for t in timesteps:
+        t_batch = torch.full((len(latents),), int(t), dtype=torch.long, device=latents.device)
+        noisy_latents = q_sample(latents, epsilon_0, t_batch, alpha_bar)
+        scores[t] = pia_score(predicted_noise(unet, noisy_latents, t, context), epsilon_0, lp)
     return scores

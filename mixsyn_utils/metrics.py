@@ -14,7 +14,7 @@ Each quantity lives in one function with its formula in the docstring:
 
 import numpy as np
 
-from .data import InputError
+from .cli import InputError
 
 
 def roc_metrics(member_scores, nonmember_scores):
@@ -260,7 +260,7 @@ def extraction_metrics(members, nonmembers, generations, k=10, delta=0.1, num_ti
     and are scaled to [0, 1] before the tiled ℓ2. Returns counts: true/false positives, precision,
     members matched but excluded by k, and extracted members per domain.
     """
-    from .data import resize_and_crop
+    from .images import resize_and_crop
 
     resolution = min(members[0]["image"].size)
 

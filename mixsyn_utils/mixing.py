@@ -13,7 +13,10 @@ import tempfile
 
 import numpy as np
 
-from .data import InputError, derive_seed, resize_and_crop, with_provenance
+from .cli import InputError
+from .dataset_io import with_provenance
+from .images import resize_and_crop
+from .seeds import SALT_MIX_SELECTION, SALT_MIX_TIES, derive_seed
 
 MODES = ("image", "pixel")
 PATTERNS = ("random", "block")
@@ -37,14 +40,14 @@ def image_selection(domains, ratio, seed):
     exact = ratio * counts
     quotas = np.floor(exact + 1e-9).astype(int)
     remainder = num_selected(ratio, len(domains)) - int(quotas.sum())
-    tie_order = np.random.default_rng(derive_seed(seed, 0)).permutation(len(names))
+    tie_order = np.random.default_rng(derive_seed(seed, SALT_MIX_TIES)).permutation(len(names))
     by_fraction = sorted(tie_order, key=lambda d: -(exact[d] - quotas[d]))
     for d in by_fraction[:remainder]:
         quotas[d] += 1
     selected = np.zeros(len(domains), dtype=bool)
     for d, name in enumerate(names):
         rows = np.flatnonzero(domains == name)
-        order = np.random.default_rng(derive_seed(seed, 1, d)).permutation(len(rows))
+        order = np.random.default_rng(derive_seed(seed, SALT_MIX_SELECTION, d)).permutation(len(rows))
         selected[rows[order[:quotas[d]]]] = True
     return selected
 
@@ -141,7 +144,7 @@ def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resoluti
             if mode == "image":
                 use_perturbed = bool(selected[row])
                 mixed, fraction = (perturbed_array if use_perturbed else clean_array), float(use_perturbed)
-                mask_seed = derive_seed(seed, 1, domain_index[domains[row]])  # the domain's selection permutation
+                mask_seed = derive_seed(seed, SALT_MIX_SELECTION, domain_index[domains[row]])  # the domain's permutation
             else:
                 mask_seed = derive_seed(seed, id_key(example["id"]) % (2**62))
                 mask = pixel_mask(resolution, resolution, ratio, mask_seed, pattern)

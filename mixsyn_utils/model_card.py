@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from .data import InputError
+from .cli import InputError
 
 
 def read_privacy_report(path):
@@ -45,15 +45,19 @@ def privacy_lines(report):
     return lines
 
 
-def model_card_text(args, method, mix_info, privacy_report=None):
-    """README.md of a fine-tuned model: base model, method, MixSyn mix, PGD budget, measured privacy."""
+def model_card_text(args, method, mix_info, trained, privacy_report=None):
+    """README.md of a fine-tuned model: base model, method, MixSyn mix, PGD budget, measured privacy.
+
+    `trained`: what the run actually did, {"steps", "learning_rate", "resolution"} (after --scale_lr and the
+    native-resolution default).
+    """
     method_tag = re.sub(r"[^a-z0-9]+", "-", method.split(" (")[0].lower()).strip("-")
     pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix_info["pgd"].items())) or "n/a (no perturbed set)"
     lines = ["---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
              f"tags: [stable-diffusion, text-to-image, diffusers, mixsyn, {method_tag}]",
              "---", "", f"# MixSyn {method} fine-tune of {args.pretrained_model_name_or_path}", "",
-             f"- Method: {method}, {args.max_train_steps} steps, learning rate {args.learning_rate}, "
-             f"resolution {args.resolution}",
+             f"- Method: {method}, {trained['steps']} steps, learning rate {trained['learning_rate']}, "
+             f"resolution {trained['resolution']}",
              f"- Training data: {args.dataset_name or args.instance_data_dir}",
              f"- MixSyn mixup: mode = {mix_info['mode']}, ratio = {mix_info['ratio']}, seed = {mix_info['seed']}, "
              f"pattern = {mix_info['pattern']}",
@@ -63,9 +67,9 @@ def model_card_text(args, method, mix_info, privacy_report=None):
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(args, method, mix_info, output_dir):
+def write_model_card(args, method, mix_info, trained, output_dir):
     report = read_privacy_report(args.privacy_report) if args.privacy_report else None
-    (Path(output_dir) / "README.md").write_text(model_card_text(args, method, mix_info, report))
+    (Path(output_dir) / "README.md").write_text(model_card_text(args, method, mix_info, trained, report))
 
 
 def push_to_hub(args, output_dir):
@@ -87,10 +91,10 @@ def push_to_hub(args, output_dir):
     return repo_id
 
 
-def finish_outputs(accelerator, args, method, mix_info):
+def finish_outputs(accelerator, args, method, mix_info, trained):
     """Main process: model card, then the optional Hub upload (after the trackers are closed)."""
     accelerator.end_training()
     if accelerator.is_main_process:
-        write_model_card(args, method, mix_info, args.output_dir)
+        write_model_card(args, method, mix_info, trained, args.output_dir)
         if args.push_to_hub:
             push_to_hub(args, args.output_dir)

@@ -1,21 +1,17 @@
-"""Loading Stable Diffusion components and encoding prompts and images, exactly as the diffusers examples do."""
+"""Stable Diffusion components: loading (pretrained or a fine-tuned variant), and encoding prompts and images.
+
+The calls are those of the diffusers examples, so a Hub id (CompVis/stable-diffusion-v1-4) and the embedded
+victim's pipeline folder load the same way. z₀ = s · E(x) is computed here and nowhere else.
+"""
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
-from .data import InputError
+import torch
 
-
-def add_pretrained_model_args(parser, required=True,
-                              help="Pipeline folder or Hub id, e.g. CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline."):
-    """Add the diffusers examples' model flags to `parser` (or a group): what `load_components` reads.
-
-    --pretrained_model_name_or_path, --revision (a Hub revision) and --variant (a weights variant, e.g. fp16).
-    """
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=required, default=None, help=help)
-    parser.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
-    parser.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
-    return parser
+from .cli import InputError, first_line
+from .placeholders import load_token_map
 
 
 def load_components(pretrained_model_name_or_path, revision=None, variant=None):
@@ -35,8 +31,7 @@ def load_components(pretrained_model_name_or_path, revision=None, variant=None):
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line}") from error
+        raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)}") from error
     return SimpleNamespace(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
     )
@@ -72,57 +67,30 @@ def encode_prompts(text_encoder, input_ids):
 
 
 def encode_images_to_latents(vae, pixel_values, sample=False, generator=None):
-    """z₀ = scaling_factor · E(x): the posterior mode by default, a sample with `sample=True`.
+    """z₀ = s · E(x): the scaled VAE posterior mode μ, or with `sample=True` a posterior sample μ + σ · n.
 
-    `pixel_values` are in [-1, 1], shape (B, 3, H, W). Gradients flow when the caller enables them
-    (Anti-DreamBooth's PGD differentiates through this call).
+    `pixel_values` in [-1, 1], shape (B, 3, H, W); s = `vae.config.scaling_factor`. n ~ N(0, I) is drawn in
+    float32 whatever the VAE's dtype (diffusers' `randn_tensor`), from `generator`: None (the global RNG), one
+    `torch.Generator`, or one per image (then image i's draw depends on its own generator only, not on its
+    batch). Gradients flow when the caller enables them (Anti-DreamBooth's PGD differentiates here).
     """
+    from diffusers.utils.torch_utils import randn_tensor
+
     posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
-    latents = posterior.sample(generator=generator) if sample else posterior.mode()
-    return latents * vae.config.scaling_factor
+    if not sample:
+        return posterior.mode() * vae.config.scaling_factor
+    noise = randn_tensor(posterior.mean.shape, generator=generator, device=posterior.mean.device, dtype=torch.float32)
+    return (posterior.mean + posterior.std * noise.to(posterior.mean.dtype)) * vae.config.scaling_factor
+
+
+def weight_dtype_of(mixed_precision):
+    """dtype of frozen weights under `--mixed_precision` ("fp16", "bf16", else float32); trained weights stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
 # Fine-tuned variants: the same pretrained pipeline plus a UNet, LoRA weights or learned tokens
 # ----------------------------------------------------------------------------------------------
-
-TOKEN_MAP_FILE = "token_map.json"
-
-
-def load_token_map(textual_inversion_dir):
-    """{domain: {"placeholder": "<zero>", "file": "learned_embeds-zero.safetensors", "num_vectors": 1}}."""
-    import json
-    from pathlib import Path
-
-    path = Path(textual_inversion_dir) / TOKEN_MAP_FILE
-    if not path.is_file():
-        raise InputError(f"--textual_inversion {textual_inversion_dir} has no {TOKEN_MAP_FILE}")
-    return json.loads(path.read_text())
-
-
-def placeholder_text(placeholder, num_vectors):
-    """The prompt text of a multi-vector token, as diffusers' `maybe_convert_prompt` expands it."""
-    return " ".join([placeholder] + [f"{placeholder}_{i}" for i in range(1, num_vectors)])
-
-
-def domain_name_pattern(domain):
-    """The regex of a domain name as a whole word (not inside a longer word) in a caption."""
-    return re.compile(rf"(?<!\w){re.escape(domain)}(?!\w)")
-
-
-def rewrite_caption(caption, domain, token_map, for_pipeline=False):
-    """Replace the domain name (whole words only) in a caption by its learned placeholder.
-
-    For direct tokenization (training, attacks) a multi-vector placeholder is spelled out as
-    `<p> <p>_1 …`; a diffusers pipeline expands `<p>` itself (`maybe_convert_prompt`), so with
-    `for_pipeline=True` only the bare placeholder is written.
-    """
-    entry = token_map.get(domain)
-    if entry is None:
-        return caption
-    placeholder = entry["placeholder"] if for_pipeline else placeholder_text(entry["placeholder"], entry.get("num_vectors", 1))
-    return domain_name_pattern(domain).sub(lambda _: placeholder, caption)
-
 
 def load_model_variant(pretrained_model_name_or_path, revision=None, variant=None, unet_path=None,
                        lora_weights=None, textual_inversion=None, torch_dtype=None):
@@ -132,8 +100,6 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
     `lora_weights`: a folder or file accepted by `pipe.load_lora_weights` (fused, so attacks see one UNet).
     `textual_inversion`: a folder with `token_map.json` written by `train_textual_inversion_mixsyn.py`.
     """
-    from pathlib import Path
-
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     try:
@@ -142,8 +108,8 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
             safety_checker=None, requires_safety_checker=False,
         )
     except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: {first_line}")
+        raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
+                         f"{first_line(error)}") from error
     if unet_path is not None:
         folder = Path(unet_path)
         if not folder.is_dir():
@@ -157,7 +123,7 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         try:
             pipeline.load_lora_weights(str(lora_weights))
         except (RuntimeError, ValueError) as error:
-            raise InputError(f"--lora_weights {lora_weights} does not match the model: {str(error).splitlines()[0]}")
+            raise InputError(f"--lora_weights {lora_weights} does not match the model: {first_line(error)}") from error
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
     if textual_inversion is not None:

@@ -1,12 +1,12 @@
-"""What the three MixSyn fine-tuning scripts share: flags, accelerator and optimizer, checkpoints, the resumable loop.
+"""What the three MixSyn fine-tuning scripts share: accelerator, optimizer and schedule, checkpoints, the loop.
 
-The training set is built in `training_data.py`, the model card and Hub upload in `model_card.py`.
-
+Their flags are in `flags.py`, their training set in `training_data.py`, the model card in `model_card.py`.
 The flags keep the names and defaults of diffusers' `train_dreambooth.py`, `train_dreambooth_lora.py` and
 `textual_inversion.py`. Where those scripts are known to go wrong, this module does it differently:
 - resume skips the batches already seen in the current epoch (the data order is a function of
   (seed, epoch) only, and crops/flips of image i in epoch e use a generator seeded by (seed, e, i));
-- `--resume_from_checkpoint` takes a path anywhere, and a path that does not exist is an error;
+- `--resume_from_checkpoint` takes a path anywhere, a path that does not exist is an error, and a checkpoint
+  made with other flags is refused (`training_signature`);
 - `--mixed_precision` defaults to None, so the accelerate config decides;
 - checkpoints are written to a hidden folder, renamed when whole, and rotated by the main process only
   after every process has finished writing;
@@ -19,145 +19,22 @@ import math
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import InputError, check_resolution
-from .model_card import read_privacy_report
-from .models import add_pretrained_model_args
+from .cli import InputError
+from .diffusion import alphas_cumprod, q_sample
+from .dreambooth import dreambooth_loss, prediction_target
+from .models import encode_images_to_latents, weight_dtype_of
+from .resumable import run_signature, signature_differences
 
 TRAINING_STATE_FILE = "training_state.json"
-
-
-# ----------------------------------------------------------------------------------------------
-# Flags shared by the three scripts (upstream names and defaults; scripts override a few defaults)
-# ----------------------------------------------------------------------------------------------
-
-def add_common_args(parser):
-    """Add every flag the three scripts share to `parser` (an `argparse.ArgumentParser`)."""
-    model = parser.add_argument_group("model")
-    add_pretrained_model_args(model)
-
-    data = parser.add_argument_group("data (a dataset with one caption per image, or upstream's instance folder)")
-    data.add_argument("--dataset_name", type=str, default=None,
-                      help="Training images: a save_to_disk folder (e.g. from generate_synthetic.py), an imagefolder "
-                           "or a Hub dataset id. Each image trains with its own caption.")
-    data.add_argument("--image_column", type=str, default="image", help="Column of --dataset_name holding images.")
-    data.add_argument("--caption_column", type=str, default="prompt", help="Column of --dataset_name holding captions.")
-    data.add_argument("--instance_data_dir", type=str, default=None,
-                      help="Upstream DreamBooth input: a folder of images that all train with --instance_prompt.")
-    data.add_argument("--instance_prompt", type=str, default=None, help="Caption of every --instance_data_dir image.")
-    data.add_argument("--instance_domain", type=str, default=None,
-                      help="Domain name of the --instance_data_dir images, as it appears in --instance_prompt "
-                           "(textual inversion learns its token and needs it; the others record it).")
-    data.add_argument("--resolution", type=int, default=None,
-                      help="Training resolution in pixels (multiple of 8); default: the model's native resolution "
-                           "(512 for SD-1.4, as upstream).")
-    data.add_argument("--center_crop", action="store_true",
-                      help="Center-crop after resizing; the default is a random crop (seeded by seed, epoch, image).")
-    data.add_argument("--random_flip", action="store_true", help="Flip each image horizontally with p = 0.5.")
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0 = main).")
-
-    mix = parser.add_argument_group("MixSyn: mix clean and adversarially perturbed self-synthesized images")
-    mix.add_argument("--perturbed_dataset_name", type=str, default=None,
-                     help="The perturbed copy of --dataset_name (same ids), e.g. from the Anti-DreamBooth PGD script.")
-    mix.add_argument("--mixup_mode", type=str, default="image", choices=["image", "pixel"],
-                     help="'image': a fraction of whole images is perturbed; 'pixel': a fraction of each image's pixels.")
-    mix.add_argument("--mixup_ratio", type=float, default=0.0,
-                     help="Fraction of perturbed images (or pixels) in [0, 1]; 0 trains on the clean set.")
-    mix.add_argument("--mixup_seed", type=int, default=0, help="Seed of the mix masks.")
-    mix.add_argument("--mixup_pattern", type=str, default="random", choices=["random", "block"],
-                     help="Pixel-mask layout in pixel mode: random positions or one block (see mixing.py).")
-    mix.add_argument("--save_mixed_dataset", type=str, default=None, help="Also save the mixed training set here.")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--train_batch_size", type=int, default=4, help="Images per device per micro-batch.")
-    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per update.")
-    optim.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (overridden by --max_train_steps).")
-    optim.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer updates.")
-    optim.add_argument("--learning_rate", type=float, default=5e-6, help="Initial learning rate (after warmup).")
-    optim.add_argument("--scale_lr", action="store_true",
-                       help="Multiply the learning rate by accumulation steps × batch size × processes.")
-    optim.add_argument("--lr_scheduler", type=str, default="constant",
-                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                                "constant_with_warmup"], help="Learning-rate schedule.")
-    optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup updates of the schedule.")
-    optim.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
-    optim.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit: less optimizer memory.")
-    optim.add_argument("--adam_beta1", type=float, default=0.9, help="Adam β1.")
-    optim.add_argument("--adam_beta2", type=float, default=0.999, help="Adam β2.")
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    optim.add_argument("--adam_epsilon", type=float, default=1e-08, help="Adam ε.")
-    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (0 disables).")
-    optim.add_argument("--snr_gamma", type=float, default=None,
-                       help="Min-SNR-γ loss weighting (arXiv:2303.09556); 5.0 is the recommended value.")
-    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Default: the accelerate config (upstream textual_inversion.py forced 'no').")
-    optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere GPUs (faster).")
-    optim.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for activation memory.")
-    optim.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
-                       help="xformers attention (needs the xformers package).")
-    optim.add_argument("--seed", type=int, default=None, help="Seed of noise, timesteps, data order and crops.")
-
-    ckpt = parser.add_argument_group("checkpoints and validation")
-    ckpt.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable state every N updates.")
-    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    ckpt.add_argument("--resume_from_checkpoint", type=str, default=None,
-                      help="A checkpoint folder (anywhere) or 'latest' (newest checkpoint-N in --output_dir).")
-    ckpt.add_argument("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
-    ckpt.add_argument("--num_validation_images", type=int, default=4, help="Validation images per validation.")
-    ckpt.add_argument("--validation_steps", type=int, default=100, help="Validate every N updates.")
-
-    out = parser.add_argument_group("outputs")
-    out.add_argument("--output_dir", type=str, default="mixsyn-model", help="Where weights and checkpoints go.")
-    out.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
-    out.add_argument("--report_to", type=str, default="tensorboard", help="'tensorboard', 'wandb', 'comet_ml' or 'all'.")
-    out.add_argument("--privacy_report", type=str, default=None,
-                     help="results.json of evaluate.py: its AUC/TPR (with CIs) go into the model card.")
-    out.add_argument("--push_to_hub", action="store_true", help="Upload the output folder to the Hub.")
-    out.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id; default: the output folder name.")
-    out.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `huggingface-cli login`).")
-    return parser
-
-
-def check_common_args(args):
-    """Reject bad flag combinations before any model is loaded (raises `InputError` naming the flag)."""
-    if (args.dataset_name is None) == (args.instance_data_dir is None):
-        raise InputError("pass exactly one of --dataset_name and --instance_data_dir")
-    if args.instance_data_dir is not None:
-        if not Path(args.instance_data_dir).is_dir():
-            raise InputError(f"--instance_data_dir {args.instance_data_dir} is not a folder")
-        if not args.instance_prompt:
-            raise InputError("--instance_prompt is required with --instance_data_dir")
-    if not 0.0 <= args.mixup_ratio <= 1.0:
-        raise InputError(f"--mixup_ratio must be in [0, 1], got {args.mixup_ratio}")
-    if args.mixup_ratio > 0 and args.perturbed_dataset_name is None:
-        raise InputError(f"--mixup_ratio {args.mixup_ratio} needs --perturbed_dataset_name")
-    check_resolution(args.resolution)
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit <= 0:
-        raise InputError(f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}")
-    if args.hub_token is not None and "wandb" in args.report_to:
-        raise InputError("--hub_token with --report_to wandb would expose the token; use `huggingface-cli login`")
-    if args.enable_xformers_memory_efficient_attention:
-        from diffusers.utils.import_utils import is_xformers_available
-
-        if not is_xformers_available():
-            raise InputError("--enable_xformers_memory_efficient_attention needs xformers (pip install xformers)")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as error:
-            raise InputError("--use_8bit_adam needs bitsandbytes (pip install bitsandbytes)") from error
-    if args.privacy_report is not None:
-        read_privacy_report(args.privacy_report)
-    args.resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    return args
+# Schedules whose learning rate at update n does not depend on the total number of updates: with these a resumed
+# run may train for longer than the original (the first updates are the same whatever the total).
+LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,40 +62,48 @@ def make_accelerator(args):
     return accelerator
 
 
-def weight_dtype_of(accelerator):
-    """dtype of the frozen models: fp16/bf16 under mixed precision; trainable weights stay float32."""
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+def scaled_learning_rate(args, num_processes):
+    """η = --learning_rate, times GA steps × batch size × processes with --scale_lr (upstream's rule)."""
+    if not args.scale_lr:
+        return args.learning_rate
+    return args.learning_rate * args.gradient_accumulation_steps * args.train_batch_size * num_processes
 
 
-def make_optimizer(params, args, accelerator):
-    """AdamW (or bitsandbytes AdamW8bit) over `params`; `--scale_lr` scales by GA × batch × processes."""
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+def make_optimizer(params, learning_rate, args):
+    """AdamW (or bitsandbytes AdamW8bit) over `params` at `learning_rate` with the --adam_* settings."""
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    return optimizer_class(params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    updates_per_epoch: int
+    max_train_steps: int
+    num_train_epochs: int
+
+
 def plan_steps(args, batches_per_epoch):
-    """Fill in `max_train_steps` or `num_train_epochs` (upstream rule): updates/epoch = ⌈batches / GA⌉."""
-    args.updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * args.updates_per_epoch
-    args.num_train_epochs = math.ceil(args.max_train_steps / args.updates_per_epoch)
+    """The upstream rule: updates/epoch = ⌈batches / GA⌉; --max_train_steps, else epochs × updates/epoch."""
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps
+    if max_train_steps is None:
+        max_train_steps = args.num_train_epochs * updates_per_epoch
+    return TrainingPlan(updates_per_epoch, max_train_steps, math.ceil(max_train_steps / updates_per_epoch))
 
 
-def make_lr_scheduler(optimizer, args, accelerator):
+def make_lr_scheduler(optimizer, args, plan, num_processes):
     """diffusers' `get_scheduler`; steps × processes because the prepared scheduler steps once per process."""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                         num_training_steps=args.max_train_steps * accelerator.num_processes,
+                         num_warmup_steps=args.lr_warmup_steps * num_processes,
+                         num_training_steps=plan.max_train_steps * num_processes,
                          num_cycles=args.lr_num_cycles, power=args.lr_power)
 
 
@@ -271,7 +156,20 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
     return str(path)
 
 
-def save_checkpoint(accelerator, output_dir, global_step, checkpoints_total_limit=None):
+def training_signature(args, inputs=None):
+    """The run signature a checkpoint records and a resumed run must match (`resumable.run_signature`).
+
+    With a schedule that does not depend on the total (`LENGTH_FREE_SCHEDULES`) the training length may grow
+    on resume, so --max_train_steps and --num_train_epochs are left out of it.
+    """
+    signature = run_signature(args, inputs)
+    if args.lr_scheduler in LENGTH_FREE_SCHEDULES:
+        for flag in ("max_train_steps", "num_train_epochs"):
+            signature["flags"].pop(flag, None)
+    return signature
+
+
+def save_checkpoint(accelerator, output_dir, global_step, signature, checkpoints_total_limit=None):
     """Save the full training state to `output_dir/checkpoint-N` and keep the newest `checkpoints_total_limit`.
 
     Every process writes into one hidden folder (its RNG state is per process); after a barrier the main
@@ -284,7 +182,8 @@ def save_checkpoint(accelerator, output_dir, global_step, checkpoints_total_limi
     accelerator.save_state(str(partial_dir))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (partial_dir / TRAINING_STATE_FILE).write_text(json.dumps({"global_step": global_step}))
+        (partial_dir / TRAINING_STATE_FILE).write_text(json.dumps({"global_step": global_step,
+                                                                   "signature": signature}, indent=2))
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(partial_dir, final_dir)
@@ -329,10 +228,18 @@ def register_pretrained_checkpoint_hooks(accelerator):
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def resume_training_state(accelerator, resume_path):
-    """Load a checkpoint (models, optimizer, schedule, RNG states); returns the update count reached."""
+def resume_training_state(accelerator, resume_path, signature):
+    """Load a checkpoint (models, optimizer, schedule, RNG states); returns the update count reached.
+
+    A checkpoint whose recorded `training_signature` differs from this run's is refused, naming the flags.
+    """
     if resume_path is None:
         return 0
+    state_file = Path(resume_path) / TRAINING_STATE_FILE
+    recorded = json.loads(state_file.read_text()).get("signature") if state_file.is_file() else None
+    if recorded is not None and recorded != signature:
+        raise InputError(f"--resume_from_checkpoint {resume_path} was made with other "
+                         f"{', '.join(signature_differences(recorded, signature))}; resume with the same flags")
     accelerator.print(f"Resuming from checkpoint {resume_path}")
     accelerator.load_state(str(resume_path))
     return checkpoint_step(resume_path)
@@ -342,28 +249,29 @@ def resume_training_state(accelerator, resume_path):
 # The loop: identical in the three scripts, only the loss and the after-update hook differ
 # ----------------------------------------------------------------------------------------------
 
-def train_loop(accelerator, args, *, models, dataloader, batch_sampler, optimizer, lr_scheduler, params_to_clip,
-               loss_fn, global_step=0, after_update=None, validate=None, logger=None):
-    """Run updates `global_step+1 .. max_train_steps`; returns the final update count.
+def train_loop(accelerator, args, plan, *, models, dataloader, batch_sampler, optimizer, lr_scheduler,
+               params_to_clip, loss_fn, signature, global_step=0, after_update=None, validate=None, logger=None):
+    """Run updates `global_step+1 .. plan.max_train_steps`; returns the final update count.
 
     `loss_fn(batch) -> (loss, logs)`. Gradients of `gradient_accumulation_steps` micro-batches (or of
     the rest of the epoch) are summed with DDP sync only on the last one. On resume, epoch
     ⌊step / updates_per_epoch⌋ restarts after its first (step mod updates_per_epoch) × GA batches.
+    Checkpoints record `signature` (see `training_signature`).
     """
     from tqdm.auto import tqdm
 
     accumulation = args.gradient_accumulation_steps
-    first_epoch = global_step // args.updates_per_epoch
-    skip_batches = (global_step % args.updates_per_epoch) * accumulation
+    first_epoch = global_step // plan.updates_per_epoch
+    skip_batches = (global_step % plan.updates_per_epoch) * accumulation
     if logger is not None:
         logger.info("***** Running training *****")
         logger.info(f"  Num examples = {len(dataloader.dataset)}, batches per epoch = {batch_sampler.batches_per_epoch()}")
         logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
-        logger.info(f"  Gradient accumulation steps = {accumulation}, total optimization steps = {args.max_train_steps}")
+        logger.info(f"  Gradient accumulation steps = {accumulation}, total optimization steps = {plan.max_train_steps}")
         logger.info(f"  Resuming at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+    progress = tqdm(range(plan.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    for epoch in range(first_epoch, args.num_train_epochs):
+    for epoch in range(first_epoch, plan.num_train_epochs):
         for model in models:
             model.train()
         batch_sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
@@ -394,19 +302,19 @@ def train_loop(accelerator, args, *, models, dataloader, batch_sampler, optimize
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                save_checkpoint(accelerator, args.output_dir, global_step, signature, args.checkpoints_total_limit)
             if validate is not None and args.validation_prompt and global_step % args.validation_steps == 0:
                 validate(global_step)
-            if global_step >= args.max_train_steps:
+            if global_step >= plan.max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
+        if global_step >= plan.max_train_steps:
             break
     progress.close()
     accelerator.wait_for_everyone()
     return global_step
 
 
-def log_validation(accelerator, args, pipeline, global_step):
+def log_validation(accelerator, args, pipeline, global_step, resolution):
     """Generate `--num_validation_images` for `--validation_prompt` and send them to the trackers.
 
     A generator seeded by `--seed` draws the latents, so validation leaves the training RNG untouched.
@@ -414,7 +322,7 @@ def log_validation(accelerator, args, pipeline, global_step):
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
     images = [pipeline(args.validation_prompt, num_inference_steps=25, generator=generator,
-                       height=args.resolution, width=args.resolution).images[0]
+                       height=resolution, width=resolution).images[0]
               for _ in range(args.num_validation_images)]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -433,60 +341,46 @@ def validation_pipeline(args, accelerator, **components):
 
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, safety_checker=None,
-        requires_safety_checker=False, torch_dtype=weight_dtype_of(accelerator),
+        requires_safety_checker=False, torch_dtype=weight_dtype_of(accelerator.mixed_precision),
         **{name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part
            for name, part in components.items()})
     return pipeline.to(accelerator.device)
 
 
 # ----------------------------------------------------------------------------------------------
-# Prior-preservation flags (DreamBooth and DreamBooth+LoRA) and the denoising loss of one batch
+# The denoising loss of one batch
 # ----------------------------------------------------------------------------------------------
 
-def add_prior_preservation_args(parser):
-    group = parser.add_argument_group("prior preservation (DreamBooth, arXiv:2208.12242)")
-    group.add_argument("--with_prior_preservation", action="store_true",
-                       help="Add the prior-preservation loss on class images generated by the base model.")
-    group.add_argument("--prior_loss_weight", type=float, default=1.0, help="λ of the prior-preservation loss.")
-    group.add_argument("--class_data_dir", type=str, default=None, help="Cache folder of the class images.")
-    group.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class images, e.g. 'a face'.")
-    group.add_argument("--num_class_images", type=int, default=100, help="Class images to generate and use.")
-    group.add_argument("--sample_batch_size", type=int, default=4, help="Batch size of class-image generation.")
-    return parser
-
-
 class LatentEncoder(torch.nn.Module):
-    """z₀ = scaling_factor · sample of E(x): the VAE encoder as a module, so DDP can wrap it when it trains."""
+    """The VAE encoder as a module (`encode_images_to_latents`, posterior sample), so DDP can wrap it when it trains."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
     def forward(self, pixel_values):
-        posterior = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
-        return posterior.sample() * self.vae.config.scaling_factor
+        return encode_images_to_latents(self.vae, pixel_values, sample=True)
 
 
-def denoising_batch_loss(batch, unet, latent_encoder, text_encoder, noise_scheduler, args, weight_dtype):
+def denoising_batch_loss(batch, unet, latent_encoder, text_encoder, noise_scheduler, weight_dtype,
+                         prior_loss_weight=1.0, snr_gamma=None):
     """The DreamBooth/LoRA/TI training loss of one batch; returns (loss, logs).
 
-    z₀ = scaling · E(x), ε ~ N(0, I), t ~ U{0, …, T−1}, z_t = √ᾱ_t z₀ + √(1 − ᾱ_t) ε (the scheduler's
-    `add_noise`), L = `dreambooth_loss(ε_θ(z_t, t, c), target)` with instance rows first; without class
-    rows it is the plain (optionally Min-SNR-weighted) denoising loss.
+    z₀ = `latent_encoder(x)`, ε ~ N(0, I), t ~ U{0, …, T−1}, z_t = `q_sample(z₀, ε, t)`,
+    L = `dreambooth_loss(ε_θ(z_t, t, c), target)` with instance rows first; without class rows it is the
+    plain (optionally Min-SNR-weighted) denoising loss.
     """
-    from .dreambooth import dreambooth_loss, prediction_target
-
     latents = latent_encoder(batch["pixel_values"])
     noise = torch.randn_like(latents)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device).long()
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents = q_sample(latents, noise, timesteps, alphas_cumprod(noise_scheduler))
     encoder_hidden_states = text_encoder(batch["input_ids"])[0]
     # Inputs in the frozen models' dtype: a frozen half-precision UNet is not autocast-wrapped (upstream TI).
     model_pred = unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states.to(weight_dtype)).sample
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     loss, instance_loss, prior_loss = dreambooth_loss(
         model_pred, target, timesteps, noise_scheduler, batch["num_instance"],
-        prior_loss_weight=getattr(args, "prior_loss_weight", 1.0), snr_gamma=args.snr_gamma)
+        prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma)
     logs = {"prior_loss": prior_loss.detach().item()} if model_pred.shape[0] > batch["num_instance"] else {}
     return loss, logs

@@ -8,12 +8,20 @@
 """
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import InputError, load_image_dataset, pil_to_tensor, read_provenance, resize_and_crop, save_dataset
+from .class_images import ensure_class_images
+from .cli import InputError
+from .dataset_io import load_image_dataset, read_provenance, save_dataset
+from .flags import class_data_dir_of
+from .images import pil_to_tensor, resize_and_crop
+from .mixing import mix_datasets
+from .models import tokenize_prompts
+from .seeds import CLASS_IMAGE_KEY_OFFSET, derive_seed
 
 
 def load_instance_folder(instance_data_dir, instance_prompt, instance_domain=""):
@@ -43,16 +51,26 @@ def load_instance_folder(instance_data_dir, instance_prompt, instance_domain="")
                                     "prompt": datasets.Value("string"), "domain": datasets.Value("string")}))
 
 
-def load_training_images(args, is_main_process=True):
-    """The mixed training set and a record of how it was mixed (for the model card).
+@dataclass
+class TrainingSet:
+    """The (mixed) training images: `rows` with an `image` column, the name of their caption column, the mix."""
 
-    Returns (dataset, mix_info). The dataset has `image` and the caption column (`prompt` for
-    `--instance_data_dir`); with `--perturbed_dataset_name` its images are `mix_datasets(clean, perturbed,
-    ...)`. mix_info holds mode, ratio, seed, pattern and the perturbed set's PGD flags from its provenance.
+    rows: object
+    caption_column: str
+    mix_info: dict
+
+
+def load_training_images(args, is_main_process=True):
+    """The training set of `--dataset_name` or `--instance_data_dir`, mixed with `--perturbed_dataset_name`.
+
+    Returns a `TrainingSet`: rows with `image` and their captions (`prompt` for `--instance_data_dir`); with a
+    perturbed set the images are `mix_datasets(clean, perturbed, ...)`. mix_info holds mode, ratio, seed,
+    pattern and the perturbed set's PGD flags from its provenance (for the model card).
     """
+    caption_column = args.caption_column
     if args.instance_data_dir is not None:
         clean = load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or "")
-        args.caption_column = "prompt"
+        caption_column = "prompt"
     else:
         clean = load_image_dataset(args.dataset_name, required_columns=(args.image_column, args.caption_column))
         if args.image_column != "image":
@@ -60,9 +78,7 @@ def load_training_images(args, is_main_process=True):
     mix_info = {"mode": args.mixup_mode, "ratio": args.mixup_ratio, "seed": args.mixup_seed,
                 "pattern": args.mixup_pattern, "perturbed_dataset": args.perturbed_dataset_name, "pgd": {}}
     if args.perturbed_dataset_name is None:
-        return clean, mix_info
-    from .mixing import mix_datasets
-
+        return TrainingSet(clean, caption_column, mix_info)
     perturbed = load_image_dataset(args.perturbed_dataset_name, required_columns=("image",))
     flags = read_provenance(perturbed).get("flags", {})
     mix_info["pgd"] = {key: value for key, value in flags.items() if key.startswith("pgd_")}
@@ -70,7 +86,7 @@ def load_training_images(args, is_main_process=True):
                          pattern=args.mixup_pattern, resolution=args.resolution)
     if args.save_mixed_dataset and is_main_process:
         save_dataset(mixed, args.save_mixed_dataset)
-    return mixed, mix_info
+    return TrainingSet(mixed, caption_column, mix_info)
 
 
 def training_pixel_values(image, resolution, center_crop, random_flip, rng):
@@ -102,8 +118,6 @@ class TrainingImages(torch.utils.data.Dataset):
         self._token_ids = {}  # caption → ids; captions repeat (few templates × domains), so this stays small
 
     def _tokenize(self, caption):
-        from .models import tokenize_prompts
-
         if caption not in self._token_ids:
             if len(self._token_ids) >= 4096:
                 self._token_ids.clear()
@@ -117,8 +131,6 @@ class TrainingImages(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def _encode(self, image, caption, key):
-        from .data import derive_seed
-
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
         return (training_pixel_values(image, self.resolution, self.center_crop, self.random_flip, rng),
                 self._tokenize(caption))
@@ -130,7 +142,7 @@ class TrainingImages(torch.utils.data.Dataset):
         if self.class_images is not None:
             class_row = self.class_images[int(index) % len(self.class_images)]
             example["class_pixel_values"], example["class_input_ids"] = self._encode(
-                class_row["image"], class_row["prompt"], 10**9 + index)
+                class_row["image"], class_row["prompt"], CLASS_IMAGE_KEY_OFFSET + index)
         return example
 
 
@@ -161,8 +173,6 @@ class EpochBatchSampler:
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def epoch_batches(self):
-        from .data import derive_seed
-
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         order = torch.randperm(self.num_items, generator=generator).tolist()
         order += order[: (-len(order)) % self.num_processes]
@@ -189,15 +199,12 @@ def make_dataloader(dataset, args, accelerator):
     return loader, sampler
 
 
-def load_class_images(args, accelerator):
+def load_class_images(args, resolution, accelerator):
     """Class images for prior preservation (generated once, cached), or None without the flag."""
     if not args.with_prior_preservation:
         return None
-    from .dreambooth import ensure_class_images
-
-    if args.class_data_dir is None or not args.class_prompt:
-        raise InputError("--with_prior_preservation needs --class_data_dir and --class_prompt")
     return ensure_class_images(args.pretrained_model_name_or_path, args.class_prompt, args.num_class_images,
-                               args.class_data_dir, revision=args.revision, variant=args.variant,
-                               resolution=args.resolution, sample_batch_size=args.sample_batch_size,
-                               seed=args.seed or 0, accelerator=accelerator)
+                               class_data_dir_of(args), revision=args.revision, variant=args.variant,
+                               resolution=resolution, sample_batch_size=args.sample_batch_size,
+                               num_inference_steps=args.class_num_inference_steps, seed=args.seed or 0,
+                               accelerator=accelerator)

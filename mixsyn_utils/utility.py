@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import InputError
+from .cli import InputError, first_line
 
 BRISQUE_MIN_SIDE = 96
 CLASSIFIER_CONFIG = "config.json"
@@ -169,7 +169,7 @@ def clip_r_precision_hits(images, prompts, domains, domain_names, clip_model, cl
                                                                      device=device)
     except (RuntimeError, OSError, ValueError) as error:
         raise InputError(f"--clip_model {clip_model} / --clip_pretrained {clip_pretrained}: "
-                         f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+                         f"{first_line(error)}") from error
     tokenizer = open_clip.get_tokenizer(clip_model)
     model.eval()
     hits = []

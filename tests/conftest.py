@@ -69,3 +69,7 @@ def synthetic_dataset(tiny_victim, tmp_path_factory):
         "--num_inference_steps", "4", "--sample_batch_size", "8", "--output_dir", str(output_dir),
     ]))
     return output_dir
+
+
+# Fixtures shared by several test files: registered once, so session fixtures run once per session.
+pytest_plugins = ["attack_fixtures", "train_fixtures"]

@@ -1,202 +1,27 @@
-"""Specification of the membership-inference attacks (issue 5): SecMI, PIA, PIAN and the naive loss attack.
+"""Specification of the attack scripts: SecMI, PIA and PIAN on member / non-member images.
 
-Scores are checked against an independent float64 re-implementation written here with plain per-image
-loops; UNet work is counted with a forward hook; the scores dataset contract with evaluate.py is checked.
+Their maths is checked against a float64 reference in test_diffusion.py; here: UNet calls per image (forward
+hook), the scores dataset contract with evaluate.py, distribution, resume, bad input, captions and z₀ options.
 """
 
-import copy
-import shutil
 import json
-import math
+import shutil
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from attack_fixtures import K, PIA_TIMESTEPS, T_SEC, common_argv, members_lower_auc, run_attack
 from conftest import launch
 
 import attack_pia
 import attack_secmi
 import make_tiny_victim
 from mixsyn_utils import attacks as attacks_module
-from mixsyn_utils.attacks import load_attack_data, scores_summary
-from mixsyn_utils.data import InputError
+from mixsyn_utils import resumable
+from mixsyn_utils.attacks import load_attack_data
+from mixsyn_utils.cli import InputError
 from mixsyn_utils.models import load_model_variant
-
-PIA_TIMESTEPS = (100, 200)
-T_SEC, K = 40, 10
-REFERENCE_IMAGES_PER_SET = 6
-WORST_RELATIVE_ERROR = {}
-
-
-def common_argv(victim, output_dir, *extra):
-    return ["--pretrained_model_name_or_path", str(victim / "pipeline"), "--member_dataset", str(victim / "members"),
-            "--nonmember_dataset", str(victim / "nonmembers"), "--output_dir", str(output_dir), *map(str, extra)]
-
-
-class UNetSampleCounter:
-    """Counts images passed through the UNet (sum of batch sizes over forward calls) via a forward hook."""
-
-    def __init__(self):
-        self.samples = 0
-
-    def wrap(self, load_attack_model):
-        def loader(*args, **kwargs):
-            components = load_attack_model(*args, **kwargs)
-            components.unet.register_forward_hook(lambda module, inputs, output: self._count(inputs))
-            return components
-        return loader
-
-    def _count(self, inputs):
-        self.samples += len(inputs[0])
-
-
-def run_attack(script, argv):
-    """Run an attack script's main in this process; returns (scores dataset, UNet samples forwarded)."""
-    counter = UNetSampleCounter()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(script, "load_attack_model", counter.wrap(script.load_attack_model))
-        args = script.parse_args(argv)
-        script.main(args)
-    return datasets.load_from_disk(args.output_dir), counter.samples
-
-
-@pytest.fixture(scope="module")
-def attack_runs(tiny_victim, tmp_path_factory):
-    """Each attack run once on the fast victim, batch size 24 (batches mix members and non-members)."""
-    root = tmp_path_factory.mktemp("attacks")
-    runs = {}
-    for method in ("pia", "pian", "naive"):
-        extra = ["--num_noise_samples", "2"] if method == "naive" else []
-        runs[method] = run_attack(attack_pia, common_argv(
-            tiny_victim, root / method, "--method", method, "--attack_timesteps", *PIA_TIMESTEPS, "--batch_size", 24,
-            *extra))
-    runs["secmi"] = run_attack(attack_secmi, common_argv(
-        tiny_victim, root / "secmi", "--t_sec", T_SEC, "--k", K, "--batch_size", 24))
-    return runs
-
-
-# ----------------------------------------------------------------------------------------------
-# Independent float64 reference: plain loops, one image at a time, straight from the papers' equations
-# ----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def reference_model(tiny_victim):
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None,
-                                                       requires_safety_checker=False)
-    model = {name: copy.deepcopy(getattr(pipeline, name)).to(torch.float64).eval()
-             for name in ("unet", "vae", "text_encoder")}
-    model["tokenizer"] = pipeline.tokenizer
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD-1.x scaled_linear
-    model["alpha_bar"] = torch.cumprod(1.0 - betas, 0)
-    rows = []
-    for name in ("members", "nonmembers"):  # a few of each keeps the float64 loops cheap
-        for row in datasets.load_from_disk(str(tiny_victim / name)).select(range(REFERENCE_IMAGES_PER_SET)):
-            pixels = np.asarray(row["image"].convert("RGB"), dtype=np.float64) / 127.5 - 1.0
-            rows.append({"id": row["id"], **reference_inputs(model, row["prompt"], torch.from_numpy(pixels))})
-    model["rows"] = rows
-    return model
-
-
-@torch.no_grad()
-def reference_inputs(model, prompt, pixels):
-    """z₀ = scaling · VAE posterior mode, c = text encoder of the caption padded to model_max_length."""
-    ids = model["tokenizer"]([prompt], padding="max_length", max_length=model["tokenizer"].model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-    context = model["text_encoder"](ids)[0]
-    z0 = model["vae"].encode(pixels.permute(2, 0, 1)[None]).latent_dist.mode() * model["vae"].config.scaling_factor
-    return {"z0": z0, "context": context}
-
-
-def eps(model, z, t, context):
-    return model["unet"](z, torch.tensor([t]), context).sample
-
-
-def reference_pia(model, row, t, method):
-    z0, context = row["z0"], row["context"]
-    with torch.no_grad():
-        e0 = eps(model, z0, 0, context)
-        if method == "pian":
-            e0 = e0 / e0.abs().mean() * math.sqrt(2 / math.pi)
-        a = model["alpha_bar"][t]
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * e0
-        return float(((eps(model, zt, t, context) - e0).abs() ** 4).sum())
-
-
-def reference_naive(model, row, t, draws, seed=0):
-    z0, context = row["z0"], row["context"]
-    total = 0.0
-    with torch.no_grad():
-        for draw in range(draws):
-            noise = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed * 1_000_003 + t * 101 + draw))
-            noise = noise.double()
-            a = model["alpha_bar"][t]
-            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            total += float(((eps(model, zt, t, context) - noise).abs() ** 4).sum())
-    return total / draws
-
-
-def reference_secmi(model, row, t_sec, k):
-    z0, context = row["z0"], row["context"]
-    ab = model["alpha_bar"]
-
-    def step(z, t, s):
-        e = eps(model, z, t, context)
-        return ab[s].sqrt() * (z - (1 - ab[t]).sqrt() * e) / ab[t].sqrt() + (1 - ab[s]).sqrt() * e
-
-    with torch.no_grad():
-        z = z0
-        t = 0
-        while t < t_sec - k:
-            z = step(z, t, t + k)
-            t += k
-        back = step(step(z, t_sec - k, t_sec), t_sec, t_sec - k)
-        return float(((back - z) ** 2).sum())
-
-
-def worst_relative_error(scores, reference_fn, model, name):
-    by_id = dict(zip(scores["id"], scores["score"]))
-    worst = 0.0
-    for row in model["rows"]:
-        expected = reference_fn(row)
-        worst = max(worst, abs(by_id[row["id"]] - expected) / abs(expected))
-    WORST_RELATIVE_ERROR[name] = worst
-    print(f"\nworst relative error vs float64 reference, {name}: {worst:.2e}")
-    return worst
-
-
-def column_scores(dataset, column):
-    return dataset.rename_column("score", "score_mean").rename_column(column, "score") if column != "score" else dataset
-
-
-@pytest.mark.parametrize("method", ["pia", "pian"])
-def test_pia_scores_match_float64_reference(attack_runs, reference_model, method):
-    dataset, _ = attack_runs[method]
-    for t in PIA_TIMESTEPS:
-        scores = column_scores(dataset, f"score_t{t}")
-        fn = lambda row: reference_pia(reference_model, row, t, method)  # noqa: E731
-        assert worst_relative_error(scores, fn, reference_model, f"{method} t={t}") <= 1e-3
-
-
-def test_naive_scores_match_float64_reference(attack_runs, reference_model):
-    dataset, _ = attack_runs["naive"]
-    scores = column_scores(dataset, f"score_t{PIA_TIMESTEPS[0]}")
-    fn = lambda row: reference_naive(reference_model, row, PIA_TIMESTEPS[0], draws=2)  # noqa: E731
-    assert worst_relative_error(scores, fn, reference_model, "naive") <= 1e-3
-
-
-def test_secmi_t_error_matches_float64_reference(attack_runs, reference_model):
-    dataset, _ = attack_runs["secmi"]
-    fn = lambda row: reference_secmi(reference_model, row, T_SEC, K)  # noqa: E731
-    assert worst_relative_error(dataset, fn, reference_model, "secmi") <= 1e-3
-
-
-def test_pia_score_is_mean_over_timesteps(attack_runs):
-    dataset, _ = attack_runs["pia"]
-    per_t = np.mean([dataset[f"score_t{t}"] for t in PIA_TIMESTEPS], axis=0)
-    np.testing.assert_allclose(dataset["score"], per_t, rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,8 +29,7 @@ def test_pia_score_is_mean_over_timesteps(attack_runs):
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,calls_per_image", [
-    ("pia", 1 + len(PIA_TIMESTEPS)), ("pian", 1 + len(PIA_TIMESTEPS)), ("naive", len(PIA_TIMESTEPS) * 2),
-    ("secmi", T_SEC // K + 1),
+    ("pia", 1 + len(PIA_TIMESTEPS)), ("pian", 1 + len(PIA_TIMESTEPS)), ("secmi", T_SEC // K + 1),
 ])
 def test_unet_calls_per_image(attack_runs, method, calls_per_image):
     dataset, unet_samples = attack_runs[method]
@@ -250,7 +74,7 @@ def memorising_victim(tmp_path_factory):
 def test_attacks_separate_members_from_nonmembers(memorising_victim, tmp_path):
     pia, _ = run_attack(attack_pia, common_argv(memorising_victim, tmp_path / "pia", "--attack_timesteps", 200))
     secmi, _ = run_attack(attack_secmi, common_argv(memorising_victim, tmp_path / "secmi"))
-    aucs = {"pia": scores_summary(pia)["score"], "secmi": scores_summary(secmi)["score"]}
+    aucs = {"pia": members_lower_auc(pia), "secmi": members_lower_auc(secmi)}
     print(f"\nAUC (members-lower convention; < 0.5 means members score HIGHER): {aucs}")
     assert max(abs(auc - 0.5) for auc in aucs.values()) >= 0.15
 
@@ -273,15 +97,15 @@ def test_killed_run_resumes_without_recomputing_finished_batches(tiny_victim, tm
     argv = common_argv(tiny_victim, tmp_path / "scores", "--batch_size", 16, "--attack_timesteps", 100)
     reference, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "full", "--batch_size", 16,
                                                       "--attack_timesteps", 100))
-    original_save, saved = attacks_module.PartialResults.save, []
+    original_save, saved = resumable.ResumableWork._save, []
 
-    def save_then_die(self, key, dataset):
-        original_save(self, key, dataset)
-        saved.append(key)
+    def save_then_die(self, unit, dataset):
+        original_save(self, unit, dataset)
+        saved.append(unit)
         if len(saved) == 2:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(attacks_module.PartialResults, "save", save_then_die)
+    monkeypatch.setattr(resumable.ResumableWork, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         attack_pia.main(attack_pia.parse_args(argv))
     monkeypatch.undo()
@@ -295,28 +119,25 @@ def test_killed_run_resumes_without_recomputing_finished_batches(tiny_victim, tm
 # Bad input: one-line InputError naming the flag, before any model is loaded
 # ----------------------------------------------------------------------------------------------
 
-def save_rows(rows, path):
-    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).save_to_disk(str(path))
-    return path
+def argv_with_changed_nonmember(tiny_victim, tmp_path, column, member_row, nonmember_row):
+    """Attack flags whose non-member set has non-member `nonmember_row`'s `column` copied from member `member_row`."""
+    members = datasets.load_from_disk(str(tiny_victim / "members"))
+    nonmembers = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "nonmembers"))]
+    nonmembers[nonmember_row][column] = members[member_row][column]
+    path = tmp_path / "nonmembers"
+    datasets.Dataset.from_list(nonmembers).cast_column("image", datasets.Image()).save_to_disk(str(path))
+    return common_argv(tiny_victim, tmp_path / "out") + ["--nonmember_dataset", str(path)], members[member_row]["id"]
 
 
 def test_shared_id_between_sets_is_refused(tiny_victim, tmp_path):
-    members = datasets.load_from_disk(str(tiny_victim / "members"))
-    nonmembers = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "nonmembers"))]
-    nonmembers[3]["id"] = members[0]["id"]
-    path = save_rows(nonmembers, tmp_path / "nonmembers")
-    argv = common_argv(tiny_victim, tmp_path / "out") + ["--nonmember_dataset", str(path)]
-    with pytest.raises(InputError, match=f"share 1 id.*{members[0]['id']}"):
+    argv, member_id = argv_with_changed_nonmember(tiny_victim, tmp_path, "id", member_row=0, nonmember_row=3)
+    with pytest.raises(InputError, match=f"share 1 id.*{member_id}"):
         load_attack_data(attack_pia.parse_args(argv))
 
 
 def test_identical_pixels_under_another_id_are_refused(tiny_victim, tmp_path):
-    members = datasets.load_from_disk(str(tiny_victim / "members"))
-    nonmembers = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "nonmembers"))]
-    nonmembers[5]["image"] = members[2]["image"]
-    path = save_rows(nonmembers, tmp_path / "nonmembers")
-    argv = common_argv(tiny_victim, tmp_path / "out") + ["--nonmember_dataset", str(path)]
-    with pytest.raises(InputError, match=f"identical pixels.*{members[2]['id']}"):
+    argv, member_id = argv_with_changed_nonmember(tiny_victim, tmp_path, "image", member_row=2, nonmember_row=5)
+    with pytest.raises(InputError, match=f"identical pixels.*{member_id}"):
         load_attack_data(attack_pia.parse_args(argv))
 
 
@@ -401,7 +222,8 @@ def test_null_prompt_conditions_on_the_empty_caption(tiny_victim, tmp_path):
 
 def test_vae_sample_draws_mean_plus_std_noise_seeded_per_image(tiny_victim):
     from mixsyn_utils.attacks import encode_batch_latents
-    from mixsyn_utils.data import derive_seed, image_to_tensor
+    from mixsyn_utils.images import image_to_tensor
+    from mixsyn_utils.seeds import derive_seed
 
     args = attack_pia.parse_args(common_argv(tiny_victim, "unused", "--vae_sample", "--seed", 3))
     rows = load_attack_data(args)[:5]
@@ -496,6 +318,6 @@ def test_secmi_nn_network_learns_error_maps_that_separate_members():
         "score": maps.flatten(1).pow(2).sum(1).double().tolist(), "error_map": list(maps.flatten(1).numpy())})
     args = SimpleNamespace(nn_train_fraction=0.5, nn_val_fraction=0.1, nn_epochs=20, seed=0, batch_size=32)
     test, record = attack_secmi.secmi_nn_scores(dataset, shape, args)
-    auc = scores_summary(test)["score"]
+    auc = members_lower_auc(test)
     print(f"\nSecMI-NN on synthetic maps: test AUC {auc:.3f}, validation AUC {record['val_auc']:.3f}")
     assert len(test) == record["test"] == 80 and auc > 0.9

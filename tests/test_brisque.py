@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from mixsyn_utils import brisque as offline_brisque
-from mixsyn_utils.data import InputError
+from mixsyn_utils.cli import InputError
 from mixsyn_utils.utility import BRISQUE_MIN_SIDE, brisque_scores, upsample_to_min_side
 
 

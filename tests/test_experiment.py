@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import run_experiment
-from mixsyn_utils import InputError
-from mixsyn_utils.pipeline_runner import stage_key
-from mixsyn_utils.study import load_config, plan_stages
+from mixsyn_utils.cli import InputError
+from study.plan import load_config, plan_stages
+from study.runner import stage_key
 
 TINY_CONFIG = "configs/tiny_digits.toml"
 

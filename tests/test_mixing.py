@@ -5,7 +5,7 @@ import pytest
 from datasets import Dataset, Features, Image as ImageFeature, Value
 from PIL import Image
 
-from mixsyn_utils.data import InputError
+from mixsyn_utils.cli import InputError
 from mixsyn_utils.mixing import image_selection, mix_datasets, num_selected, pixel_mask
 
 SIZE = 8

@@ -21,8 +21,9 @@ from mixsyn_utils.adversarial import (
     quantize_within_budget,
     train_surrogate,
 )
-from mixsyn_utils.data import InputError, image_to_tensor, resize_and_crop
-from mixsyn_utils.dreambooth import dreambooth_loss, ensure_class_images, min_snr_weights
+from mixsyn_utils.class_images import ensure_class_images
+from mixsyn_utils.cli import InputError
+from mixsyn_utils.images import image_to_tensor, resize_and_crop
 
 PGD_EPS = 0.05
 RESOLUTION = 16
@@ -176,14 +177,14 @@ def test_class_images_are_cached_and_reused(aspl_output, tiny_victim, work_dir, 
 def test_pgd_raises_the_surrogate_loss(tiny_victim, clean_subset):
     from mixsyn_utils.models import load_components, tokenize_prompts
 
-    models = load_components(str(tiny_victim / "pipeline"))
-    for module in (models.vae, models.unet, models.text_encoder):
+    components = load_components(str(tiny_victim / "pipeline"))
+    for module in (components.vae, components.unet, components.text_encoder):
         module.requires_grad_(False)
     rows = load_from_disk(str(clean_subset)).select(range(3))
     clean = torch.stack([image_to_tensor(image, RESOLUTION) for image in rows["image"]])
-    input_ids = tokenize_prompts(models.tokenizer, rows["prompt"])
+    input_ids = tokenize_prompts(components.tokenizer, rows["prompt"])
     # the surrogate PGD attacks is fine-tuned on the images, as ASPL's f′ and FSMG's model are
-    surrogate = train_surrogate(models, clean, input_ids, None, None, 20, 5e-3, torch.Generator().manual_seed(0))
+    surrogate = train_surrogate(components, clean, input_ids, None, None, 20, 5e-3, torch.Generator().manual_seed(0))
     perturbed = pgd_attack(surrogate, clean, clean, input_ids, 20, 0.005, PGD_EPS, torch.Generator().manual_seed(0))
 
     def losses(pixels, draws=64):  # the same t, noise and posterior draws for both sets: a paired comparison
@@ -215,34 +216,6 @@ def test_quantize_rounds_toward_clean_where_rounding_would_exceed_budget():
     assert torch.round((perturbed + 1) * 127.5).max() == 107  # plain rounding would break the budget
     quantized = quantize_within_budget(perturbed, original_uint8, pgd_eps)
     assert (quantized.long() - 100).tolist() == torch.full((1, 3, 2, 2), 6).tolist()
-
-
-def test_dreambooth_loss_weights_prior_rows_by_lambda():
-    from types import SimpleNamespace
-
-    rng = np.random.default_rng(1)
-    prediction, target = rng.normal(size=(5, 4, 2, 2)), rng.normal(size=(5, 4, 2, 2))
-    instance = ((prediction[:2] - target[:2]) ** 2).mean()
-    prior = ((prediction[2:] - target[2:]) ** 2).mean()
-    scheduler = SimpleNamespace(config=SimpleNamespace(prediction_type="epsilon"))
-    loss, instance_loss, prior_loss = dreambooth_loss(torch.from_numpy(prediction), torch.from_numpy(target),
-                                                      torch.zeros(5, dtype=torch.long), scheduler, 2, 0.5)
-    assert instance_loss.item() == pytest.approx(instance, rel=1e-6)
-    assert prior_loss.item() == pytest.approx(prior, rel=1e-6)
-    assert loss.item() == pytest.approx(instance + 0.5 * prior, rel=1e-6)
-
-
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_min_snr_weights_match_float64_reference(prediction_type):
-    from diffusers import DDPMScheduler
-
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              prediction_type=prediction_type)
-    timesteps = torch.tensor([0, 10, 300, 999])
-    alpha_bar = scheduler.alphas_cumprod.numpy().astype(np.float64)[timesteps.numpy()]  # the model's own ᾱ_t
-    snr = alpha_bar / (1 - alpha_bar)
-    reference = np.minimum(snr, 5.0) / (snr + 1 if prediction_type == "v_prediction" else snr)
-    np.testing.assert_allclose(min_snr_weights(scheduler, timesteps, 5.0).numpy(), reference, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,20 +3,19 @@
 import shutil
 
 import pytest
-from train_fixtures import (  # noqa: F401 - perturbed_dataset is a fixture
+from train_fixtures import (
     common_argv,
     max_abs_difference,
-    perturbed_dataset,
     run_in_process,
     unet_output,
 )
 
 import train_dreambooth_mixsyn as dreambooth_script
-from mixsyn_utils.data import InputError
+from mixsyn_utils.cli import InputError
 
 
 @pytest.fixture(scope="module")
-def argv(tiny_victim, synthetic_dataset, perturbed_dataset):  # noqa: F811
+def argv(tiny_victim, synthetic_dataset, perturbed_dataset):
     def make(output_dir, **overrides):
         overrides.setdefault("learning_rate", 1e-3)  # the tiny model must move visibly in a few updates
         return common_argv(tiny_victim, synthetic_dataset, perturbed_dataset, output_dir, **overrides)
@@ -93,16 +92,16 @@ def test_trainable_text_embeddings_changes_only_the_token_embedding(argv, tmp_pa
 
 
 def test_prior_preservation_adds_class_rows_to_each_batch(argv, tmp_path, monkeypatch):
-    import mixsyn_utils.dreambooth as dreambooth
+    import mixsyn_utils.training as training
 
     seen = []
-    original = dreambooth.dreambooth_loss
+    original = training.dreambooth_loss
 
     def recording_loss(model_pred, target, timesteps, noise_scheduler, num_instance, **kwargs):
         seen.append((model_pred.shape[0], num_instance, kwargs["prior_loss_weight"]))
         return original(model_pred, target, timesteps, noise_scheduler, num_instance, **kwargs)
 
-    monkeypatch.setattr(dreambooth, "dreambooth_loss", recording_loss)
+    monkeypatch.setattr(training, "dreambooth_loss", recording_loss)
     run_in_process(dreambooth_script, argv(tmp_path / "out", with_prior_preservation=True, prior_loss_weight=0.5,
                                            class_data_dir=tmp_path / "class", class_prompt="A face",
                                            num_class_images=2, max_train_steps=1))

@@ -6,10 +6,9 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import (  # noqa: F401 - perturbed_dataset is a fixture
+from train_fixtures import (
     common_argv,
     max_abs_difference,
-    perturbed_dataset,
     run_in_process,
     spy_on,
     unet_output,
@@ -17,7 +16,7 @@ from train_fixtures import (  # noqa: F401 - perturbed_dataset is a fixture
 
 import train_lora_mixsyn as lora_script
 from conftest import launch
-from mixsyn_utils.data import InputError
+from mixsyn_utils.cli import InputError
 
 PRIVACY_REPORT = {"schema_version": 1, "privacy": {"secmi-lora": {
     "attack": "secmi", "auc": 0.613, "auc_ci": [0.552, 0.671], "tpr_at_1pct_fpr": 0.021,
@@ -26,7 +25,7 @@ PRIVACY_REPORT = {"schema_version": 1, "privacy": {"secmi-lora": {
 
 
 @pytest.fixture(scope="module")
-def argv(tiny_victim, synthetic_dataset, perturbed_dataset):  # noqa: F811
+def argv(tiny_victim, synthetic_dataset, perturbed_dataset):
     def make(output_dir, **overrides):
         return common_argv(tiny_victim, synthetic_dataset, perturbed_dataset, output_dir, **overrides)
     return make
@@ -178,8 +177,10 @@ def test_resume_from_a_missing_checkpoint_is_an_error(argv, tmp_path):
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(argv, tmp_path):
+    from mixsyn_utils.training import resolve_resume_checkpoint
+
     args = lora_script.parse_args([str(a) for a in argv(tmp_path / "out", resume_from_checkpoint="latest")])
-    assert args.resume_path is None
+    assert resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir) is None
 
 
 def test_privacy_report_that_is_not_an_evaluate_results_file_is_an_error(argv, tmp_path):
@@ -191,21 +192,3 @@ def test_privacy_report_that_is_not_an_evaluate_results_file_is_an_error(argv, t
 def test_hub_token_with_wandb_is_refused(argv, tmp_path):
     with pytest.raises(InputError, match="--hub_token"):
         lora_script.parse_args([str(a) for a in argv(tmp_path / "out", hub_token="hf_x", report_to="wandb")])
-
-
-def test_data_order_depends_only_on_seed_and_epoch_and_processes_split_it():
-    from mixsyn_utils.training_data import EpochBatchSampler
-
-    whole = EpochBatchSampler(10, 2, seed=3)
-    whole.set_epoch(1)
-    halves = [EpochBatchSampler(10, 2, seed=3, process_index=p, num_processes=2) for p in (0, 1)]
-    for sampler in halves:
-        sampler.set_epoch(1)
-    order = [i for batch in whole for i in batch]
-    assert sorted(order) == list(range(10))
-    assert [i for batch in halves[0] for i in batch] == order[0::2]
-    assert [i for batch in halves[1] for i in batch] == order[1::2]
-    whole.set_epoch(1, skip_batches=3)
-    assert list(whole) == [order[6:8], order[8:10]]
-    whole.set_epoch(2)
-    assert [i for batch in whole for i in batch] != order

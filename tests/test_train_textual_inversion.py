@@ -6,15 +6,15 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_fixtures import common_argv, perturbed_dataset, run_in_process  # noqa: F401
+from train_fixtures import common_argv, run_in_process
 
 import train_textual_inversion_mixsyn as ti_script
-from mixsyn_utils.data import InputError
-from mixsyn_utils.models import load_token_map, rewrite_caption
+from mixsyn_utils.cli import InputError
+from mixsyn_utils.placeholders import load_token_map, rewrite_caption
 
 
 @pytest.fixture(scope="module")
-def argv(tiny_victim, synthetic_dataset, perturbed_dataset):  # noqa: F811
+def argv(tiny_victim, synthetic_dataset, perturbed_dataset):
     def make(output_dir, **overrides):
         overrides.setdefault("learning_rate", 5e-2)
         return common_argv(tiny_victim, synthetic_dataset, perturbed_dataset, output_dir, **overrides)

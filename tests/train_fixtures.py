@@ -15,7 +15,7 @@ def make_perturbed_dataset(synthetic_dir, output_dir, eps=0.05, seed=0):
     import datasets
     from PIL import Image
 
-    from mixsyn_utils.data import load_image_dataset, save_dataset, with_provenance
+    from mixsyn_utils.dataset_io import load_image_dataset, save_dataset, with_provenance
 
     clean = load_image_dataset(str(synthetic_dir))
     rng = np.random.default_rng(seed)
@@ -32,22 +32,11 @@ def make_perturbed_dataset(synthetic_dir, output_dir, eps=0.05, seed=0):
     return output_dir
 
 
-def reset_accelerate():
-    """accelerate keeps process-global state; a second in-process run must start from scratch."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-    GradientState._reset_state()
-
-
 def run_in_process(script_module, argv):
     """`main(parse_args(argv))` of a training script with fresh accelerate state before and after."""
-    reset_accelerate()
-    try:
-        script_module.main(script_module.parse_args([str(a) for a in argv]))
-    finally:
-        reset_accelerate()
+    from study.runner import run_script_in_process
+
+    run_script_in_process(script_module, argv)
 
 
 def max_abs_difference(state_a, state_b):

@@ -3,43 +3,32 @@
 A stage is one script call. Its cache key hashes the script's source, the shared package's source, its flags and
 the keys of the stages it reads from, so a changed flag reruns that stage and everything downstream, nothing else.
 A finished stage writes `<log_dir>/<stage>.done.json` with its key; a killed run finds the finished stages (whose
-outputs still exist) and skips them, and the interrupted stage resumes through the script's own `PartialResults`.
+outputs still exist) and skips them, and the interrupted stage resumes through the script's own `ResumableWork`.
 """
 
 import hashlib
-import importlib
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+# The scripts a study runs; one-process stages call their `main(parse_args(argv))` in this process.
+import attack_pia
+import attack_secmi
+import evaluate
+import generate_synthetic
+import make_tiny_victim
+import perturb_antidreambooth
+import train_dreambooth_mixsyn
+import train_lora_mixsyn
+import train_textual_inversion_mixsyn
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Stage:
-    """One script call: `script` with `flags` (dict flag -> value; lists expand, True is a bare switch)."""
-
-    name: str
-    script: str
-    flags: dict
-    output: str
-    depends_on: list = field(default_factory=list)
-    num_processes: int = 1
-
-    def argv(self):
-        argv = []
-        for flag, value in self.flags.items():
-            if value is None or value is False:
-                continue
-            argv.append(f"--{flag}")
-            if value is True:
-                continue
-            argv.extend(str(v) for v in value) if isinstance(value, (list, tuple)) else argv.append(str(value))
-        return argv
+SCRIPTS = {f"{module.__name__}.py": module for module in (
+    make_tiny_victim, generate_synthetic, perturb_antidreambooth, train_dreambooth_mixsyn, train_lora_mixsyn,
+    train_textual_inversion_mixsyn, attack_secmi, attack_pia, evaluate)}
 
 
 def _source_digest(script):
@@ -76,16 +65,22 @@ def _reset_accelerate_state():
     PartialState._reset_state()
 
 
+def run_script_in_process(module, argv):
+    """`module.main(module.parse_args(argv))` in this process, with fresh accelerate state before and after."""
+    _reset_accelerate_state()
+    try:
+        return module.main(module.parse_args([str(value) for value in argv]))
+    finally:
+        _reset_accelerate_state()
+
+
 def run_stage(stage, log_dir, env=None):
     """Run one stage: in-process when it uses one process (saves the launcher's start-up), else `accelerate launch`."""
     argv = stage.argv()
     log_path = _record_path(stage, log_dir).with_suffix("").with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if stage.num_processes == 1:
-        module = importlib.import_module(Path(stage.script).stem)
-        _reset_accelerate_state()
-        module.main(module.parse_args(argv))
-        _reset_accelerate_state()
+        run_script_in_process(SCRIPTS[stage.script], argv)
         return
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
                "--num_processes", str(stage.num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",

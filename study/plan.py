@@ -8,10 +8,10 @@ ablation adds `dreambooth[<modules>]-<setting>`.
 import copy
 import json
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import InputError
-from .pipeline_runner import Stage
+from mixsyn_utils.cli import InputError
 
 METHOD_SCRIPTS = {
     "dreambooth": "train_dreambooth_mixsyn.py",
@@ -22,6 +22,29 @@ METHOD_SCRIPTS = {
 METHOD_TITLES = {"pretrained": "Pre-trained", "dreambooth": "DreamBooth", "textual_inversion": "Textual Inversion",
                  "lora": "LoRA", "dreambooth_lora": "DreamBooth+LoRA"}
 ATTACKS = {"secmi": "attack_secmi.py", "pia": "attack_pia.py"}
+
+
+@dataclass
+class Stage:
+    """One script call: `script` with `flags` (dict flag -> value; lists expand, True is a bare switch)."""
+
+    name: str
+    script: str
+    flags: dict
+    output: str
+    depends_on: list = field(default_factory=list)
+    num_processes: int = 1
+
+    def argv(self):
+        argv = []
+        for flag, value in self.flags.items():
+            if value is None or value is False:
+                continue
+            argv.append(f"--{flag}")
+            if value is True:
+                continue
+            argv.extend(str(v) for v in value) if isinstance(value, (list, tuple)) else argv.append(str(value))
+        return argv
 
 
 def _merge(base, override):

@@ -9,7 +9,7 @@ import json
 import math
 from pathlib import Path
 
-from .study import ATTACKS, METHOD_TITLES, setting_name
+from .plan import ATTACKS, METHOD_TITLES, setting_name
 
 # The MixSyn paper's SecMI AUCs quoted in the issue (SD-1.4, 40 celebrity domains).
 PAPER_SECMI_AUC = {"pretrained": 0.715, "dreambooth-clean": 0.752, "dreambooth-perturbed": 0.451,

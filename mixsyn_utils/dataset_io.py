@@ -1,0 +1,125 @@
+"""Hugging Face datasets in and out, and the provenance record each saved dataset carries.
+
+Every script exchanges `datasets`: a `save_to_disk` folder, an imagefolder directory (images +
+`metadata.jsonl`/`metadata.csv`), or a Hub dataset id. A dataset is saved whole or not at all (hidden sibling,
+then rename); its info's description holds a JSON record of the script, flags and library versions.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .cli import InputError, first_line
+from .outputs import atomic_replace_dir, temp_sibling
+
+
+def load_image_dataset(name_or_path, split="train", required_columns=("image",), cache_dir=None):
+    """Load a dataset from a `save_to_disk` folder, an imagefolder directory or a Hub id.
+
+    Returns a `datasets.Dataset` (one split). Raises `InputError` naming the path when it is missing,
+    empty, or lacks one of `required_columns`.
+    """
+    import datasets
+
+    if name_or_path is None or str(name_or_path).strip() == "":
+        raise InputError("no dataset given (empty name or path)")
+    path = Path(name_or_path)
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            if not any(p.is_file() for p in path.rglob("*")):
+                raise InputError(f"dataset folder {name_or_path} is empty")
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+        elif path.exists():
+            raise InputError(f"dataset path {name_or_path} is a file, expected a folder or a Hub id")
+        elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name_or_path)) or str(name_or_path).startswith("."):
+            raise InputError(f"dataset folder {name_or_path} does not exist")
+        else:
+            loaded = datasets.load_dataset(str(name_or_path), cache_dir=cache_dir)
+    except InputError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+        raise InputError(f"cannot load dataset {name_or_path}: {first_line(error)}") from error
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise InputError(f"dataset {name_or_path} has no split {split!r} (has {sorted(loaded)})")
+        loaded = loaded[split]
+    if len(loaded) == 0:
+        raise InputError(f"dataset {name_or_path} is empty")
+    missing = [column for column in required_columns if column not in loaded.column_names]
+    if missing:
+        raise InputError(
+            f"dataset {name_or_path} has no column {missing[0]!r} (columns: {', '.join(loaded.column_names)})"
+        )
+    return loaded
+
+
+def save_dataset(dataset, output_dir, push_to_hub=False, hub_dataset_id=None, private=True, hub_token=None):
+    """Save `dataset` to `output_dir` atomically, then optionally push it to the Hub.
+
+    The local copy is complete before any network call. A failed push (offline, no rights) leaves
+    the local copy in place and is reported as a warning; it returns False instead of raising.
+    """
+    tmp_dir = temp_sibling(output_dir)
+    try:
+        dataset.save_to_disk(str(tmp_dir))
+        atomic_replace_dir(tmp_dir, output_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+    if not push_to_hub:
+        return True
+    repo_id = hub_dataset_id or Path(output_dir).name
+    try:
+        dataset.push_to_hub(repo_id, private=private, token=hub_token)
+    except Exception as error:  # noqa: BLE001 - any network/auth failure must keep the local copy
+        print(f"warning: push of {repo_id} to the Hub failed ({first_line(error)}); "
+              f"the local copy at {output_dir} is complete")
+        return False
+    return True
+
+
+def dataset_provenance(script, args, extra=None):
+    """JSON record of how a dataset was made: script, flags (never a token), library versions, `extra`."""
+    import accelerate
+    import datasets
+    import diffusers
+    import transformers
+
+    flags = {}
+    for key, value in sorted(vars(args).items()):
+        if "token" in key and key != "placeholder_token_template":  # never write a token
+            continue
+        flags[key] = value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
+    record = {
+        "script": script,
+        "flags": flags,
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__,
+            "datasets": datasets.__version__,
+        },
+    }
+    if extra:
+        record.update(extra)
+    return json.dumps(record, sort_keys=True)
+
+
+def with_provenance(dataset, description):
+    """Attach `description` (a JSON string) to the dataset info so `save_to_disk` keeps it."""
+    dataset.info.description = description
+    return dataset
+
+
+def read_provenance(dataset):
+    """The provenance dict stored by `with_provenance`, or {} when there is none."""
+    try:
+        return json.loads(dataset.info.description or "{}")
+    except (TypeError, json.JSONDecodeError):
+        return {}

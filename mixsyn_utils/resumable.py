@@ -1,0 +1,155 @@
+"""Resumable, sharded work and the run signature a resumed run must match.
+
+Five jobs are lists of independent units (a batch of images to sample or score, a group of images to perturb):
+self-synthesis, Anti-DreamBooth, prior-preservation class images, evaluation's sampling and every attack.
+`ResumableWork.run` computes the units of this process (round-robin, so a unit's result never depends on
+which process ran it), saves each result the moment it is finished in `<output_dir>.partial/unit-N`, and
+gathers all units on the main process. A killed run finds its finished units and computes only the rest.
+
+The run signature (`run_signature`) is the one rule for what a resumed run must share with the killed one:
+every flag except `OUTPUT_FLAGS` (where results go and how progress is logged), plus the fingerprints of its
+inputs. The same rule guards the training scripts' checkpoints.
+"""
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .cli import InputError
+from .outputs import atomic_replace_dir, temp_sibling
+
+# Flags that change where results go or how they are logged, never a result: a resumed run may differ in these.
+OUTPUT_FLAGS = frozenset({
+    "output_dir", "overwrite", "push_to_hub", "hub_dataset_id", "hub_model_id", "hub_token", "logging_dir",
+    "report_to", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "privacy_report",
+    "save_mixed_dataset", "latents_cache_dir", "dataloader_num_workers", "validation_prompt",
+    "num_validation_images", "validation_steps",
+})
+SIGNATURE_FILE = "run_signature.json"
+
+
+def run_signature(args, inputs=None):
+    """{"flags": every flag of `args` but OUTPUT_FLAGS, "inputs": {name: fingerprint}} as plain JSON values."""
+    flags = {key: value for key, value in sorted(vars(args).items()) if key not in OUTPUT_FLAGS}
+    return json.loads(json.dumps({"flags": flags, "inputs": inputs or {}}, default=str))
+
+
+def signature_differences(recorded, current):
+    """The flag and input names whose values differ between two signatures, sorted."""
+    changed = []
+    for part in ("flags", "inputs"):
+        old, new = recorded.get(part, {}), current.get(part, {})
+        changed += [f"--{key}" if part == "flags" else key
+                    for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return changed
+
+
+def read_signature(folder):
+    path = Path(folder) / SIGNATURE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_signature(folder, signature):
+    path = Path(folder) / SIGNATURE_FILE
+    tmp_path = path.with_name(f".{SIGNATURE_FILE}.tmp")
+    tmp_path.write_text(json.dumps(signature, indent=2, sort_keys=True))
+    os.replace(tmp_path, path)
+
+
+class ResumableWork:
+    """Units 0..N−1 of one job, each saved as a small dataset in `<output_dir>.partial/` as soon as it is done.
+
+    `signature`: the run's `run_signature` (or any JSON dict that fixes the results). A `.partial` folder with
+    finished units of another signature is an error naming the differences, or is discarded with
+    `discard_other_settings` (the scripts' `--overwrite`); one without finished units is simply replaced, so a
+    run that failed before finishing a unit never blocks the corrected rerun.
+    """
+
+    def __init__(self, output_dir, signature, accelerator=None, discard_other_settings=False):
+        self.work_dir = Path(f"{Path(output_dir)}.partial")
+        self.signature, self.accelerator = json.loads(json.dumps(signature)), accelerator
+        self.discard_other_settings = discard_other_settings
+
+    @property
+    def is_main_process(self):
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def _barrier(self):
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def _unit_dir(self, unit):
+        return self.work_dir / f"unit-{unit}"
+
+    def finished_units(self):
+        if not self.work_dir.is_dir():
+            return []
+        return sorted(int(p.name.split("-")[1]) for p in self.work_dir.iterdir() if p.name.startswith("unit-"))
+
+    def _claim(self):
+        """Main process: keep a `.partial` folder of the same run, replace one of another (see the class doc)."""
+        recorded = read_signature(self.work_dir)
+        if recorded != self.signature and self.work_dir.exists():
+            finished = self.finished_units()
+            if finished and not self.discard_other_settings:
+                changed = ", ".join(signature_differences(recorded or {}, self.signature)) or "settings"
+                raise InputError(f"{self.work_dir} holds {len(finished)} finished unit(s) of a killed run with other "
+                                 f"{changed}; rerun with the same flags and inputs, or pass --overwrite to discard them")
+            shutil.rmtree(self.work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        write_signature(self.work_dir, self.signature)
+
+    def _save(self, unit, dataset):
+        import datasets
+
+        datasets.disable_progress_bars()  # one bar per unit would drown the job's own progress bar
+        tmp_dir = temp_sibling(self._unit_dir(unit))
+        dataset.save_to_disk(str(tmp_dir))
+        atomic_replace_dir(tmp_dir, self._unit_dir(unit))
+
+    def run(self, num_units, compute_unit, desc="units"):
+        """Compute this process's unfinished units with `compute_unit(unit) -> datasets.Dataset`; gather them.
+
+        Returns the concatenation of all units in unit order on the main process, None on the others.
+        """
+        import datasets
+        from tqdm.auto import tqdm
+
+        if self.is_main_process:
+            self._claim()
+        self._barrier()
+        process_index, num_processes = ((0, 1) if self.accelerator is None else
+                                        (self.accelerator.process_index, self.accelerator.num_processes))
+        mine = list(range(num_units))[process_index::num_processes]
+        finished = set(self.finished_units())
+        todo = [unit for unit in mine if unit not in finished]
+        if len(todo) < len(mine):
+            logging.getLogger(__name__).info(f"{desc}: {len(mine)} units on this process "
+                                             f"({len(mine) - len(todo)} already done)")
+        local_main = self.accelerator is None or self.accelerator.is_local_main_process
+        progress = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=desc, disable=not local_main)
+        try:
+            for unit in todo:
+                self._save(unit, compute_unit(unit))
+                progress.update(1)
+        except BaseException:
+            if self.is_main_process and not self.finished_units():
+                shutil.rmtree(self.work_dir, ignore_errors=True)  # nothing finished: leave nothing behind
+            raise
+        finally:
+            progress.close()
+        self._barrier()
+        if not self.is_main_process:
+            return None
+        missing = sorted(set(range(num_units)) - set(self.finished_units()))
+        if missing:
+            raise RuntimeError(f"partial results missing for units {missing[:5]} in {self.work_dir}")
+        return datasets.concatenate_datasets([datasets.load_from_disk(str(self._unit_dir(unit)))
+                                              for unit in range(num_units)])
+
+    def cleanup(self):
+        """Main process, after the assembled output is saved: remove the per-unit results."""
+        if self.is_main_process:
+            shutil.rmtree(self.work_dir, ignore_errors=True)

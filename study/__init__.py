@@ -1,0 +1,1 @@
+"""The MixSyn study that `run_experiment.py` runs: its plan (`plan`), cached stages (`runner`), report (`report`)."""
