@@ -74,13 +74,14 @@ def parse_args(input_args=None):
     parser.add_argument("--method", type=str, default="aspl", choices=["aspl", "fsmg"],
                         help="aspl: alternate surrogate training and PGD (strongest in the paper); "
                              "fsmg: PGD against one fixed surrogate trained on the clean images.")
-    parser.add_argument("--max_train_steps", type=int, default=50,
-                        help="ASPL outer iterations; FSMG runs max_train_steps × max_adv_train_steps PGD steps.")
+    parser.add_argument("--max_train_steps", type=int, default=50, help="ASPL outer iterations (the reference's 50).")
     parser.add_argument("--max_f_train_steps", type=int, default=3,
                         help="Surrogate DreamBooth steps per ASPL iteration (on clean, then on perturbed images).")
     parser.add_argument("--max_adv_train_steps", type=int, default=6, help="PGD steps per ASPL iteration.")
     parser.add_argument("--fsmg_train_steps", type=int, default=1000,
-                        help="FSMG: DreamBooth steps of the fixed surrogate on the clean images.")
+                        help="FSMG: DreamBooth steps of the fixed surrogate on the clean images (the reference's 1000).")
+    parser.add_argument("--fsmg_pgd_steps", type=int, default=100,
+                        help="FSMG: PGD steps against the fixed surrogate (the reference's 100).")
     parser.add_argument("--pgd_eps", type=float, default=0.05,
                         help="ℓ∞ budget η in [-1, 1] units (0.05 = 6.4 of 255 levels; the reference's value).")
     parser.add_argument("--pgd_alpha", type=float, default=0.005,
@@ -91,7 +92,9 @@ def parse_args(input_args=None):
                         help="Surrogate AdamW learning rate. 5e-7 is the reference's for SD-1.x. For the tiny victim "
                              "use 5e-4: measured on its clean images, 3 surrogate steps lower the denoising loss by "
                              "8%% at 5e-4 and by 0.01%% at 5e-7 (30 steps: 34%% vs 0.1%%), i.e. 5e-7 leaves it frozen.")
-    parser.add_argument("--train_text_encoder", action="store_true", help="Also train the surrogate's text encoder.")
+    parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
+                        help="Train the surrogate's text encoder too, as the reference's scripts do "
+                             "(--no-train_text_encoder: UNet only).")
     add_prior_preservation_args(parser)
     add_resolution_arg(parser)
     parser.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
@@ -106,7 +109,7 @@ def parse_args(input_args=None):
         raise InputError(f"--pgd_eps must be > 0, got {args.pgd_eps}")
     if not 0 < args.pgd_alpha <= args.pgd_eps:
         raise InputError(f"--pgd_alpha must be in (0, --pgd_eps={args.pgd_eps}], got {args.pgd_alpha}")
-    require_positive(args, "max_train_steps", "max_adv_train_steps", "pgd_batch_size", "learning_rate")
+    require_positive(args, "max_train_steps", "max_adv_train_steps", "fsmg_pgd_steps", "pgd_batch_size", "learning_rate")
     for flag in ("max_f_train_steps", "fsmg_train_steps"):
         if getattr(args, flag) < 0:
             raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")

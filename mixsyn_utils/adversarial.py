@@ -74,11 +74,13 @@ def diffusion_prediction(components, pixel_values, input_ids, generator, autocas
 
 
 def train_surrogate(components, instance_pixels, instance_ids, class_pixels, class_ids, num_steps, learning_rate,
-                    generator, prior_loss_weight=1.0, train_text_encoder=False, autocast=nullcontext):
+                    generator, prior_loss_weight=1.0, train_text_encoder=True, autocast=nullcontext, first_step=0):
     """A copy of the surrogate (UNet, and text encoder when trained) after `num_steps` DreamBooth steps.
 
-    As the reference: a fresh AdamW (weight decay 1e-2), one instance image (cycled) plus one class image
-    per step when class images are given, loss L_instance + λ L_prior, gradient norm clipped to 1.
+    As the reference: a fresh AdamW (weight decay 1e-2), one instance image plus one class image per step when
+    class images are given, loss L_instance + λ L_prior, gradient norm clipped to 1. Step j trains on instance
+    image (first_step + j) mod n: the reference always starts at image 0, which with more images than steps per
+    call (100 vs 3) would train on images 0–2 only; a caller that advances `first_step` sees every image in turn.
     """
     unet = copy.deepcopy(components.unet).train()
     text_encoder = copy.deepcopy(components.text_encoder).train() if train_text_encoder else components.text_encoder
@@ -87,7 +89,7 @@ def train_surrogate(components, instance_pixels, instance_ids, class_pixels, cla
     for parameter in parameters:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=ADAMW_WEIGHT_DECAY)
-    for step in range(num_steps):
+    for step in range(first_step, first_step + num_steps):
         index = step % len(instance_pixels)
         pixel_values, input_ids = instance_pixels[index:index + 1], instance_ids[index:index + 1]
         if class_pixels is not None:
@@ -132,32 +134,35 @@ def pgd_attack(components, perturbed_pixels, original_pixels, input_ids, num_ste
 
 def aspl_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
                        autocast=nullcontext):
-    """ASPL (Anti-DreamBooth Alg. 1): for each outer iteration, f′ ← copy(f) trained on the clean images,
-    δ ← PGD against f′, then f trained on the perturbed images. Returns the perturbed pixels in [-1, 1].
+    """ASPL (Anti-DreamBooth Alg. 1): for each outer iteration i, f′ ← copy(f) trained on the clean images,
+    δ ← PGD against f′ on every image, then f trained on the perturbed images. Both trainings of iteration i use
+    images i·F … i·F + F − 1 (mod n), F = --max_f_train_steps, so every image is trained on in turn.
+    Returns the perturbed pixels in [-1, 1].
     """
     train = dict(learning_rate=args.learning_rate, generator=generator, prior_loss_weight=args.prior_loss_weight,
                  train_text_encoder=args.train_text_encoder, autocast=autocast)
     perturbed_pixels = clean_pixels.clone()
-    for _ in range(args.max_train_steps):
+    for iteration in range(args.max_train_steps):
+        first_step = iteration * args.max_f_train_steps
         surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids,
-                                    args.max_f_train_steps, **train)
+                                    args.max_f_train_steps, first_step=first_step, **train)
         perturbed_pixels = pgd_attack(surrogate, perturbed_pixels, clean_pixels, input_ids, args.max_adv_train_steps,
                                       args.pgd_alpha, args.pgd_eps, generator, args.pgd_batch_size, autocast)
         del surrogate
         components = train_surrogate(components, perturbed_pixels, input_ids, class_pixels, class_ids,
-                                 args.max_f_train_steps, **train)
+                                     args.max_f_train_steps, first_step=first_step, **train)
     return perturbed_pixels
 
 
 def fsmg_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
                        autocast=nullcontext):
     """FSMG (Anti-DreamBooth Sec. 4.2): one DreamBooth surrogate trained on the clean images for
-    `fsmg_train_steps`, then `max_train_steps × max_adv_train_steps` PGD steps against that fixed model
-    (the same PGD budget as ASPL). Returns the perturbed pixels in [-1, 1].
+    `fsmg_train_steps`, then `fsmg_pgd_steps` PGD steps against that fixed model (the reference's scripts: 1000
+    and 100). Returns the perturbed pixels in [-1, 1].
     """
     surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids, args.fsmg_train_steps,
                                 learning_rate=args.learning_rate, generator=generator,
                                 prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
                                 autocast=autocast)
-    return pgd_attack(surrogate, clean_pixels, clean_pixels, input_ids, args.max_train_steps * args.max_adv_train_steps,
-                      args.pgd_alpha, args.pgd_eps, generator, args.pgd_batch_size, autocast)
+    return pgd_attack(surrogate, clean_pixels, clean_pixels, input_ids, args.fsmg_pgd_steps, args.pgd_alpha,
+                      args.pgd_eps, generator, args.pgd_batch_size, autocast)

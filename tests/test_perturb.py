@@ -147,7 +147,7 @@ def test_resume_after_kill_gives_the_uninterrupted_result(aspl_one_process, tiny
 def test_fsmg_runs_end_to_end_via_accelerate_launch(tiny_victim, clean_subset, work_dir):
     launch("perturb_antidreambooth.py", [
         "--pretrained_model_name_or_path", tiny_victim / "pipeline", "--dataset_name", clean_subset,
-        "--method", "fsmg", "--fsmg_train_steps", "3", "--max_train_steps", "1", "--max_adv_train_steps", "4",
+        "--method", "fsmg", "--fsmg_train_steps", "3", "--fsmg_pgd_steps", "4",
         "--learning_rate", "5e-4", "--pgd_eps", str(PGD_EPS), "--output_dir", work_dir / "fsmg",
     ], env=THREADS)
     perturbed = load_from_disk(str(work_dir / "fsmg"))
@@ -197,6 +197,34 @@ def test_pgd_raises_the_surrogate_loss(tiny_victim, clean_subset):
     increase = losses(perturbed) - losses(clean)
     # measured: +0.0019 on a loss of ≈0.61, about 12 standard errors at 64 draws
     assert increase.mean() > 4 * increase.std(ddof=1) / np.sqrt(len(increase))
+
+
+def test_aspl_trains_the_surrogate_on_every_image_in_turn(tiny_victim, monkeypatch):
+    from types import SimpleNamespace
+
+    from mixsyn_utils import adversarial
+    from mixsyn_utils.models import load_components, tokenize_prompts
+
+    components = load_components(str(tiny_victim / "pipeline"))
+    for module in (components.vae, components.unet, components.text_encoder):
+        module.requires_grad_(False)
+    # Five images, each a constant level, so the trained image is known from its pixels.
+    levels = torch.linspace(-0.8, 0.8, 5)
+    clean = levels.view(5, 1, 1, 1).expand(5, 3, RESOLUTION, RESOLUTION).clone()
+    input_ids = tokenize_prompts(components.tokenizer, ["The face of zero"] * 5)
+    seen, original = [], adversarial.diffusion_prediction
+
+    def recording(trained, pixel_values, *args, **kwargs):
+        if pixel_values.requires_grad is False and len(pixel_values) == 1:  # a surrogate training step
+            seen.append(int(torch.argmin((levels - pixel_values.mean()).abs())))
+        return original(trained, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(adversarial, "diffusion_prediction", recording)
+    args = SimpleNamespace(learning_rate=1e-5, prior_loss_weight=1.0, train_text_encoder=True, max_train_steps=2,
+                           max_f_train_steps=3, max_adv_train_steps=1, pgd_alpha=0.005, pgd_eps=0.05, pgd_batch_size=8)
+    adversarial.aspl_perturb_group(components, clean, input_ids, None, None, args, torch.Generator().manual_seed(0))
+    # iteration 0: f′ on images 0,1,2 then f on 0,1,2 (perturbed); iteration 1: images 3,4,0 twice
+    assert seen == [0, 1, 2, 0, 1, 2, 3, 4, 0, 3, 4, 0]
 
 
 def test_pgd_step_matches_float64_reference():
