@@ -93,7 +93,7 @@ def weight_dtype_of(mixed_precision):
 # ----------------------------------------------------------------------------------------------
 
 def load_model_variant(pretrained_model_name_or_path, revision=None, variant=None, unet_path=None,
-                       lora_weights=None, textual_inversion=None, torch_dtype=None):
+                       lora_weights=None, textual_inversion=None, dtype=None):
     """A `StableDiffusionPipeline` for the pretrained model or one of its fine-tuned variants.
 
     `unet_path`: a UNet folder (`checkpoint-N/unet`) or a full pipeline folder (its `unet/` is used).
@@ -104,7 +104,7 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
 
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
-            pretrained_model_name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+            pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
             safety_checker=None, requires_safety_checker=False,
         )
     except (OSError, ValueError) as error:
@@ -115,13 +115,18 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         if not folder.is_dir():
             raise InputError(f"--unet_path {unet_path} is not a folder")
         subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
-        pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=torch_dtype)
+        pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, dtype=dtype)
     if lora_weights is not None:
         if not Path(lora_weights).exists():
             raise InputError(f"--lora_weights {lora_weights} does not exist")
         check_lora_matches(pipeline, lora_weights)
         try:
-            pipeline.load_lora_weights(str(lora_weights))
+            state_dict, network_alphas, metadata = type(pipeline).lora_state_dict(str(lora_weights),
+                                                                                  return_lora_metadata=True)
+            if any(key.startswith("text_encoder.") for key in state_dict):
+                pipeline.load_lora_weights(str(lora_weights))
+            else:  # load_lora_weights would log, on every load, that the text encoder has no LoRA keys
+                pipeline.load_lora_into_unet(state_dict, network_alphas, pipeline.unet, metadata=metadata)
         except (RuntimeError, ValueError) as error:
             raise InputError(f"--lora_weights {lora_weights} does not match the model: {first_line(error)}") from error
         pipeline.fuse_lora()
