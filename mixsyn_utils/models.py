@@ -137,6 +137,37 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
     return pipeline
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_digest(path):
+    """sha256 identifying the weights a folder (or one weights file) holds: the same bytes give the same digest.
+
+    digest = sha256 of the JSON list [[name, sha256(file bytes)], …] over the weight files (`WEIGHT_SUFFIXES`)
+    sorted by their path relative to `path` (a single file: its name); checkpoint-N/, hidden and log folders
+    are not published weights and are left out.
+    """
+    import hashlib
+    import json
+
+    root = Path(path)
+    if root.is_file():
+        files = [(root.name, root)]
+    else:
+        files = sorted((file.relative_to(root).as_posix(), file) for file in root.rglob("*")
+                       if file.is_file() and file.suffix in WEIGHT_SUFFIXES
+                       and not any(part.startswith((".", "checkpoint-")) or part == "logs"
+                                   for part in file.relative_to(root).parts[:-1]))
+    entries = []
+    for name, file in files:
+        file_digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(block)
+        entries.append([name, file_digest.hexdigest()])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 _LORA_KEY = re.compile(
     r"^(unet|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|"
     r"lora_linear_layer\.down|lora_linear_layer\.up)(?:\.[A-Za-z_0-9]+)?\.weight$"
