@@ -15,13 +15,15 @@ from pathlib import Path
 import torch
 
 from .cli import InputError, first_line
+from .flags import is_secret_flag
 from .outputs import atomic_replace_dir, temp_sibling
 
 PROVENANCE_FILE = "provenance.json"
 
 
-def load_image_dataset(name_or_path, split="train", required_columns=("image",), cache_dir=None):
-    """Load a dataset from a `save_to_disk` folder, an imagefolder directory or a Hub id.
+def load_image_dataset(name_or_path, split="train", required_columns=("image",), cache_dir=None, config_name=None,
+                       data_dir=None):
+    """Load a dataset from a `save_to_disk` folder, an imagefolder directory or a Hub id (`config_name`, `data_dir`).
 
     Returns a `datasets.Dataset` (one split). Raises `InputError` naming the path when it is missing,
     empty, or lacks one of `required_columns`.
@@ -45,7 +47,7 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
         elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name_or_path)) or str(name_or_path).startswith("."):
             raise InputError(f"dataset folder {name_or_path} does not exist")
         else:
-            loaded = datasets.load_dataset(str(name_or_path), cache_dir=cache_dir)
+            loaded = datasets.load_dataset(str(name_or_path), config_name, cache_dir=cache_dir, data_dir=data_dir)
     except InputError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
@@ -57,7 +59,7 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
     if len(loaded) == 0:
         raise InputError(f"dataset {name_or_path} is empty")
     if not loaded.info.description:
-        with_provenance(loaded, stored_provenance_file(name_or_path) or "")
+        with_provenance(loaded, stored_provenance_file(name_or_path, config_name) or "")
     missing = [column for column in required_columns if column not in loaded.column_names]
     if missing:
         raise InputError(
@@ -66,13 +68,29 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
     return loaded
 
 
-def stored_provenance_file(name_or_path):
+def image_files(folder):
+    """The image files of a folder, sorted by name; hidden files and files PIL cannot open are skipped (upstream
+    skips metadata files and .DS_Store the same way)."""
+    from PIL import Image
+
+    found = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except OSError:
+            continue
+        found.append(path)
+    return found
+
+
+def stored_provenance_file(name_or_path, config_name=None):
     """The text of `provenance.json` beside a dataset pushed with `save_dataset`: in a local folder in the Hub's
     layout, or in a Hub dataset repo (from the cache when offline); None when there is none."""
     local = Path(name_or_path) / PROVENANCE_FILE
     if local.is_file():
         return local.read_text()
-    if Path(name_or_path).exists():
+    if Path(name_or_path).exists() or config_name is not None:
         return None
     from huggingface_hub import hf_hub_download
 
@@ -124,7 +142,7 @@ def dataset_provenance(script, args, extra=None):
 
     flags = {}
     for key, value in sorted(vars(args).items()):
-        if "token" in key and key != "placeholder_token_template":  # never write a token
+        if is_secret_flag(key):  # never write a token
             continue
         flags[key] = value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
     record = {

@@ -14,24 +14,30 @@ from .cli import InputError, first_line
 from .placeholders import load_token_map
 
 
-def load_components(pretrained_model_name_or_path, revision=None, variant=None):
+def load_components(pretrained_model_name_or_path, revision=None, variant=None, tokenizer_name=None):
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of an SD-1.x pipeline folder or Hub id.
 
-    Same calls as diffusers' `train_dreambooth.py`; the noise scheduler is `DDPMScheduler` built from
-    the pipeline's `scheduler/` config, so ᾱ_t comes from the model's own schedule.
+    Same calls as diffusers' `train_dreambooth.py` (the tokenizer from `tokenizer_name` when given); the noise
+    scheduler is `DDPMScheduler` built from the pipeline's `scheduler/` config, so ᾱ_t comes from the model's
+    own schedule.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = pretrained_model_name_or_path
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+        if tokenizer_name is not None:
+            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_name, revision=revision)
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision, variant=variant)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)}") from error
+        raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)} (a Stable "
+                         "Diffusion pipeline with tokenizer/, text_encoder/, vae/, unet/ and scheduler/ is needed; "
+                         "pixel-space models such as DeepFloyd IF are not supported)") from error
     return SimpleNamespace(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
     )
@@ -47,15 +53,24 @@ def native_resolution(unet, vae):
     return int(unet.config.sample_size) * vae_scale_factor(vae)
 
 
-def tokenize_prompts(tokenizer, prompts):
-    """Token ids (B, model_max_length), padded and truncated as `StableDiffusionPipeline.encode_prompt` does."""
+def tokenize_prompts(tokenizer, prompts, max_length=None):
+    """Token ids (B, L), padded and truncated as `StableDiffusionPipeline.encode_prompt` does.
+
+    L = `max_length`, default the tokenizer's `model_max_length` (77 for CLIP).
+    """
     return tokenizer(
         list(prompts),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def attention_mask_until_eos(input_ids, eos_token_id):
+    """1 for every token up to and including the first end-of-text token, 0 for the padding after it (B, L)."""
+    is_eos = (input_ids == eos_token_id).long()
+    return ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).long()
 
 
 def encode_prompts(text_encoder, input_ids):
