@@ -112,6 +112,12 @@ def test_bf16_keeps_base_in_bf16_and_lora_in_fp32_and_validates(argv, tmp_path, 
     assert (tmp_path / "out" / "image_0.png").is_file()
 
 
+def test_fp16_trains_and_validates_under_autocast(argv, tmp_path):
+    run_in_process(lora_script, argv(tmp_path / "out", mixed_precision="fp16", max_train_steps=1,
+                                     validation_prompt="The face of three", num_validation_images=1))
+    assert (tmp_path / "out" / "image_0.png").is_file()
+
+
 def test_gradient_checkpointing_is_enabled_on_the_unet(argv, tmp_path, monkeypatch):
     loaded = spy_on(monkeypatch, lora_script, "load_training_components")
     run_in_process(lora_script, argv(tmp_path / "out", gradient_checkpointing=True))
