@@ -16,6 +16,7 @@ The scores dataset (id, domain, is_member, score[, score_t{t}]) is what `evaluat
 import argparse
 import logging
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -40,7 +41,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="PIA / PIAN membership inference on a diffusion model.")
+    parser = argparse.ArgumentParser(description="PIA / PIAN membership inference on a diffusion model.",
+                                     allow_abbrev=False)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--method", type=str, default="pia", choices=["pia", "pian"],

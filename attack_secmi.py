@@ -18,6 +18,7 @@ The scores dataset (id, domain, is_member, score) is what `evaluate.py` reads.
 import argparse
 import logging
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -43,7 +44,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="SecMI (t-error) membership inference on a diffusion model.")
+    parser = argparse.ArgumentParser(description="SecMI (t-error) membership inference on a diffusion model.",
+                                     allow_abbrev=False)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--t_sec", type=int, default=100,

@@ -6,6 +6,9 @@
       --generate --pretrained_model_name_or_path outputs/victim/pipeline \
       --domains_file outputs/victim/domains.json --rprecision_model outputs/victim/rprecision_model
 
+With `--write_card OUTPUT_DIR [--push_to_hub]` the privacy numbers go into that trained folder's model card (and
+to the Hub), refused unless every scores dataset attacked exactly its weights (the sha256 the attacks record).
+
 Scores datasets (from attack_*.py) have columns id, domain, is_member, score[, score_t{t}]. Their info says
 `member_is_lower: true` (scores are errors), so the membership score is −score; the calibrated attack below
 also tries the other direction, because an attacker does not care which way members differ.
@@ -13,7 +16,8 @@ also tries the other direction, because an attacker does not care which way memb
 results.json schema (version 1):
     {"schema_version": 1,
      "privacy": {NAME: {                        # one block per --scores dataset; NAME = its folder name
-         "attack", "model", "scores_path", "score_column", "member_is_lower", "num_members", "num_nonmembers",
+         "attack", "model" (its "weights_sha256": {flag: sha256}), "scores_path", "score_column", "member_is_lower",
+         "num_members", "num_nonmembers",
          "auc", "auc_ci": [lo, hi], "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_0.1pct_fpr",
          "tpr_at_0.1pct_fpr_ci", "balanced_accuracy", "balanced_accuracy_ci",
          "fpr_resolution": 1/num_nonmembers,     # TPR@x with x below this is TPR at FPR = 0
@@ -38,6 +42,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 import numpy as np
 
 # Shared with the other scripts (mixsyn_utils/):
@@ -45,7 +50,12 @@ from mixsyn_utils.brisque import is_installed as brisque_is_installed  # offline
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
 from mixsyn_utils.dataset_io import load_image_dataset, read_provenance, save_dataset  # datasets in and out
 from mixsyn_utils.domains import load_domains  # domains and prompt templates to sample
-from mixsyn_utils.flags import add_model_variant_args, add_pretrained_model_args, require_positive  # shared flags
+from mixsyn_utils.flags import (  # shared flags
+    add_card_publish_args,
+    add_model_variant_args,
+    add_pretrained_model_args,
+    require_positive,
+)
 from mixsyn_utils.metrics import (  # MIA metrics with CIs, calibrated attack, blind baseline, extraction
     blind_baseline_auc,
     blind_features,
@@ -55,6 +65,8 @@ from mixsyn_utils.metrics import (  # MIA metrics with CIs, calibrated attack, b
     paired_bootstrap_deltas,
     roc_metrics,
 )
+from mixsyn_utils.model_card import check_report_matches_weights, publish_privacy_card  # the card's privacy numbers
+from mixsyn_utils.models import weights_digest  # sha256 of a fine-tuned folder's weights
 from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
 from mixsyn_utils.resumable import ResumableWork, run_signature  # sampling batches saved as they finish
 from mixsyn_utils.seeds import SALT_GENERATION, derive_seed  # generation i's seed, independent of batch and process
@@ -64,7 +76,8 @@ METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Privacy (MIA), utility and extraction metrics with honest CIs.")
+    parser = argparse.ArgumentParser(description="Privacy (MIA), utility and extraction metrics with honest CIs.",
+                                     allow_abbrev=False)
     parser.add_argument("--scores", type=str, nargs="+", default=[], help="Scores datasets written by attack_*.py.")
     parser.add_argument("--reference_scores", type=str, nargs="+", default=None,
                         help="Scores of the pre-fine-tuning model, one per --scores (same order, same images): "
@@ -102,6 +115,7 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0, help="Seeds bootstraps, the calibration split and sampling.")
     parser.add_argument("--output_dir", type=str, required=True, help="Where results.json, report.md, PNGs go.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
+    add_card_publish_args(parser)
     args = parser.parse_args(input_args)
 
     if not args.scores and not (args.generate or args.generations):
@@ -112,6 +126,10 @@ def parse_args(input_args=None):
     if args.reference_scores is not None and len(args.reference_scores) != len(args.scores):
         raise InputError(f"--reference_scores needs one dataset per --scores ({len(args.scores)}), "
                          f"got {len(args.reference_scores)}")
+    if args.write_card is not None and not args.scores:
+        raise InputError("--write_card attaches privacy numbers: pass the --scores of attacks on its weights")
+    if args.push_to_hub and args.write_card is None:
+        raise InputError("--push_to_hub uploads the --write_card folder: pass --write_card")
     if (args.member_dataset is None) != (args.nonmember_dataset is None):
         raise InputError("--member_dataset and --nonmember_dataset must be given together")
     if args.generate and args.generations:
@@ -338,6 +356,9 @@ def main(args):
         check_same_rows(all_scores)
     for scores, reference in zip(all_scores, references):
         check_same_rows([scores, reference], flag="--reference_scores")
+    if args.write_card:  # before any heavy work: the scores must have attacked exactly the folder's weights
+        check_report_matches_weights({"privacy": {s["name"]: s for s in all_scores}}, weights_digest(args.write_card),
+                                     args.write_card, "--write_card")
     members = nonmembers = None  # loaded before sampling, so a bad path fails before the heavy work
     if args.member_dataset is not None:
         members, nonmembers = (load_image_dataset(path, required_columns=("image", args.caption_column, "domain"))
@@ -386,6 +407,8 @@ def main(args):
     if work is not None:
         work.cleanup()
     print(render_markdown(results))
+    if args.write_card:
+        publish_privacy_card(args, results)
     return results
 
 

@@ -15,6 +15,7 @@ finished batch is saved at once and a killed run resumes without regenerating it
 import argparse
 import logging
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -40,7 +41,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Self-synthesize images per private domain (MixSyn step 1).")
+    parser = argparse.ArgumentParser(description="Self-synthesize images per private domain (MixSyn step 1).",
+                                     allow_abbrev=False)
     add_pretrained_model_args(parser)
     parser.add_argument("--domains_file", type=str, default=None,
                         help="A .json ({'domains': [...], 'templates': [...]}) or .txt (one name per line) file.")
@@ -105,7 +107,7 @@ def main(args):
 
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-        torch_dtype=weight_dtype_of(accelerator.mixed_precision), safety_checker=None, requires_safety_checker=False,
+        dtype=weight_dtype_of(accelerator.mixed_precision), safety_checker=None, requires_safety_checker=False,
     ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     resolution = args.resolution or native_resolution(pipeline.unet, pipeline.vae)

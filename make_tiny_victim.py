@@ -25,9 +25,11 @@ import shutil
 import time
 from pathlib import Path
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 # Shared with the other scripts (mixsyn_utils/):
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
@@ -54,7 +56,8 @@ RESOLUTION = 16
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.")
+    parser = argparse.ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.",
+                                     allow_abbrev=False)
     parser.add_argument("--output_dir", type=str, required=True, help="Where pipeline/, members/, nonmembers/ go.")
     parser.add_argument("--seed", type=int, default=0, help="Fixes the split, the captions and all weights.")
     parser.add_argument("--members_per_domain", type=int, default=25, help="Pretraining images per digit class.")
@@ -204,7 +207,7 @@ def pretrain_vae(vae, pixel_values, args):
     optimizer, scheduler = cosine_optimizer(vae.parameters(), args.learning_rate, args.vae_steps)
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
     vae.train()
-    for _ in range(args.vae_steps):
+    for _ in tqdm(range(args.vae_steps), desc="VAE pretraining"):
         batch = pixel_values[torch.randint(len(pixel_values), (args.train_batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
@@ -229,7 +232,7 @@ def pretrain_unet(unet, latents, text_embeddings, empty_embedding, noise_schedul
     num_timesteps = noise_scheduler.config.num_train_timesteps
     alpha_bar = alphas_cumprod(noise_scheduler)
     unet.train()
-    for step in range(args.unet_steps):
+    for step in tqdm(range(args.unet_steps), desc="UNet pretraining"):
         rows = torch.randint(len(latents), (args.train_batch_size,), generator=generator)
         noise = torch.randn(latents[rows].shape, generator=generator)
         timesteps = torch.randint(0, num_timesteps, (len(rows),), generator=generator)
@@ -334,7 +337,7 @@ def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50,
     members = load_image_dataset(str(Path(victim_dir) / "members"), required_columns=("image", "prompt"))
     nonmembers = load_image_dataset(str(Path(victim_dir) / "nonmembers"), required_columns=("image", "prompt"))
     results = {}
-    for attack_seed in attack_seeds:
+    for attack_seed in tqdm(attack_seeds, desc="Membership figures (loss attack per seed)"):
         member_scores = loss_attack_member_scores(components, members, timesteps, attack_seed)
         nonmember_scores = loss_attack_member_scores(components, nonmembers, timesteps, attack_seed)
         results[f"loss_attack_auc_seed{attack_seed}"] = roc_metrics(member_scores, nonmember_scores)["auc"]

@@ -22,6 +22,7 @@ saved at once; a killed run resumes at the next group. Saved images satisfy ‖x
 import argparse
 import logging
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -61,7 +62,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Anti-DreamBooth (ASPL / FSMG) perturbation of a dataset.")
+    parser = argparse.ArgumentParser(description="Anti-DreamBooth (ASPL / FSMG) perturbation of a dataset.",
+                                     allow_abbrev=False)
     add_pretrained_model_args(parser, help="Surrogate's starting point: CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
     parser.add_argument("--dataset_name", type=str, required=True,
                         help="Clean images: a save_to_disk folder, an imagefolder directory or a Hub dataset id.")

@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
 from study.plan import load_config, load_results, plan_stages  # the config, its models and stages
 from study.report import write_report  # Tables 1-5, Figure 4, the claim-by-claim verdicts
@@ -30,7 +31,8 @@ GPU_SECONDS = {"sample_image": 2.5, "train_step_per_image": 0.25, "attack_unet_f
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Run the MixSyn study from a config (see configs/).")
+    parser = argparse.ArgumentParser(description="Run the MixSyn study from a config (see configs/).",
+                                     allow_abbrev=False)
     parser.add_argument("--config", type=str, default="configs/tiny_digits.toml", help="A TOML study config.")
     parser.add_argument("--output_dir", type=str, default="outputs/demo", help="Where every stage writes.")
     parser.add_argument("--quick", action="store_true", help="Apply the config's [quick] profile (CI's e2e test).")

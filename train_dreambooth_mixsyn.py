@@ -14,9 +14,10 @@ and checkpoints whose `checkpoint-N/unet` loads with `UNet2DConditionModel.from_
 """
 
 import argparse
-from functools import partial
 from pathlib import Path
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
+import torch
 from accelerate.logging import get_logger
 
 # Shared with the other training scripts (mixsyn_utils/):
@@ -27,13 +28,14 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts, a
     check_prior_preservation_args,
     check_training_args,
 )
-from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
+from mixsyn_utils.models import native_resolution, weight_dtype_of  # SD components
 from mixsyn_utils.outputs import move_entries_into, temp_sibling  # the pipeline staged, then moved in whole
 from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
     LatentEncoder,
-    denoising_batch_loss,
+    batch_loss_fn,
     init_trackers,
+    load_training_components,
     log_validation,
     make_accelerator,
     make_lr_scheduler,
@@ -49,6 +51,7 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
 )
 from mixsyn_utils.training_data import (  # the (mixed) training set, seeded data order, class images
     TrainingImages,
+    caption_of_row,
     load_class_images,
     load_training_images,
     make_dataloader,
@@ -60,7 +63,8 @@ TRAINABLE_MODULES = ("unet", "vae_encoder", "text_embeddings", "text_encoder")
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="MixSyn DreamBooth fine-tuning of Stable Diffusion.")
+    parser = argparse.ArgumentParser(description="MixSyn DreamBooth fine-tuning of Stable Diffusion.",
+                                     allow_abbrev=False)
     add_training_args(parser)
     add_prior_preservation_args(parser)
     group = parser.add_argument_group("what to fine-tune")
@@ -69,7 +73,9 @@ def parse_args(input_args=None):
     group.add_argument("--trainable_modules", type=str, nargs="+", default=["unet"],
                        help=f"Any of {', '.join(TRAINABLE_MODULES)} (MixSyn Table 5: denoising network, image "
                             "encoder, embedding).")
-    parser.set_defaults(learning_rate=5e-6, output_dir="dreambooth-model")
+    group.add_argument("--skip_save_text_encoder", action="store_true",
+                       help="Save the pipeline without its text encoder (load it from the base model).")
+    parser.set_defaults(learning_rate=5e-6, output_dir="dreambooth-model", image_interpolation_mode="bilinear")
     args = parser.parse_args(input_args)
     unknown = [name for name in args.trainable_modules if name not in TRAINABLE_MODULES]
     if unknown:
@@ -107,15 +113,17 @@ def select_trainable(trainable_modules, unet, vae, text_encoder):
 
 
 def save_pipeline(args, trained):
-    """The fine-tuned pipeline into `--output_dir`: trained parts from memory, the rest from the base model.
+    """The fine-tuned pipeline into `--output_dir`: trained parts from memory, the rest (safety checker included)
+    from the base model; without the text encoder with --skip_save_text_encoder.
 
     Staged in a hidden folder; each part is moved in whole.
     """
     from diffusers import StableDiffusionPipeline
 
+    if args.skip_save_text_encoder:
+        trained = dict(trained, text_encoder=None)
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, safety_checker=None,
-        requires_safety_checker=False, **trained)
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **trained)
     staging_dir = temp_sibling(Path(args.output_dir) / "pipeline")
     pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
     move_entries_into(staging_dir, args.output_dir)
@@ -126,14 +134,16 @@ def main(args):
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     training_set = load_training_images(args, accelerator.is_main_process)
-    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    components = load_training_components(args)
     unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
     resolution = args.resolution or native_resolution(unet, vae)
     trainable_modules = trainable_modules_of(args)
     trained = select_trainable(trainable_modules, unet, vae, text_encoder)
     # Trained weights stay float32 (mixed precision autocasts them); frozen ones take the half dtype.
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        model.to(accelerator.device, dtype=weight_dtype if name not in trained else None)
+        model.to(accelerator.device)
+        if name not in trained and weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if "text_encoder" in trained:
@@ -141,8 +151,8 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    dataset = TrainingImages(training_set.rows, tokenizer, resolution, lambda row: row[training_set.caption_column],
-                             args.center_crop, args.random_flip, args.seed or 0,
+    dataset = TrainingImages(training_set.rows, tokenizer, resolution,
+                             lambda row, rng: caption_of_row(row, training_set.caption_column, rng), args,
                              load_class_images(args, resolution, accelerator))
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
     plan = plan_steps(args, batch_sampler.batches_per_epoch())
@@ -163,21 +173,24 @@ def main(args):
 
     def validate(step):
         pipeline = validation_pipeline(args, accelerator, unet=unet_in_use, text_encoder=text_encoder_in_use, vae=vae)
-        log_validation(accelerator, args, pipeline, step, resolution)
+        return log_validation(accelerator, args, pipeline, step, resolution)
 
-    loss_fn = partial(denoising_batch_loss, unet=unet_in_use, latent_encoder=latent_encoder,
-                      text_encoder=text_encoder_in_use, noise_scheduler=components.noise_scheduler,
-                      weight_dtype=weight_dtype, prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma)
-    train_loop(accelerator, args, plan, models=list(trained.values()), dataloader=dataloader,
-               batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params,
-               loss_fn=loss_fn, signature=signature, global_step=global_step, validate=validate, logger=logger)
+    loss_fn = batch_loss_fn(args, components, unet_in_use, latent_encoder, text_encoder_in_use, weight_dtype)
+    result = train_loop(accelerator, args, plan, models=list(trained.values()), dataloader=dataloader,
+                        batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                        params_to_clip=params, loss_fn=loss_fn, signature=signature, global_step=global_step,
+                        validate=validate, logger=logger)
 
     if accelerator.is_main_process:
         unwrapped = {name: accelerator.unwrap_model(model) for name, model in trained.items()}
         save_pipeline(args, {name: getattr(model, "vae", model) for name, model in unwrapped.items()})
     prior = " with prior preservation" if args.with_prior_preservation else ""
-    finish_outputs(accelerator, args, f"DreamBooth{prior} ({', '.join(trainable_modules)})", training_set.mix_info,
-                   {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution})
+    trigger_words = set(training_set.rows["domain"]) - {""} if "domain" in training_set.rows.column_names else ()
+    info = training_info(args, "dreambooth", f"DreamBooth{prior} ({', '.join(trainable_modules)})",
+                         training_set.mix_info,
+                         {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution},
+                         len(training_set.rows), trigger_words)
+    finish_outputs(accelerator, args, info, result.validation_images)
 
 
 if __name__ == "__main__":

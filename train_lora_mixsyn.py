@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """MixSyn fine-tuning with LoRA (and DreamBooth+LoRA with `--with_prior_preservation`).
 
-The flags are those of diffusers' `examples/dreambooth/train_dreambooth_lora.py` plus the MixSyn data
-flags: the training set is the self-synthesized set with a fraction `--mixup_ratio` of its images (or
-pixels) replaced by their adversarially perturbed copies. Output: `pytorch_lora_weights.safetensors`,
-loadable with `pipe.load_lora_weights(output_dir)`, and a model card.
+A drop-in for two diffusers examples: `examples/dreambooth/train_dreambooth_lora.py` (with `--instance_data_dir`
+or `--with_prior_preservation`, whose defaults it then takes) and `examples/text_to_image/train_text_to_image_lora.py`
+(with `--dataset_name` / `--train_data_dir`, whose defaults it then takes), plus the MixSyn data flags: the
+training set is the self-synthesized set with a fraction `--mixup_ratio` of its images (or pixels) replaced by
+their adversarially perturbed copies. Output: `pytorch_lora_weights.safetensors`, loadable with
+`pipe.load_lora_weights(output_dir)`, and a model card.
 
     accelerate launch train_lora_mixsyn.py \
       --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
@@ -15,8 +17,9 @@ loadable with `pipe.load_lora_weights(output_dir)`, and a model card.
 import argparse
 import os
 import shutil
-from functools import partial
 from pathlib import Path
+
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 
 import torch
 from accelerate.logging import get_logger
@@ -29,15 +32,16 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts, a
     check_prior_preservation_args,
     check_training_args,
 )
-from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
+from mixsyn_utils.models import native_resolution, weight_dtype_of  # SD components
 from mixsyn_utils.outputs import temp_sibling  # weights staged in a hidden folder, moved in when whole
 from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
     LatentEncoder,
-    denoising_batch_loss,
+    batch_loss_fn,
     init_trackers,
     log_validation,
     make_accelerator,
+    load_training_components,
     make_lr_scheduler,
     make_optimizer,
     plan_steps,
@@ -50,6 +54,7 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
 )
 from mixsyn_utils.training_data import (  # the (mixed) training set, seeded data order, class images
     TrainingImages,
+    caption_of_row,
     load_class_images,
     load_training_images,
     make_dataloader,
@@ -60,10 +65,25 @@ logger = get_logger(__name__)
 UNET_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+# Each upstream script's defaults, where they differ from the shared ones: this script takes those of the one
+# whose input it is given (DreamBooth validates by epochs too, every 50; text-to-image after every epoch).
+DREAMBOOTH_LORA_DEFAULTS = dict(learning_rate=5e-4, output_dir="lora-dreambooth-model", validation_epochs=50,
+                                validation_steps=None)
+TEXT_TO_IMAGE_LORA_DEFAULTS = dict(learning_rate=1e-4, output_dir="sd-model-finetuned-lora", train_batch_size=16,
+                                   num_train_epochs=100, validation_epochs=1, validation_steps=None)
+
+
+def is_dreambooth(args):
+    """DreamBooth-LoRA (an instance folder or prior preservation), else text-to-image LoRA on a captioned dataset."""
+    return args.instance_data_dir is not None or args.with_prior_preservation
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="MixSyn LoRA / DreamBooth+LoRA fine-tuning of Stable Diffusion.")
+    parser = argparse.ArgumentParser(
+        description="MixSyn LoRA / DreamBooth+LoRA fine-tuning of Stable Diffusion.", allow_abbrev=False,
+        epilog="Defaults shown are train_dreambooth_lora.py's. With --dataset_name or --train_data_dir and no prior "
+               "preservation they are train_text_to_image_lora.py's: " +
+               ", ".join(f"--{flag} {value}" for flag, value in TEXT_TO_IMAGE_LORA_DEFAULTS.items()) + ".")
     add_training_args(parser)
     add_prior_preservation_args(parser)
     lora = parser.add_argument_group("LoRA (arXiv:2106.09685)")
@@ -71,7 +91,10 @@ def parse_args(input_args=None):
     lora.add_argument("--lora_alpha", type=int, default=None, help="LoRA α (scale α/r); default: r, as upstream.")
     lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
     lora.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA on the text encoder.")
-    parser.set_defaults(learning_rate=5e-4, output_dir="lora-dreambooth-model")
+    parser.set_defaults(**DREAMBOOTH_LORA_DEFAULTS)
+    # Defaults follow the upstream script whose input this run gets (an --instance_data_dir or a dataset).
+    if not is_dreambooth(parser.parse_known_args(input_args)[0]):
+        parser.set_defaults(**TEXT_TO_IMAGE_LORA_DEFAULTS)
     args = parser.parse_args(input_args)
     if args.rank <= 0:
         raise InputError(f"--rank must be positive, got {args.rank}")
@@ -87,7 +110,8 @@ def lora_layers(model):
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    # No embedding layer carries LoRA here; peft's "auto" would look for the base model's config to decide.
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
 
 
 def save_lora(output_dir, unet, text_encoder=None):
@@ -156,12 +180,14 @@ def main(args):
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     training_set = load_training_images(args, accelerator.is_main_process)
-    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    components = load_training_components(args)
     unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
     resolution = args.resolution or native_resolution(unet, vae)
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False)
-        model.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            model.to(dtype=weight_dtype)
     trained_models = add_lora_adapters(args, unet, text_encoder)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -170,8 +196,8 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    dataset = TrainingImages(training_set.rows, tokenizer, resolution, lambda row: row[training_set.caption_column],
-                             args.center_crop, args.random_flip, args.seed or 0,
+    dataset = TrainingImages(training_set.rows, tokenizer, resolution,
+                             lambda row, rng: caption_of_row(row, training_set.caption_column, rng), args,
                              load_class_images(args, resolution, accelerator))
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
     plan = plan_steps(args, batch_sampler.batches_per_epoch())
@@ -190,15 +216,13 @@ def main(args):
 
     def validate(step):
         pipeline = validation_pipeline(args, accelerator, unet=unet, text_encoder=text_encoder)
-        log_validation(accelerator, args, pipeline, step, resolution)
+        return log_validation(accelerator, args, pipeline, step, resolution)
 
-    loss_fn = partial(denoising_batch_loss, unet=unet, latent_encoder=LatentEncoder(vae), text_encoder=text_encoder,
-                      noise_scheduler=components.noise_scheduler, weight_dtype=weight_dtype,
-                      prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma)
-    train_loop(accelerator, args, plan, models=[unet, text_encoder] if args.train_text_encoder else [unet],
-               dataloader=dataloader, batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
-               params_to_clip=params, loss_fn=loss_fn, signature=signature, global_step=global_step,
-               validate=validate, logger=logger)
+    loss_fn = batch_loss_fn(args, components, unet, LatentEncoder(vae), text_encoder, weight_dtype)
+    result = train_loop(accelerator, args, plan, models=[unet, text_encoder] if args.train_text_encoder else [unet],
+                        dataloader=dataloader, batch_sampler=batch_sampler, optimizer=optimizer,
+                        lr_scheduler=lr_scheduler, params_to_clip=params, loss_fn=loss_fn, signature=signature,
+                        global_step=global_step, validate=validate, logger=logger)
 
     if accelerator.is_main_process:
         staging_dir = temp_sibling(Path(args.output_dir) / LORA_WEIGHTS_FILE)
@@ -206,9 +230,13 @@ def main(args):
                   accelerator.unwrap_model(text_encoder) if args.train_text_encoder else None)
         os.replace(staging_dir / LORA_WEIGHTS_FILE, Path(args.output_dir) / LORA_WEIGHTS_FILE)
         shutil.rmtree(staging_dir)
+    kind = "dreambooth_lora" if is_dreambooth(args) else "text_to_image_lora"
     method = "DreamBooth+LoRA" if args.with_prior_preservation else "LoRA"
-    finish_outputs(accelerator, args, f"{method} (rank {args.rank})", training_set.mix_info,
-                   {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution})
+    trigger_words = set(training_set.rows["domain"]) - {""} if "domain" in training_set.rows.column_names else ()
+    info = training_info(args, kind, f"{method} (rank {args.rank})", training_set.mix_info,
+                         {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution},
+                         len(training_set.rows), trigger_words)
+    finish_outputs(accelerator, args, info, result.validation_images)
 
 
 if __name__ == "__main__":

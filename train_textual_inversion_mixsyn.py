@@ -2,17 +2,21 @@
 """MixSyn fine-tuning with Textual Inversion: one learned placeholder token per private domain.
 
 The flags are those of diffusers' `examples/textual_inversion/textual_inversion.py` plus the MixSyn data
-flags. Each domain d gets the placeholder `--placeholder_token_template` (default "<{domain}>"), spread
-over `--num_vectors` tokens the upstream way (<d>, <d>_1, …), initialised from the mean embedding of the
-domain name's tokens. Captions are the dataset's own with the domain name replaced by its placeholder
-(`mixsyn_utils.models.rewrite_caption`, the same rewrite the attack scripts use). Only the new rows of the
-token-embedding matrix train (Gal et al. 2022, arXiv:2208.01618).
+flags. Each domain d gets the placeholder `--placeholder_token_template` (default "<{domain}>") filled with the
+domain name's lower-case slug ("Ada Lovelace" → `<ada-lovelace>`, which the CLIP tokenizer reads back unchanged),
+spread over `--num_vectors` tokens the upstream way (<d>, <d>_1, …), initialised from the mean embedding of the
+domain name's tokens (or from `--initializer_token`). Captions are the dataset's own with the domain name replaced
+by its placeholder (`mixsyn_utils.placeholders.rewrite_caption`, the same rewrite the attack scripts use). Only
+the new rows of the token-embedding matrix train (Gal et al. 2022, arXiv:2208.01618).
 
-Upstream's single-concept input works too: `--instance_data_dir DIR --instance_prompt "The face of Ada
-Lovelace" --instance_domain "Ada Lovelace"` learns `<Ada Lovelace>` from the folder's images.
+Upstream's single-concept inputs work too: `--train_data_dir DIR --placeholder_token "<cat-toy>"
+--initializer_token toy` captions a folder of bare images with the paper's templates (`--learnable_property`), and
+`--instance_data_dir DIR --instance_prompt "The face of Ada Lovelace" --instance_domain "Ada Lovelace"` learns
+`<ada-lovelace>` from the folder's images.
 
-Output: `learned_embeds-<domain>.safetensors` per domain (each loadable by `pipe.load_textual_inversion`),
-`learned_embeds.safetensors` for a single-domain run, and `token_map.json` (domain → placeholder, file).
+Output: `learned_embeds.safetensors` for one concept (`pipe.load_textual_inversion(output_dir)` loads it), one
+`learned_embeds-<slug>.safetensors` per domain for several (load each with `weight_name=`), and `token_map.json`
+(domain → placeholder, file, vectors).
 
     accelerate launch train_textual_inversion_mixsyn.py \
       --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
@@ -22,27 +26,35 @@ Output: `learned_embeds-<domain>.safetensors` per domain (each loadable by `pipe
 
 import argparse
 import json
-from functools import partial
 from pathlib import Path
 
+import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
+import numpy as np
 import torch
 from accelerate.logging import get_logger
 
 # Shared with the other training scripts (mixsyn_utils/):
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
 from mixsyn_utils.flags import add_training_args, check_training_args  # flag groups shared with the other scripts
-from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
+from mixsyn_utils.models import native_resolution, weight_dtype_of  # SD components
 from mixsyn_utils.outputs import move_entries_into, temp_sibling  # files staged, then moved in whole
-from mixsyn_utils.placeholders import (  # the token map and the caption rewrite the attacks use too
+from mixsyn_utils.placeholders import (  # placeholder names, the token map and the caption rewrite the attacks use
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
     TOKEN_MAP_FILE,
+    check_tokens_read_back,
     domain_name_pattern,
+    domain_slug,
+    placeholder_text,
+    placeholder_tokens,
     rewrite_caption,
 )
 from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
     LatentEncoder,
-    denoising_batch_loss,
+    batch_loss_fn,
     init_trackers,
+    load_training_components,
     log_validation,
     make_accelerator,
     make_lr_scheduler,
@@ -56,27 +68,50 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
     training_signature,
     validation_pipeline,
 )
-from mixsyn_utils.training_data import TrainingImages, load_training_images, make_dataloader  # the training set
+from mixsyn_utils.training_data import TrainingImages, caption_of_row, load_training_images, make_dataloader
 
 logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="MixSyn Textual Inversion: one learned token per domain.")
+    parser = argparse.ArgumentParser(
+        description="MixSyn Textual Inversion: one learned token per domain.", allow_abbrev=False,
+        epilog="As upstream's textual_inversion.py, gradients are not clipped (--max_grad_norm 0) and images are "
+               "flipped (--no-random_flip turns it off).")
     add_training_args(parser)
     group = parser.add_argument_group("textual inversion")
     group.add_argument("--placeholder_token_template", type=str, default="<{domain}>",
-                       help="Placeholder of each domain; '{domain}' is replaced by the domain name.")
+                       help="Placeholder of each domain; '{domain}' is replaced by the domain name's slug (lower "
+                            "case, '-' between words), which the tokenizer reads back unchanged.")
+    group.add_argument("--placeholder_token", type=str, default=None,
+                       help="Upstream's literal placeholder of a single concept, e.g. '<cat-toy>' (lower case: the "
+                            "tokenizer lower-cases prompts). Needed with a --train_data_dir of bare images.")
+    group.add_argument("--initializer_token", type=str, default=None,
+                       help="A one-token word every vector starts from (upstream); default: the mean embedding of "
+                            "the domain name's tokens.")
+    group.add_argument("--learnable_property", type=str, default="object", choices=["object", "style"],
+                       help="Captions of a --train_data_dir of bare images: 'a photo of a <token>' templates "
+                            "(object) or 'a painting in the style of <token>' (style).")
+    group.add_argument("--repeats", type=int, default=100, help="Passes over the training images per epoch.")
     group.add_argument("--num_vectors", type=int, default=1, help="Embedding vectors per placeholder.")
     group.add_argument("--domain_column", type=str, default="domain",
                        help="Column of --dataset_name naming each image's domain (its name appears in the caption).")
-    parser.set_defaults(learning_rate=1e-4, train_batch_size=16, max_train_steps=5000,
-                        output_dir="text-inversion-model")
+    group.add_argument("--save_steps", type=int, default=500,
+                       help="Also save the learned embeddings every N updates (learned_embeds[-<slug>]-steps-N).")
+    group.add_argument("--save_as_full_pipeline", action="store_true",
+                       help="Also save the whole pipeline with the learned tokens. Unlike upstream, --push_to_hub "
+                            "does not imply it: the repo holds the embeddings, loaded onto the base model.")
+    group.add_argument("--no_safe_serialization", action="store_true",
+                       help="Write the embeddings with torch.save (.bin) instead of safetensors.")
+    parser.set_defaults(learning_rate=1e-4, train_batch_size=16, max_train_steps=5000, num_train_epochs=100,
+                        output_dir="text-inversion-model", max_grad_norm=0.0, random_flip=True,
+                        image_interpolation_mode="bicubic")
     args = parser.parse_args(input_args)
     if "{domain}" not in args.placeholder_token_template:
         raise InputError(f"--placeholder_token_template must contain '{{domain}}', got {args.placeholder_token_template!r}")
-    if args.num_vectors <= 0:
-        raise InputError(f"--num_vectors must be positive, got {args.num_vectors}")
+    for flag in ("num_vectors", "repeats", "save_steps"):
+        if getattr(args, flag) <= 0:
+            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
     check_training_args(args)
     if args.instance_data_dir is not None:
         if not args.instance_domain:
@@ -95,7 +130,7 @@ def domains_named_in_captions(domains, captions):
     """
     named = {}
     for domain, caption in zip(domains, captions):
-        named[domain] = named.get(domain, False) or domain_name_pattern(domain).search(caption) is not None
+        named[domain] = named.get(domain, False) or domain_name_pattern(domain).search(str(caption)) is not None
     silent = [domain for domain, found in named.items() if not found]
     if silent:
         raise InputError(f"no caption of domain {silent[0]!r} contains its name, so its token would never train "
@@ -103,32 +138,84 @@ def domains_named_in_captions(domains, captions):
     return list(named)
 
 
-def add_placeholder_tokens(args, domains, tokenizer, text_encoder):
-    """Add `<d>`, `<d>_1`, … per domain; initialise each from the mean embedding of the domain name's tokens.
+def concepts_and_captions(args, training_set):
+    """(domains, caption_fn): what the placeholders stand for, and `caption_fn(row, rng, token_map)`.
 
-    Returns {domain: {"placeholder", "file", "num_vectors", "token_ids"}}. A placeholder that is already
-    in the vocabulary is an error (its old meaning would leak into training).
+    Captioned images: the domain column names each image's domain, the caption gets its placeholder. A folder of
+    bare images (upstream's --train_data_dir): one concept, captioned with a random `--learnable_property` template.
+    """
+    rows, caption_column = training_set.rows, training_set.caption_column
+    if caption_column is None:
+        if not (args.placeholder_token or args.instance_domain):
+            raise InputError(f"--train_data_dir {args.train_data_dir} holds images without captions: pass "
+                             "--placeholder_token (and --initializer_token) as for upstream's textual_inversion.py")
+        domain = args.instance_domain or domain_slug(args.placeholder_token)
+        templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+
+        def template_caption(row, rng, token_map):
+            entry = token_map[domain]
+            return templates[int(rng.integers(len(templates)))].format(placeholder_text(entry["placeholder"],
+                                                                                        entry["num_vectors"]))
+        return [domain], template_caption
+    domain_column = "domain" if args.instance_data_dir is not None else args.domain_column
+    if domain_column not in rows.column_names:
+        raise InputError(f"dataset {args.dataset_name or args.train_data_dir} has no column {domain_column!r} (needed "
+                         "to know which placeholder each image trains)")
+    domains = domains_named_in_captions(rows[domain_column], rows[caption_column])
+    if args.placeholder_token and len(domains) > 1:
+        raise InputError(f"--placeholder_token names one concept, the data has {len(domains)} domains; use "
+                         "--placeholder_token_template")
+
+    def rewritten_caption(row, rng, token_map):
+        return rewrite_caption(caption_of_row(row, caption_column, rng), row[domain_column], token_map)
+    return domains, rewritten_caption
+
+
+def embeds_file_name(domain, num_domains, steps=None, safe_serialization=True):
+    """`learned_embeds` (one concept, upstream's name) or `learned_embeds-<slug>`, `-steps-N` for a snapshot."""
+    stem = "learned_embeds" if num_domains == 1 else f"learned_embeds-{domain_slug(domain)}"
+    stem += f"-steps-{steps}" if steps is not None else ""
+    return stem + (".safetensors" if safe_serialization else ".bin")
+
+
+def add_placeholder_tokens(args, domains, tokenizer, text_encoder):
+    """Add `<d>`, `<d>_1`, … per domain, each read back unchanged by the tokenizer; initialise their embeddings.
+
+    Returns {domain: {"placeholder", "file", "num_vectors", "token_ids"}}. A placeholder already in the
+    vocabulary is an error (its old meaning would leak into training). Every vector starts from
+    --initializer_token's embedding (a one-token word, as upstream), else from the mean of the domain name's.
     """
     token_map = {}
     for domain in domains:
-        placeholder = args.placeholder_token_template.format(domain=domain)
-        tokens = [placeholder] + [f"{placeholder}_{i}" for i in range(1, args.num_vectors)]
+        placeholder = args.placeholder_token or args.placeholder_token_template.format(domain=domain_slug(domain))
+        tokens = placeholder_tokens(placeholder, args.num_vectors)
         # A placeholder the tokenizer already reads as one known token (e.g. "zero" → "zero</w>") would
         # shadow that word, and its old meaning would leak into training.
         pieces = tokenizer.tokenize(placeholder)
         known_word = len(pieces) == 1 and pieces[0] in tokenizer.get_vocab()
         if known_word or tokenizer.add_tokens(tokens) != len(tokens):
-            raise InputError(f"--placeholder_token_template gives {placeholder!r} for domain {domain!r}, which is "
-                             "already in the tokenizer's vocabulary; pick another template")
-        token_map[domain] = {"placeholder": placeholder, "file": f"learned_embeds-{domain}.safetensors",
-                             "num_vectors": args.num_vectors, "token_ids": tokenizer.convert_tokens_to_ids(tokens)}
+            raise InputError(f"placeholder {placeholder!r} of domain {domain!r} is already in the tokenizer's "
+                             "vocabulary (or another domain's); pick another --placeholder_token(_template)")
+        check_tokens_read_back(tokenizer, tokens, "--placeholder_token" if args.placeholder_token else
+                               f"--placeholder_token_template (domain {domain!r})")
+        token_map[domain] = {"placeholder": placeholder, "num_vectors": args.num_vectors,
+                             "file": embeds_file_name(domain, len(domains), None, not args.no_safe_serialization),
+                             "token_ids": tokenizer.convert_tokens_to_ids(tokens)}
+    if args.initializer_token is not None and len(tokenizer.encode(args.initializer_token,
+                                                                   add_special_tokens=False)) != 1:
+        raise InputError(f"--initializer_token {args.initializer_token!r} must be a single token")
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
     embeddings = text_encoder.get_input_embeddings().weight.data
     with torch.no_grad():
         for domain, entry in token_map.items():
-            name_ids = tokenizer.encode(domain, add_special_tokens=False)
-            embeddings[entry["token_ids"]] = embeddings[name_ids].mean(dim=0)
+            start_ids = tokenizer.encode(args.initializer_token or domain, add_special_tokens=False)
+            embeddings[entry["token_ids"]] = embeddings[start_ids].mean(dim=0)
     return token_map
+
+
+def public_token_map(token_map):
+    """The token map as token_map.json and the model card show it: without the tokenizer's ids."""
+    return {domain: {k: v for k, v in entry.items() if k != "token_ids"} for domain, entry in token_map.items()}
 
 
 def keep_original_embeddings(text_encoder, original_embeddings, trained_ids):
@@ -143,44 +230,55 @@ def keep_original_embeddings(text_encoder, original_embeddings, trained_ids):
     return restore
 
 
-def save_learned_embeds(output_dir, text_encoder, token_map):
-    """One safetensors file per domain ({placeholder: (num_vectors, D)}), the token map, and upstream's file."""
+def save_learned_embeds(output_dir, text_encoder, token_map, safe_serialization=True, steps=None):
+    """Each domain's {placeholder: (num_vectors, D) float32} in its file (upstream's format), staged then moved in;
+    the final save (`steps` None) also writes the token map."""
     from safetensors.torch import save_file
 
     weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
     staging_dir = temp_sibling(Path(output_dir) / "learned_embeds")
-    public_map = {domain: {k: v for k, v in entry.items() if k != "token_ids"} for domain, entry in token_map.items()}
-    for entry in token_map.values():
-        save_file({entry["placeholder"]: weight[entry["token_ids"]].contiguous()}, str(staging_dir / entry["file"]))
-    if len(token_map) == 1:
-        entry = next(iter(token_map.values()))
-        save_file({entry["placeholder"]: weight[entry["token_ids"]].contiguous()},
-                  str(staging_dir / "learned_embeds.safetensors"))
-    (staging_dir / TOKEN_MAP_FILE).write_text(json.dumps(public_map, indent=2, sort_keys=True))
+    for domain, entry in token_map.items():
+        state = {entry["placeholder"]: weight[entry["token_ids"]].contiguous()}
+        path = staging_dir / embeds_file_name(domain, len(token_map), steps, safe_serialization)
+        if safe_serialization:
+            save_file(state, str(path), metadata={"format": "pt"})
+        else:
+            torch.save(state, path)
+    if steps is None:
+        (staging_dir / TOKEN_MAP_FILE).write_text(json.dumps(public_token_map(token_map), indent=2, sort_keys=True))
     move_entries_into(staging_dir, output_dir)
+
+
+def save_full_pipeline(args, text_encoder, tokenizer):
+    """--save_as_full_pipeline: the base pipeline with the extended tokenizer and text encoder, moved in whole."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
+                                                       variant=args.variant, text_encoder=text_encoder,
+                                                       tokenizer=tokenizer)
+    staging_dir = temp_sibling(Path(args.output_dir) / "pipeline")
+    pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
+    move_entries_into(staging_dir, args.output_dir)
 
 
 def main(args):
     accelerator = make_accelerator(args)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    training_set = load_training_images(args, accelerator.is_main_process)
-    images, caption_column = training_set.rows, training_set.caption_column
-    domain_column = "domain" if args.instance_data_dir is not None else args.domain_column
-    if domain_column not in images.column_names:
-        raise InputError(f"--dataset_name {args.dataset_name} has no column {domain_column!r} (needed to know "
-                         "which placeholder each image trains)")
-    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    training_set = load_training_images(args, accelerator.is_main_process, captions_required=False)
+    domains, caption_fn = concepts_and_captions(args, training_set)
+    components = load_training_components(args)
     unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
     resolution = args.resolution or native_resolution(unet, vae)
-    domains = domains_named_in_captions(images[domain_column], images[caption_column])
     token_map = add_placeholder_tokens(args, domains, tokenizer, text_encoder)
     trained_ids = [i for entry in token_map.values() for i in entry["token_ids"]]
 
     for model in (unet, vae, text_encoder):
         model.requires_grad_(False)
-    unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device)
+    if weight_dtype != torch.float32:
+        unet.to(dtype=weight_dtype)
+        vae.to(dtype=weight_dtype)
     text_encoder.get_input_embeddings().requires_grad_(True)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -188,11 +286,9 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    def caption_of(row):
-        return rewrite_caption(row[caption_column], row[domain_column], token_map)
-
-    dataset = TrainingImages(images, tokenizer, resolution, caption_of, args.center_crop, args.random_flip,
-                             args.seed or 0)
+    # --repeats: each epoch passes over the images that many times (upstream's dataset length).
+    rows = training_set.rows.select(np.tile(np.arange(len(training_set.rows)), args.repeats))
+    dataset = TrainingImages(rows, tokenizer, resolution, lambda row, rng: caption_fn(row, rng, token_map), args)
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
     plan = plan_steps(args, batch_sampler.batches_per_epoch())
     params = list(text_encoder.get_input_embeddings().parameters())
@@ -205,24 +301,35 @@ def main(args):
     signature = training_signature(args)
     global_step = resume_training_state(accelerator, resume_path, signature)
     original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
+    restore_frozen_rows = keep_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings,
+                                                   trained_ids)
+
+    def after_update(step):
+        restore_frozen_rows()
+        if step % args.save_steps == 0 and accelerator.is_main_process:
+            save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
+                                not args.no_safe_serialization, steps=step)
 
     def validate(step):
         pipeline = validation_pipeline(args, accelerator, text_encoder=text_encoder, tokenizer=tokenizer)
-        log_validation(accelerator, args, pipeline, step, resolution)
+        return log_validation(accelerator, args, pipeline, step, resolution)
 
-    loss_fn = partial(denoising_batch_loss, unet=unet, latent_encoder=LatentEncoder(vae), text_encoder=text_encoder,
-                      noise_scheduler=components.noise_scheduler, weight_dtype=weight_dtype, snr_gamma=args.snr_gamma)
-    train_loop(accelerator, args, plan, models=[text_encoder], dataloader=dataloader, batch_sampler=batch_sampler,
-               optimizer=optimizer, lr_scheduler=lr_scheduler, params_to_clip=params, loss_fn=loss_fn,
-               signature=signature, global_step=global_step, validate=validate, logger=logger,
-               after_update=keep_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings,
-                                                     trained_ids))
+    loss_fn = batch_loss_fn(args, components, unet, LatentEncoder(vae), text_encoder, weight_dtype)
+    result = train_loop(accelerator, args, plan, models=[text_encoder], dataloader=dataloader,
+                        batch_sampler=batch_sampler, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                        params_to_clip=params, loss_fn=loss_fn, signature=signature, global_step=global_step,
+                        validate=validate, logger=logger, after_update=after_update)
 
     if accelerator.is_main_process:
-        save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map)
-    finish_outputs(accelerator, args, f"Textual Inversion ({args.num_vectors} vector(s) per domain)",
-                   training_set.mix_info,
-                   {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution})
+        save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
+                            not args.no_safe_serialization)
+        if args.save_as_full_pipeline:
+            save_full_pipeline(args, accelerator.unwrap_model(text_encoder), tokenizer)
+    info = training_info(args, "textual_inversion", f"Textual Inversion ({args.num_vectors} vector(s) per domain)",
+                         training_set.mix_info,
+                         {"steps": plan.max_train_steps, "learning_rate": learning_rate, "resolution": resolution},
+                         len(training_set.rows), tokens=public_token_map(token_map))
+    finish_outputs(accelerator, args, info, result.validation_images)
 
 
 if __name__ == "__main__":

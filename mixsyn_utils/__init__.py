@@ -2,6 +2,7 @@
 
 Plumbing:
 - `cli`            InputError and the one-line error every script exits with
+- `quiet`          library console noise silenced at its source (imported first by every script)
 - `flags`          every flag two scripts share (`add_*_args`) and its checks
 - `outputs`        occupied output folders refused; outputs written in a hidden sibling, renamed when whole
 - `dataset_io`     datasets in and out, and the provenance record each carries
@@ -9,7 +10,7 @@ Plumbing:
 - `seeds`          `derive_seed` and the named salts of every random stream
 - `images`         the one image preprocessing rule
 - `domains`        private domains and the paper's prompt templates
-- `placeholders`   textual-inversion token maps and caption rewriting
+- `placeholders`   textual-inversion placeholder names, token maps and caption rewriting
 - `models`         SD components, fine-tuned variants, z₀ = s·E(x) and prompt encoding
 Maths:
 - `diffusion`      ᾱ_t, forward noising, the DDIM step, SecMI t-error, PIA/PIAN, the loss attack

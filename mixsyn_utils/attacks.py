@@ -30,6 +30,7 @@ from .models import (
     load_model_variant,
     native_resolution,
     tokenize_prompts,
+    weights_digest,
 )
 from .placeholders import load_token_map, rewrite_caption
 from .resumable import ResumableWork, run_signature
@@ -264,10 +265,19 @@ def score_all(rows, components, args, resolution, accelerator, score_batch, desc
     return work.run(num_batches, score_unit, desc=desc), work
 
 
+def attacked_weights_digests(args):
+    """{flag: `weights_digest`} of the attacked model's own weights: each local fine-tuned part, or the local
+    pretrained folder when there is none (a DreamBooth pipeline). A model card attaches scores only to these."""
+    parts = [flag for flag in ("unet_path", "lora_weights", "textual_inversion") if getattr(args, flag)]
+    return {flag: weights_digest(getattr(args, flag)) for flag in parts or ["pretrained_model_name_or_path"]
+            if Path(getattr(args, flag)).exists()}
+
+
 def model_record(args):
-    """The attacked model: pretrained id plus any fine-tuned parts."""
-    return {key: getattr(args, key) for key in (
+    """The attacked model: pretrained id plus any fine-tuned parts, and the sha256 of the weights attacked."""
+    record = {key: getattr(args, key) for key in (
         "pretrained_model_name_or_path", "revision", "variant", "unet_path", "lora_weights", "textual_inversion")}
+    return dict(record, weights_sha256=attacked_weights_digests(args))
 
 
 def write_scores(dataset, script, attack, args, extra=None):

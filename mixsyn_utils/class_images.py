@@ -1,17 +1,25 @@
 """Prior-preservation class images: samples of the class prompt from the base model, generated once and cached.
 
-Used by the DreamBooth fine-tuning scripts (`--with_prior_preservation`) and the Anti-DreamBooth surrogate.
+The cache is upstream's: a folder of image files (`--class_data_dir`). Images already there count (upstream lets
+you put your own), the missing ones up to `--num_class_images` are generated into it as `{index:05d}-{sha1}.png`,
+and `class_images.json` records the prompt and model they were made with. A class-image dataset saved with
+`save_to_disk` by earlier versions is read as it is. Used by the DreamBooth fine-tuning scripts and the
+Anti-DreamBooth surrogate.
 """
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from .cli import InputError
-from .dataset_io import load_image_dataset, read_provenance, save_dataset, with_provenance
+from .dataset_io import image_files, load_image_dataset, read_provenance
 from .resumable import ResumableWork
 from .seeds import derive_seed
+
+RECORD_FILE = "class_images.json"
 
 
 def _class_cache_key(pretrained_model_name_or_path, class_prompt, revision, variant, resolution):
@@ -19,30 +27,39 @@ def _class_cache_key(pretrained_model_name_or_path, class_prompt, revision, vari
             "variant": variant, "resolution": resolution}
 
 
-def _load_cached_class_images(class_data_dir, cache_key):
-    """The cached class images when `class_data_dir` holds a dataset made for the same prompt and model."""
+def _existing_class_images(class_data_dir, class_prompt, cache_key):
+    """The class images already in `class_data_dir` (columns image, prompt), or None when there are none.
+
+    An error when its record says they were made for another prompt or model.
+    """
+    import datasets
+
     path = Path(class_data_dir)
-    if not (path / "dataset_info.json").is_file():
-        if path.exists() and path.is_dir() and any(path.iterdir()):
-            raise InputError(f"--class_data_dir {class_data_dir} exists but is not a saved class-image dataset")
-        return None
-    cached = load_image_dataset(str(path), required_columns=("image", "prompt"))
-    if read_provenance(cached).get("class_images") != cache_key:
+    if (path / "dataset_info.json").is_file():
+        existing = load_image_dataset(str(path), required_columns=("image", "prompt"))
+        recorded = read_provenance(existing).get("class_images")
+    else:
+        files = image_files(path) if path.is_dir() else []
+        record = path / RECORD_FILE
+        recorded = json.loads(record.read_text()) if record.is_file() else None
+        existing = None if not files else datasets.Dataset.from_dict(
+            {"image": [str(file) for file in files], "prompt": [class_prompt] * len(files)},
+            features=datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")}))
+    if recorded is not None and recorded != cache_key:
         raise InputError(f"--class_data_dir {class_data_dir} holds class images of another prompt or model; "
                          "use another folder")
-    return cached
+    return existing
 
 
 def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_images, class_data_dir, *,
                         revision=None, variant=None, resolution=None, sample_batch_size=4, num_inference_steps=50,
-                        guidance_scale=7.5, seed=0, accelerator=None, torch_dtype=None):
-    """Class images for prior preservation: `num_class_images` samples of `class_prompt` from the base model.
+                        guidance_scale=7.5, seed=0, accelerator=None, dtype=None):
+    """Class images for prior preservation: `num_class_images` images of `class_prompt`, as a dataset (image, prompt).
 
-    Cached in `class_data_dir` (a saved dataset with columns `image`, `prompt`; its info records the
-    prompt, model and resolution). A cache with at least `num_class_images` rows is reused; a smaller
-    one is extended. Image i is drawn with a generator seeded by `derive_seed(seed, i)`, so the set is the
-    same on 1 or many processes; batches are `ResumableWork` units (a killed run resumes), and the main
-    process writes the dataset atomically. Returns the first `num_class_images` rows.
+    Images already in `class_data_dir` are used first (sorted by file name); the missing ones are sampled from
+    the base model in `dtype`, image i with a generator seeded by `derive_seed(seed, i)`, so the set is the same
+    on 1 or many processes; batches are `ResumableWork` units (a killed run resumes) and the main process writes
+    the files. Returns the first `num_class_images` images.
     """
     import datasets
     from diffusers import StableDiffusionPipeline
@@ -52,17 +69,20 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
     if num_class_images <= 0:
         raise InputError(f"--num_class_images must be positive, got {num_class_images}")
     cache_key = _class_cache_key(pretrained_model_name_or_path, class_prompt, revision, variant, resolution)
-    cached = _load_cached_class_images(class_data_dir, cache_key)
-    num_cached = 0 if cached is None else len(cached)
-    if num_cached >= num_class_images:
-        return cached.select(range(num_class_images))
+    existing = _existing_class_images(class_data_dir, class_prompt, cache_key)
+    num_existing = 0 if existing is None else len(existing)
+    if num_existing >= num_class_images:
+        return existing.select(range(num_class_images))
+    if (Path(class_data_dir) / "dataset_info.json").is_file():
+        raise InputError(f"--class_data_dir {class_data_dir} holds {num_existing} class images saved as a dataset, "
+                         f"fewer than --num_class_images {num_class_images}; use another folder")
 
     device = accelerator.device if accelerator is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    indices = list(range(num_cached, num_class_images))
+    indices = list(range(num_existing, num_class_images))
     batches = [indices[start:start + sample_batch_size] for start in range(0, len(indices), sample_batch_size)]
-    signature = dict(cache_key, num_class_images=num_class_images, num_cached=num_cached, seed=seed,
+    signature = dict(cache_key, num_class_images=num_class_images, num_existing=num_existing, seed=seed,
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                     sample_batch_size=sample_batch_size)
+                     sample_batch_size=sample_batch_size, dtype=str(dtype))
     # A cache, not a result: an interrupted extension made with other settings is simply redone.
     work = ResumableWork(class_data_dir, signature, accelerator, discard_other_settings=True)
     features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")})
@@ -71,7 +91,7 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
     def generate_batch(unit):
         if "pipeline" not in loaded:  # loaded only when a batch is left to make
             loaded["pipeline"] = StableDiffusionPipeline.from_pretrained(
-                pretrained_model_name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+                pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
                 safety_checker=None, requires_safety_checker=False,
             ).to(device)
             loaded["pipeline"].set_progress_bar_config(disable=True)
@@ -85,12 +105,14 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
     generated = work.run(len(batches), generate_batch, desc="Class images")
     loaded.clear()
     if generated is not None:  # main process
-        parts = ([cached.select_columns(["image", "prompt"])] if cached is not None else []) + [generated]
-        class_images = datasets.concatenate_datasets(parts)
-        with_provenance(class_images, json.dumps({"class_images": cache_key}, sort_keys=True))
-        save_dataset(class_images, class_data_dir)
+        folder = Path(class_data_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, image in zip(indices, generated["image"]):
+            name = f"{index:05d}-{hashlib.sha1(image.tobytes()).hexdigest()[:16]}.png"
+            image.save(folder / f".{name}.tmp", format="PNG")  # whole or absent: a killed run leaves no torn image
+            os.replace(folder / f".{name}.tmp", folder / name)
+        (folder / RECORD_FILE).write_text(json.dumps(cache_key, indent=2, sort_keys=True))
         work.cleanup()
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return load_image_dataset(str(class_data_dir), required_columns=("image", "prompt")).select(
-        range(num_class_images))
+    return _existing_class_images(class_data_dir, class_prompt, cache_key).select(range(num_class_images))

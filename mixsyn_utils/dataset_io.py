@@ -1,8 +1,10 @@
 """Hugging Face datasets in and out, and the provenance record each saved dataset carries.
 
 Every script exchanges `datasets`: a `save_to_disk` folder, an imagefolder directory (images +
-`metadata.jsonl`/`metadata.csv`), or a Hub dataset id. A dataset is saved whole or not at all (hidden sibling,
-then rename); its info's description holds a JSON record of the script, flags and library versions.
+`metadata.jsonl`/`metadata.csv`), a folder of parquet files as the Hub stores them, or a Hub dataset id. A
+dataset is saved whole or not at all (hidden sibling, then rename); its info's description holds a JSON record
+of the script, flags and library versions (`dataset_provenance`). `push_to_hub` does not keep that description,
+so a pushed dataset also gets the record as `provenance.json` in its repository, which loading reads back.
 """
 
 import json
@@ -13,11 +15,15 @@ from pathlib import Path
 import torch
 
 from .cli import InputError, first_line
+from .flags import is_secret_flag
 from .outputs import atomic_replace_dir, temp_sibling
 
+PROVENANCE_FILE = "provenance.json"
 
-def load_image_dataset(name_or_path, split="train", required_columns=("image",), cache_dir=None):
-    """Load a dataset from a `save_to_disk` folder, an imagefolder directory or a Hub id.
+
+def load_image_dataset(name_or_path, split="train", required_columns=("image",), cache_dir=None, config_name=None,
+                       data_dir=None):
+    """Load a dataset from a `save_to_disk` folder, an imagefolder directory or a Hub id (`config_name`, `data_dir`).
 
     Returns a `datasets.Dataset` (one split). Raises `InputError` naming the path when it is missing,
     empty, or lacks one of `required_columns`.
@@ -30,6 +36,8 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             loaded = datasets.load_from_disk(str(path))
+        elif path.is_dir() and any(path.rglob("*.parquet")):  # the Hub's layout, e.g. a clone of a dataset repo
+            loaded = datasets.load_dataset(str(path), cache_dir=cache_dir)
         elif path.is_dir():
             if not any(p.is_file() for p in path.rglob("*")):
                 raise InputError(f"dataset folder {name_or_path} is empty")
@@ -39,7 +47,7 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
         elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name_or_path)) or str(name_or_path).startswith("."):
             raise InputError(f"dataset folder {name_or_path} does not exist")
         else:
-            loaded = datasets.load_dataset(str(name_or_path), cache_dir=cache_dir)
+            loaded = datasets.load_dataset(str(name_or_path), config_name, cache_dir=cache_dir, data_dir=data_dir)
     except InputError:
         raise
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
@@ -50,12 +58,46 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
         loaded = loaded[split]
     if len(loaded) == 0:
         raise InputError(f"dataset {name_or_path} is empty")
+    if not loaded.info.description:
+        with_provenance(loaded, stored_provenance_file(name_or_path, config_name) or "")
     missing = [column for column in required_columns if column not in loaded.column_names]
     if missing:
         raise InputError(
             f"dataset {name_or_path} has no column {missing[0]!r} (columns: {', '.join(loaded.column_names)})"
         )
     return loaded
+
+
+def image_files(folder):
+    """The image files of a folder, sorted by name; hidden files and files PIL cannot open are skipped (upstream
+    skips metadata files and .DS_Store the same way)."""
+    from PIL import Image
+
+    found = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except OSError:
+            continue
+        found.append(path)
+    return found
+
+
+def stored_provenance_file(name_or_path, config_name=None):
+    """The text of `provenance.json` beside a dataset pushed with `save_dataset`: in a local folder in the Hub's
+    layout, or in a Hub dataset repo (from the cache when offline); None when there is none."""
+    local = Path(name_or_path) / PROVENANCE_FILE
+    if local.is_file():
+        return local.read_text()
+    if Path(name_or_path).exists() or config_name is not None:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(str(name_or_path), PROVENANCE_FILE, repo_type="dataset")).read_text()
+    except Exception:  # noqa: BLE001 - no such file, no network, no rights: the dataset simply has no record
+        return None
 
 
 def save_dataset(dataset, output_dir, push_to_hub=False, hub_dataset_id=None, private=True, hub_token=None):
@@ -73,9 +115,17 @@ def save_dataset(dataset, output_dir, push_to_hub=False, hub_dataset_id=None, pr
             shutil.rmtree(tmp_dir, ignore_errors=True)
     if not push_to_hub:
         return True
+    from huggingface_hub import HfApi
+
     repo_id = hub_dataset_id or Path(output_dir).name
     try:
+        api = HfApi(token=hub_token)
+        repo_id = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True).repo_id
         dataset.push_to_hub(repo_id, private=private, token=hub_token)
+        if dataset.info.description:
+            api.upload_file(path_or_fileobj=dataset.info.description.encode(), path_in_repo=PROVENANCE_FILE,
+                            repo_id=repo_id, repo_type="dataset",
+                            commit_message="Provenance of the dataset (script, flags, versions)")
     except Exception as error:  # noqa: BLE001 - any network/auth failure must keep the local copy
         print(f"warning: push of {repo_id} to the Hub failed ({first_line(error)}); "
               f"the local copy at {output_dir} is complete")
@@ -92,7 +142,7 @@ def dataset_provenance(script, args, extra=None):
 
     flags = {}
     for key, value in sorted(vars(args).items()):
-        if "token" in key and key != "placeholder_token_template":  # never write a token
+        if is_secret_flag(key):  # never write a token
             continue
         flags[key] = value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
     record = {

@@ -15,8 +15,14 @@ def check_resolution(resolution, flag="--resolution", multiple=8):
         raise InputError(f"{flag} must be a positive multiple of {multiple}, got {resolution}")
 
 
-def resize_and_crop(image, resolution, center_crop=True, rng=None):
-    """RGB, shorter side resized to `resolution` (bicubic), then a square crop.
+# `--image_interpolation_mode` names (torchvision's, as the diffusers examples list them) -> PIL filters.
+INTERPOLATION_MODES = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "box": Image.BOX,
+                       "hamming": Image.HAMMING, "lanczos": Image.LANCZOS, "nearest": Image.NEAREST,
+                       "nearest_exact": Image.NEAREST}
+
+
+def resize_and_crop(image, resolution, center_crop=True, rng=None, interpolation="bicubic"):
+    """RGB, shorter side resized to `resolution` (`interpolation`, an `INTERPOLATION_MODES` name), then a square crop.
 
     The crop is centred, or with `center_crop=False` at an offset drawn from `rng` (a numpy Generator: left,
     then top), or at the top-left corner without `rng`. Grayscale, palette and RGBA images are converted to
@@ -27,7 +33,7 @@ def resize_and_crop(image, resolution, center_crop=True, rng=None):
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     if new_size != (width, height):
-        image = image.resize(new_size, resample=Image.BICUBIC)
+        image = image.resize(new_size, resample=INTERPOLATION_MODES[interpolation])
     if center_crop:
         left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
     elif rng is not None:

@@ -1,4 +1,11 @@
-"""The fine-tuned model's README (base model, method, MixSyn mix, PGD budget, measured privacy) and the Hub upload.
+"""The fine-tuned model's README in diffusers' conventions, the privacy audit it may carry, and the Hub upload.
+
+A training run writes `training_info.json` (what was trained, on what, how; no local path) and the card. The card
+follows the diffusers examples (YAML: base_model, license, tags, instance_prompt, widget; validation images; how to
+load the weights) and adds the MixSyn mix, the PGD budget and, when attached, the measured membership-inference
+risk. Privacy numbers are attached only when the scores record the sha256 of exactly the weights in the folder
+(`weights_digest`), so a card never shows numbers of other weights. `evaluate.py --write_card` attaches them to a
+finished folder without retraining.
 
 The Hub token is only handed to `huggingface_hub`; it never reaches a model card, a tracker or a log,
 and an upload error is reported with the token masked.
@@ -10,6 +17,23 @@ import re
 from pathlib import Path
 
 from .cli import InputError
+from .models import weights_digest
+
+TRAINING_INFO_FILE = "training_info.json"
+# The diffusers examples write the licence of the SD-1.x weights they fine-tune.
+LICENSE = "creativeml-openrail-m"
+# Per kind of fine-tune: the title and tags of the matching diffusers example's card, plus "mixsyn".
+CARD_KINDS = {
+    "dreambooth": ("DreamBooth", ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion",
+                                  "stable-diffusion-diffusers"]),
+    "dreambooth_lora": ("LoRA DreamBooth", ["text-to-image", "diffusers", "lora", "diffusers-training",
+                                            "stable-diffusion", "stable-diffusion-diffusers"]),
+    "text_to_image_lora": ("LoRA text2image fine-tuning", ["stable-diffusion", "stable-diffusion-diffusers",
+                                                           "text-to-image", "diffusers", "diffusers-training", "lora"]),
+    "textual_inversion": ("Textual inversion text2image fine-tuning", [
+        "stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "textual_inversion",
+        "diffusers-training"]),
+}
 
 
 def read_privacy_report(path):
@@ -45,31 +69,127 @@ def privacy_lines(report):
     return lines
 
 
-def model_card_text(args, method, mix_info, trained, privacy_report=None):
-    """README.md of a fine-tuned model: base model, method, MixSyn mix, PGD budget, measured privacy.
+def hub_id_or_none(name_or_path):
+    """A Hub id as given; None for a local path, which a published card must not show."""
+    if name_or_path is None:
+        return None
+    text = str(name_or_path)
+    if Path(text).exists() or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text) or text.startswith("."):
+        return None
+    return text
 
-    `trained`: what the run actually did, {"steps", "learning_rate", "resolution"} (after --scale_lr and the
-    native-resolution default).
+
+def training_info(args, kind, method, mix_info, trained, num_images, trigger_words=(), tokens=None):
+    """What a training run did, for its card: `CARD_KINDS` kind, method, data, mix, steps; Hub ids only.
+
+    `trained`: {"steps", "learning_rate", "resolution"} as run (after --scale_lr and the native-resolution
+    default); `trigger_words`: the domain names its captions use; `tokens`: textual inversion's public token map.
     """
-    method_tag = re.sub(r"[^a-z0-9]+", "-", method.split(" (")[0].lower()).strip("-")
-    pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix_info["pgd"].items())) or "n/a (no perturbed set)"
-    lines = ["---", f"base_model: {args.pretrained_model_name_or_path}", "library_name: diffusers",
-             f"tags: [stable-diffusion, text-to-image, diffusers, mixsyn, {method_tag}]",
-             "---", "", f"# MixSyn {method} fine-tune of {args.pretrained_model_name_or_path}", "",
-             f"- Method: {method}, {trained['steps']} steps, learning rate {trained['learning_rate']}, "
-             f"resolution {trained['resolution']}",
-             f"- Training data: {args.dataset_name or args.instance_data_dir}",
-             f"- MixSyn mixup: mode = {mix_info['mode']}, ratio = {mix_info['ratio']}, seed = {mix_info['seed']}, "
-             f"pattern = {mix_info['pattern']}",
-             f"- Perturbed set: {mix_info['perturbed_dataset'] or 'none'}; PGD budget: {pgd}", ""]
+    return {"kind": kind, "method": method, "base_model": hub_id_or_none(args.pretrained_model_name_or_path),
+            "training_data": hub_id_or_none(args.dataset_name), "num_images": num_images,
+            "instance_prompt": args.instance_prompt, "trigger_words": sorted(trigger_words), "tokens": tokens,
+            "train_text_encoder": bool(getattr(args, "train_text_encoder", False)), "trained": trained,
+            "mix": dict(mix_info, perturbed_dataset=hub_id_or_none(mix_info["perturbed_dataset"]),
+                        perturbed=mix_info["perturbed_dataset"] is not None),
+            "validation_prompt": args.validation_prompt}
+
+
+def check_report_matches_weights(report, digest, output_dir, source):
+    """Every privacy block of `report` must have attacked the weights whose `weights_digest` is `digest`."""
+    for name, block in report["privacy"].items():
+        attacked = ((block.get("model") or {}).get("weights_sha256") or {}).values()
+        if digest not in attacked:
+            found = ", ".join(value[:12] for value in attacked) or "no weights hash"
+            raise InputError(f"{source}: the scores {name!r} were measured on other weights ({found}) than those in "
+                             f"{output_dir} ({digest[:12]}); attack these weights and evaluate again")
+
+
+def usage_snippet(info, repo_id):
+    """Python that loads the published weights the diffusers way (load_lora_weights / load_textual_inversion)."""
+    base = info["base_model"] or "path/to/the/base/model"  # a local base model is not named in a published card
+    tokens = info["tokens"] or {}
+    prompt = info["validation_prompt"] or info["instance_prompt"] or (
+        f"a photo of {next(iter(tokens.values()))['placeholder']}" if tokens else
+        f"a photo of {info['trigger_words'][0]}" if info["trigger_words"] else "a photo")
+    lines = ["```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    if info["kind"] == "dreambooth":
+        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")')
+    else:
+        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base}", dtype=torch.float16).to("cuda")')
+    if info["kind"] in ("dreambooth_lora", "text_to_image_lora"):
+        lines.append(f'pipe.load_lora_weights("{repo_id}")')
+    elif len(tokens) == 1:
+        lines.append(f'pipe.load_textual_inversion("{repo_id}")  # learned_embeds.safetensors')
+    elif tokens:
+        names = ", ".join(f'"{entry["file"]}"' for entry in tokens.values())
+        lines += ["# one file per domain (token_map.json lists them)", f"for weight_name in [{names}]:",
+                  f'    pipe.load_textual_inversion("{repo_id}", weight_name=weight_name)']
+    return lines + [f'image = pipe("{prompt}").images[0]', "```"]
+
+
+def model_card_text(info, output_dir, digest, repo_id, privacy_report=None):
+    """README.md of a fine-tuned folder: diffusers' card YAML and sections, the MixSyn mix, the weights' sha256
+    and, when given, the privacy table of evaluate.py (`privacy_lines`)."""
+    from huggingface_hub import ModelCardData
+
+    title, tags = CARD_KINDS[info["kind"]]
+    images = sorted(Path(output_dir).glob("image_*.png"), key=lambda path: int(path.stem.split("_")[1]))
+    widget = ([{"text": info["validation_prompt"], "output": {"url": images[0].name}}]
+              if images and info["validation_prompt"] else None)
+    data = ModelCardData(base_model=info["base_model"], datasets=info["training_data"], library_name="diffusers",
+                         license=LICENSE, tags=tags + ["mixsyn"], inference=True,
+                         instance_prompt=info["instance_prompt"], widget=widget, weights_sha256=digest)
+    trained, mix = info["trained"], info["mix"]
+    lines = ["---", data.to_yaml(), "---", "", f"# {title} - {repo_id}", "",
+             f"{info['method']} weights for {info['base_model'] or 'a local Stable Diffusion pipeline'}, fine-tuned "
+             f"with MixSyn (a mix of clean and adversarially perturbed self-synthesized images) on "
+             f"{info['training_data'] or 'a local dataset'} ({info['num_images']} images)."]
+    if widget:
+        lines += ["", "<Gallery />"]
+    lines += [""] + [f"![img_{i}](./{image.name})" for i, image in enumerate(images)]
+    if info["tokens"]:
+        lines += ["", "## Placeholder tokens", "", "| domain | token | vectors | file |", "|---|---|---|---|"]
+        lines += [f"| {domain} | `{entry['placeholder']}` | {entry['num_vectors']} | {entry['file']} |"
+                  for domain, entry in sorted(info["tokens"].items())]
+    elif info["instance_prompt"] or info["trigger_words"]:
+        lines += ["", "## Trigger words", ""]
+        lines += [f"Instance prompt: `{info['instance_prompt']}`"] if info["instance_prompt"] else []
+        lines += [f"Domains named in the captions: {', '.join(info['trigger_words'])}"] if info["trigger_words"] else []
+    if info["kind"] in ("dreambooth", "dreambooth_lora"):
+        lines += ["", f"Text encoder trained: {info['train_text_encoder']}."]
+    pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix["pgd"].items())) or "n/a"
+    lines += ["", "## How to use", ""] + usage_snippet(info, repo_id) + [
+        "", "## Training details", "",
+        f"- Method: {info['method']}, {trained['steps']} steps, learning rate {trained['learning_rate']}, "
+        f"resolution {trained['resolution']}",
+        f"- MixSyn mixup: mode = {mix['mode']}, ratio = {mix['ratio']}, seed = {mix['seed']}, pattern = {mix['pattern']}",
+        f"- Perturbed set: {(mix['perturbed_dataset'] or 'a local dataset') if mix['perturbed'] else 'none'}; "
+        f"PGD budget: {pgd}",
+        f"- Weights sha256: `{digest}` (of the weight files in this repository)", ""]
     if privacy_report:
         lines += privacy_lines(privacy_report)
-    return "\n".join(lines) + "\n"
+        lines += ["", "Measured on exactly these weights (the attacks record the sha256 above).", ""]
+    else:
+        lines += ["No privacy audit attached: attack these weights, then attach the numbers with "
+                  "`evaluate.py --scores ... --write_card <this folder>`.", ""]
+    return "\n".join(lines)
 
 
-def write_model_card(args, method, mix_info, trained, output_dir):
-    report = read_privacy_report(args.privacy_report) if args.privacy_report else None
-    (Path(output_dir) / "README.md").write_text(model_card_text(args, method, mix_info, trained, report))
+def write_model_card(output_dir, privacy_report=None, repo_id=None, source="--privacy_report"):
+    """(Re)write `output_dir/README.md` from its training_info.json, with `privacy_report` checked against the weights.
+
+    Returns the sha256 of the folder's weights (`weights_digest`).
+    """
+    info_file = Path(output_dir) / TRAINING_INFO_FILE
+    if not info_file.is_file():
+        raise InputError(f"{output_dir} has no {TRAINING_INFO_FILE}: not a folder written by a MixSyn training script")
+    info = json.loads(info_file.read_text())
+    digest = weights_digest(output_dir)
+    if privacy_report is not None:
+        check_report_matches_weights(privacy_report, digest, output_dir, source)
+    text = model_card_text(info, output_dir, digest, repo_id or Path(output_dir).resolve().name, privacy_report)
+    (Path(output_dir) / "README.md").write_text(text)
+    return digest
 
 
 def push_to_hub(args, output_dir):
@@ -91,10 +211,26 @@ def push_to_hub(args, output_dir):
     return repo_id
 
 
-def finish_outputs(accelerator, args, method, mix_info, trained):
-    """Main process: model card, then the optional Hub upload (after the trackers are closed)."""
+def publish_privacy_card(args, results):
+    """evaluate.py --write_card: the folder's card with `results` (checked against its weights), then --push_to_hub."""
+    write_model_card(args.write_card, results, args.hub_model_id, source="--write_card")
+    if args.push_to_hub:
+        push_to_hub(args, args.write_card)
+
+
+def finish_outputs(accelerator, args, info, validation_images):
+    """Main process: validation images (image_i.png), training_info.json, the card, then the optional Hub upload.
+
+    With --privacy_report the report's scores must record these weights' sha256 (`check_report_matches_weights`).
+    """
     accelerator.end_training()
     if accelerator.is_main_process:
-        write_model_card(args, method, mix_info, trained, args.output_dir)
+        for stale in Path(args.output_dir).glob("image_*.png"):
+            stale.unlink()
+        for index, image in enumerate(validation_images):
+            image.save(Path(args.output_dir) / f"image_{index}.png")
+        (Path(args.output_dir) / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        report = read_privacy_report(args.privacy_report) if args.privacy_report else None
+        write_model_card(args.output_dir, report, args.hub_model_id)
         if args.push_to_hub:
             push_to_hub(args, args.output_dir)

@@ -14,24 +14,30 @@ from .cli import InputError, first_line
 from .placeholders import load_token_map
 
 
-def load_components(pretrained_model_name_or_path, revision=None, variant=None):
+def load_components(pretrained_model_name_or_path, revision=None, variant=None, tokenizer_name=None):
     """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of an SD-1.x pipeline folder or Hub id.
 
-    Same calls as diffusers' `train_dreambooth.py`; the noise scheduler is `DDPMScheduler` built from
-    the pipeline's `scheduler/` config, so ᾱ_t comes from the model's own schedule.
+    Same calls as diffusers' `train_dreambooth.py` (the tokenizer from `tokenizer_name` when given); the noise
+    scheduler is `DDPMScheduler` built from the pipeline's `scheduler/` config, so ᾱ_t comes from the model's
+    own schedule.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = pretrained_model_name_or_path
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+        if tokenizer_name is not None:
+            tokenizer = CLIPTokenizer.from_pretrained(tokenizer_name, revision=revision)
+        else:
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision, variant=variant)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)}") from error
+        raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)} (a Stable "
+                         "Diffusion pipeline with tokenizer/, text_encoder/, vae/, unet/ and scheduler/ is needed; "
+                         "pixel-space models such as DeepFloyd IF are not supported)") from error
     return SimpleNamespace(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
     )
@@ -47,15 +53,24 @@ def native_resolution(unet, vae):
     return int(unet.config.sample_size) * vae_scale_factor(vae)
 
 
-def tokenize_prompts(tokenizer, prompts):
-    """Token ids (B, model_max_length), padded and truncated as `StableDiffusionPipeline.encode_prompt` does."""
+def tokenize_prompts(tokenizer, prompts, max_length=None):
+    """Token ids (B, L), padded and truncated as `StableDiffusionPipeline.encode_prompt` does.
+
+    L = `max_length`, default the tokenizer's `model_max_length` (77 for CLIP).
+    """
     return tokenizer(
         list(prompts),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def attention_mask_until_eos(input_ids, eos_token_id):
+    """1 for every token up to and including the first end-of-text token, 0 for the padding after it (B, L)."""
+    is_eos = (input_ids == eos_token_id).long()
+    return ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).long()
 
 
 def encode_prompts(text_encoder, input_ids):
@@ -93,7 +108,7 @@ def weight_dtype_of(mixed_precision):
 # ----------------------------------------------------------------------------------------------
 
 def load_model_variant(pretrained_model_name_or_path, revision=None, variant=None, unet_path=None,
-                       lora_weights=None, textual_inversion=None, torch_dtype=None):
+                       lora_weights=None, textual_inversion=None, dtype=None):
     """A `StableDiffusionPipeline` for the pretrained model or one of its fine-tuned variants.
 
     `unet_path`: a UNet folder (`checkpoint-N/unet`) or a full pipeline folder (its `unet/` is used).
@@ -104,7 +119,7 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
 
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
-            pretrained_model_name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
+            pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
             safety_checker=None, requires_safety_checker=False,
         )
     except (OSError, ValueError) as error:
@@ -115,13 +130,18 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         if not folder.is_dir():
             raise InputError(f"--unet_path {unet_path} is not a folder")
         subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
-        pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=torch_dtype)
+        pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, dtype=dtype)
     if lora_weights is not None:
         if not Path(lora_weights).exists():
             raise InputError(f"--lora_weights {lora_weights} does not exist")
         check_lora_matches(pipeline, lora_weights)
         try:
-            pipeline.load_lora_weights(str(lora_weights))
+            state_dict, network_alphas, metadata = type(pipeline).lora_state_dict(str(lora_weights),
+                                                                                  return_lora_metadata=True)
+            if any(key.startswith("text_encoder.") for key in state_dict):
+                pipeline.load_lora_weights(str(lora_weights))
+            else:  # load_lora_weights would log, on every load, that the text encoder has no LoRA keys
+                pipeline.load_lora_into_unet(state_dict, network_alphas, pipeline.unet, metadata=metadata)
         except (RuntimeError, ValueError) as error:
             raise InputError(f"--lora_weights {lora_weights} does not match the model: {first_line(error)}") from error
         pipeline.fuse_lora()
@@ -130,6 +150,37 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         for domain, entry in load_token_map(textual_inversion).items():
             pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"])
     return pipeline
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_digest(path):
+    """sha256 identifying the weights a folder (or one weights file) holds: the same bytes give the same digest.
+
+    digest = sha256 of the JSON list [[name, sha256(file bytes)], …] over the weight files (`WEIGHT_SUFFIXES`)
+    sorted by their path relative to `path` (a single file: its name); checkpoint-N/, hidden and log folders
+    are not published weights and are left out.
+    """
+    import hashlib
+    import json
+
+    root = Path(path)
+    if root.is_file():
+        files = [(root.name, root)]
+    else:
+        files = sorted((file.relative_to(root).as_posix(), file) for file in root.rglob("*")
+                       if file.is_file() and file.suffix in WEIGHT_SUFFIXES
+                       and not any(part.startswith((".", "checkpoint-")) or part == "logs"
+                                   for part in file.relative_to(root).parts[:-1]))
+    entries = []
+    for name, file in files:
+        file_digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(block)
+        entries.append([name, file_digest.hexdigest()])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 _LORA_KEY = re.compile(

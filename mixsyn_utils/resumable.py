@@ -25,7 +25,8 @@ OUTPUT_FLAGS = frozenset({
     "output_dir", "overwrite", "push_to_hub", "hub_dataset_id", "hub_model_id", "hub_token", "logging_dir",
     "report_to", "resume_from_checkpoint", "checkpointing_steps", "checkpoints_total_limit", "privacy_report",
     "save_mixed_dataset", "latents_cache_dir", "dataloader_num_workers", "validation_prompt",
-    "num_validation_images", "validation_steps",
+    "num_validation_images", "validation_steps", "validation_epochs", "validation_scheduler", "save_steps",
+    "save_as_full_pipeline", "no_safe_serialization", "skip_save_text_encoder", "local_rank", "cache_dir",
 })
 SIGNATURE_FILE = "run_signature.json"
 

@@ -5,9 +5,11 @@ The flags keep the names and defaults of diffusers' `train_dreambooth.py`, `trai
 `textual_inversion.py`. Where those scripts are known to go wrong, this module does it differently:
 - resume skips the batches already seen in the current epoch (the data order is a function of
   (seed, epoch) only, and crops/flips of image i in epoch e use a generator seeded by (seed, e, i));
-- `--resume_from_checkpoint` takes a path anywhere, a path that does not exist is an error, and a checkpoint
-  made with other flags is refused (`training_signature`);
+- `--resume_from_checkpoint` takes a path anywhere (or a checkpoint name inside --output_dir), a path that does
+  not exist is an error, and a checkpoint made with other flags is refused (`training_signature`);
 - `--mixed_precision` defaults to None, so the accelerate config decides;
+- validation runs on the main process under the accelerator's autocast, by steps and/or epochs, and once after
+  training; its last images go into the model card;
 - checkpoints are written to a hidden folder, renamed when whole, and rotated by the main process only
   after every process has finished writing;
 - the Hub token never reaches a tracker, a model card or a log.
@@ -15,11 +17,13 @@ The flags keep the names and defaults of diffusers' `train_dreambooth.py`, `trai
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +31,9 @@ import torch
 
 from .cli import InputError
 from .diffusion import alphas_cumprod, q_sample
-from .dreambooth import dreambooth_loss, prediction_target
-from .models import encode_images_to_latents, weight_dtype_of
+from .dreambooth import dreambooth_loss, offset_noise, prediction_target
+from .flags import is_secret_flag, noise_offset_of
+from .models import attention_mask_until_eos, encode_images_to_latents, load_components, weight_dtype_of
 from .resumable import run_signature, signature_differences
 
 TRAINING_STATE_FILE = "training_state.json"
@@ -43,8 +48,6 @@ LENGTH_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 
 def make_accelerator(args):
     """An `Accelerator` with the trackers of `--report_to`; seeds everything when `--seed` is set."""
-    import logging
-
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
@@ -101,7 +104,7 @@ def make_lr_scheduler(optimizer, args, plan, num_processes):
     """diffusers' `get_scheduler`; steps × processes because the prepared scheduler steps once per process."""
     from diffusers.optimization import get_scheduler
 
-    return get_scheduler(args.lr_scheduler, optimizer=optimizer,
+    return get_scheduler(args.lr_scheduler, optimizer=optimizer, step_rules=args.lr_step_rules,
                          num_warmup_steps=args.lr_warmup_steps * num_processes,
                          num_training_steps=plan.max_train_steps * num_processes,
                          num_cycles=args.lr_num_cycles, power=args.lr_power)
@@ -110,7 +113,7 @@ def make_lr_scheduler(optimizer, args, plan, num_processes):
 def tracker_config(args):
     """The flags as tracker hyper-parameters: scalars only, and never a token."""
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-            for key, value in vars(args).items() if "token" not in key or key == "placeholder_token_template"}
+            for key, value in vars(args).items() if not is_secret_flag(key)}
 
 
 def init_trackers(accelerator, args, project_name):
@@ -142,13 +145,19 @@ def list_checkpoints(output_dir):
 
 
 def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
-    """The folder to resume from: None for a fresh start (no flag, or `latest` with no checkpoint yet)."""
+    """The folder to resume from: None for a fresh start (no flag, or `latest` with no checkpoint yet).
+
+    A path that is not a folder is looked up by its name inside `output_dir`, as upstream does for
+    `--resume_from_checkpoint checkpoint-1500`.
+    """
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
         return str(found[-1]) if found else None
     path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / path.name).is_dir():
+        path = Path(output_dir) / path.name
     if not path.is_dir():
         raise InputError(f"--resume_from_checkpoint {resume_from_checkpoint} does not exist "
                          "(pass 'latest' to resume from --output_dir or start fresh)")
@@ -187,6 +196,7 @@ def save_checkpoint(accelerator, output_dir, global_step, signature, checkpoints
         if final_dir.exists():
             shutil.rmtree(final_dir)
         os.replace(partial_dir, final_dir)
+        logging.getLogger(__name__).info(f"Saved the training state to {final_dir}")
         if checkpoints_total_limit is not None:
             for old in list_checkpoints(output_dir)[:-checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -249,20 +259,51 @@ def resume_training_state(accelerator, resume_path, signature):
 # The loop: identical in the three scripts, only the loss and the after-update hook differ
 # ----------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class TrainingResult:
+    global_step: int
+    validation_images: list  # the last validation's PIL images (of the final weights), [] without --validation_prompt
+
+
+def validation_due(args, global_step, epoch_end=None, final=False):
+    """Whether to validate now: every --validation_steps updates, after every --validation_epochs-th epoch, and
+    once after training (`final`), so the model card shows the final weights.
+
+    `epoch_end`: the index of the epoch that just ended (upstream validates after epochs 0, N, 2N, …), else None.
+    """
+    if not args.validation_prompt or args.num_validation_images <= 0:
+        return False
+    if final:
+        return True
+    if epoch_end is not None:
+        return args.validation_epochs is not None and epoch_end % args.validation_epochs == 0
+    return args.validation_steps is not None and global_step % args.validation_steps == 0
+
+
 def train_loop(accelerator, args, plan, *, models, dataloader, batch_sampler, optimizer, lr_scheduler,
                params_to_clip, loss_fn, signature, global_step=0, after_update=None, validate=None, logger=None):
-    """Run updates `global_step+1 .. plan.max_train_steps`; returns the final update count.
+    """Run updates `global_step+1 .. plan.max_train_steps`; returns a `TrainingResult`.
 
-    `loss_fn(batch) -> (loss, logs)`. Gradients of `gradient_accumulation_steps` micro-batches (or of
-    the rest of the epoch) are summed with DDP sync only on the last one. On resume, epoch
-    ⌊step / updates_per_epoch⌋ restarts after its first (step mod updates_per_epoch) × GA batches.
-    Checkpoints record `signature` (see `training_signature`).
+    `loss_fn(batch) -> (loss, logs)`; `after_update(global_step)` runs after each update. Gradients of
+    `gradient_accumulation_steps` micro-batches (or of the rest of the epoch) are summed with DDP sync only on
+    the last one. On resume, epoch ⌊step / updates_per_epoch⌋ restarts after its first
+    (step mod updates_per_epoch) × GA batches.
+    Checkpoints record `signature` (see `training_signature`). `validate(step) -> images` runs on the main
+    process when `validation_due`, and once more after the last update so the final weights have images.
     """
     from tqdm.auto import tqdm
 
     accumulation = args.gradient_accumulation_steps
     first_epoch = global_step // plan.updates_per_epoch
     skip_batches = (global_step % plan.updates_per_epoch) * accumulation
+    validated = {"step": None, "images": []}
+
+    def run_validation():
+        validated["step"] = global_step  # on every process, so all of them reach the same barriers
+        if validate is not None and accelerator.is_main_process:
+            validated["images"] = validate(global_step)
+        accelerator.wait_for_everyone()
+
     if logger is not None:
         logger.info("***** Running training *****")
         logger.info(f"  Num examples = {len(dataloader.dataset)}, batches per epoch = {batch_sampler.batches_per_epoch()}")
@@ -294,36 +335,42 @@ def train_loop(accelerator, args, plan, *, models, dataloader, batch_sampler, op
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if after_update is not None:
-                after_update()
             global_step += 1
+            if after_update is not None:
+                after_update(global_step)
             progress.update(1)
             logs = {"loss": loss.detach().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, args.output_dir, global_step, signature, args.checkpoints_total_limit)
-            if validate is not None and args.validation_prompt and global_step % args.validation_steps == 0:
-                validate(global_step)
+            if validation_due(args, global_step):
+                run_validation()
             if global_step >= plan.max_train_steps:
                 break
+        if validation_due(args, global_step, epoch_end=epoch) and validated["step"] != global_step:
+            run_validation()
         if global_step >= plan.max_train_steps:
             break
     progress.close()
+    if validation_due(args, global_step, final=True) and validated["step"] != global_step:
+        run_validation()
     accelerator.wait_for_everyone()
-    return global_step
+    return TrainingResult(global_step, validated["images"])
 
 
 def log_validation(accelerator, args, pipeline, global_step, resolution):
-    """Generate `--num_validation_images` for `--validation_prompt` and send them to the trackers.
+    """Generate `--num_validation_images` for `--validation_prompt`, send them to the trackers, return them.
 
-    A generator seeded by `--seed` draws the latents, so validation leaves the training RNG untouched.
+    The pipeline runs under the accelerator's autocast (trained parts are float32, frozen ones half precision,
+    as upstream). A generator seeded by `--seed` draws the latents, so validation leaves the training RNG untouched.
     """
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
-    images = [pipeline(args.validation_prompt, num_inference_steps=25, generator=generator,
-                       height=resolution, width=resolution).images[0]
-              for _ in range(args.num_validation_images)]
+    with accelerator.autocast():
+        images = [pipeline(args.validation_prompt, num_inference_steps=25, generator=generator,
+                           height=resolution, width=resolution).images[0]
+                  for _ in range(args.num_validation_images)]
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(image) for image in images]),
@@ -331,19 +378,24 @@ def log_validation(accelerator, args, pipeline, global_step, resolution):
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"validation": [wandb.Image(image, caption=args.validation_prompt) for image in images]})
+            tracker.log({"validation": [wandb.Image(image, caption=f"{i}: {args.validation_prompt}")
+                                        for i, image in enumerate(images)]})
     return images
 
 
 def validation_pipeline(args, accelerator, **components):
-    """A `StableDiffusionPipeline` of the base model with the in-training `components` (unet=, text_encoder=...)."""
-    from diffusers import StableDiffusionPipeline
+    """A `StableDiffusionPipeline` of the base model with the in-training `components` (unet=, text_encoder=...).
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    Sampled with `--validation_scheduler` (upstream's DPM-Solver++ by default), built from the model's schedule.
+    """
+    import diffusers
+
+    pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, safety_checker=None,
-        requires_safety_checker=False, torch_dtype=weight_dtype_of(accelerator.mixed_precision),
+        requires_safety_checker=False, dtype=weight_dtype_of(accelerator.mixed_precision),
         **{name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part
            for name, part in components.items()})
+    pipeline.scheduler = getattr(diffusers, args.validation_scheduler).from_config(pipeline.scheduler.config)
     return pipeline.to(accelerator.device)
 
 
@@ -363,24 +415,59 @@ class LatentEncoder(torch.nn.Module):
 
 
 def denoising_batch_loss(batch, unet, latent_encoder, text_encoder, noise_scheduler, weight_dtype,
-                         prior_loss_weight=1.0, snr_gamma=None):
+                         prior_loss_weight=1.0, snr_gamma=None, noise_offset=0.0, attention_mask_eos_id=None,
+                         class_labels_from_timesteps=False):
     """The DreamBooth/LoRA/TI training loss of one batch; returns (loss, logs).
 
-    z₀ = `latent_encoder(x)`, ε ~ N(0, I), t ~ U{0, …, T−1}, z_t = `q_sample(z₀, ε, t)`,
-    L = `dreambooth_loss(ε_θ(z_t, t, c), target)` with instance rows first; without class rows it is the
-    plain (optionally Min-SNR-weighted) denoising loss.
+    z₀ = `latent_encoder(x)`, ε ~ N(0, I) (plus `offset_noise` when `noise_offset` > 0), t ~ U{0, …, T−1},
+    z_t = `q_sample(z₀, ε, t)`, L = `dreambooth_loss(ε_θ(z_t, t, c), target)` with instance rows first; without
+    class rows it is the plain (optionally Min-SNR-weighted) denoising loss. With `attention_mask_eos_id` the text
+    encoder masks the padding after that token.
     """
     latents = latent_encoder(batch["pixel_values"])
-    noise = torch.randn_like(latents)
+    noise = offset_noise(torch.randn_like(latents), noise_offset)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                               device=latents.device).long()
     noisy_latents = q_sample(latents, noise, timesteps, alphas_cumprod(noise_scheduler))
-    encoder_hidden_states = text_encoder(batch["input_ids"])[0]
+    attention_mask = None
+    if attention_mask_eos_id is not None:
+        attention_mask = attention_mask_until_eos(batch["input_ids"], attention_mask_eos_id)
+    encoder_hidden_states = text_encoder(batch["input_ids"], attention_mask=attention_mask)[0]
     # Inputs in the frozen models' dtype: a frozen half-precision UNet is not autocast-wrapped (upstream TI).
-    model_pred = unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states.to(weight_dtype)).sample
+    model_pred = unet(noisy_latents.to(weight_dtype), timesteps, encoder_hidden_states.to(weight_dtype),
+                      class_labels=timesteps if class_labels_from_timesteps else None).sample
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     loss, instance_loss, prior_loss = dreambooth_loss(
         model_pred, target, timesteps, noise_scheduler, batch["num_instance"],
         prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma)
     logs = {"prior_loss": prior_loss.detach().item()} if model_pred.shape[0] > batch["num_instance"] else {}
     return loss, logs
+
+
+def batch_loss_fn(args, components, unet, latent_encoder, text_encoder, weight_dtype):
+    """`denoising_batch_loss` bound to this run's models and loss flags: the `loss_fn` of `train_loop`."""
+    return partial(denoising_batch_loss, unet=unet, latent_encoder=latent_encoder, text_encoder=text_encoder,
+                   noise_scheduler=components.noise_scheduler, weight_dtype=weight_dtype,
+                   prior_loss_weight=getattr(args, "prior_loss_weight", 1.0), snr_gamma=args.snr_gamma,
+                   noise_offset=noise_offset_of(args),
+                   attention_mask_eos_id=(components.tokenizer.eos_token_id if args.text_encoder_use_attention_mask
+                                          else None),
+                   class_labels_from_timesteps=args.class_labels_conditioning == "timesteps")
+
+
+def load_training_components(args):
+    """`load_components` with the training flags: --tokenizer_name, --prediction_type; IF-only flags refused.
+
+    --prediction_type changes the target the loss regresses (`prediction_target` reads the scheduler's config).
+    """
+    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant,
+                                 tokenizer_name=args.tokenizer_name)
+    if args.prediction_type is not None:
+        components.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if args.validation_images:
+        raise InputError("--validation_images needs an image-conditioned pipeline (DeepFloyd IF stage II); "
+                         "Stable Diffusion validates from --validation_prompt alone")
+    if args.class_labels_conditioning is not None and components.unet.config.class_embed_type is None:
+        raise InputError(f"--class_labels_conditioning {args.class_labels_conditioning}: the UNet of "
+                         f"{args.pretrained_model_name_or_path} has no class embedding (DeepFloyd IF stage II has one)")
+    return components

@@ -56,3 +56,35 @@ def test_load_domains_formats(tmp_path):
 def test_prompt_templates_are_drawn_with_their_probabilities():
     drawn = [draw_prompt("x", PAPER_PROMPT_TEMPLATES, 0, i) for i in range(4000)]
     assert abs(drawn.count("The face of x") / 4000 - 0.7) < 0.03
+
+
+def test_provenance_survives_a_push_in_the_hubs_parquet_layout(tmp_path, monkeypatch):
+    """A pushed dataset loses its info's description; the provenance.json pushed beside it brings it back."""
+    import datasets
+    import huggingface_hub
+    from PIL import Image
+
+    from mixsyn_utils.dataset_io import read_provenance, with_provenance
+
+    hub_repo = tmp_path / "hub" / "me" / "perturbed"  # what a clone of the Hub repo holds after the push
+
+    def push_to_hub(dataset, repo_id, **kwargs):  # the Hub's layout: parquet shards under data/
+        dataset.to_parquet(str(hub_repo / "data" / "train-00000-of-00001.parquet"))
+
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        (hub_repo / path_in_repo).write_bytes(path_or_fileobj)
+
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", push_to_hub)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: huggingface_hub.RepoUrl(
+        f"https://huggingface.co/datasets/{repo_id}"))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_file", upload_file)
+    record = json.dumps({"script": "perturb_antidreambooth.py", "flags": {"pgd_eps": 0.05, "pgd_alpha": 0.005}})
+    dataset = datasets.Dataset.from_dict({"id": ["a", "b"], "image": [Image.new("RGB", (4, 4))] * 2},
+                                         features=datasets.Features({"id": datasets.Value("string"),
+                                                                     "image": datasets.Image()}))
+    assert save_dataset(with_provenance(dataset, record), tmp_path / "local", push_to_hub=True,
+                        hub_dataset_id="me/perturbed")
+    pushed = load_image_dataset(str(hub_repo))
+    assert pushed["id"] == ["a", "b"] and read_provenance(pushed) == json.loads(record)
+    (hub_repo / "provenance.json").unlink()
+    assert read_provenance(load_image_dataset(str(hub_repo))) == {}  # the parquet files alone do not keep it

@@ -108,14 +108,33 @@ def test_prior_preservation_adds_class_rows_to_each_batch(argv, tmp_path, monkey
     assert seen == [(4, 2, 0.5)]  # 2 instance rows, then 2 class rows
 
 
-def test_class_images_are_generated_once_and_reused(argv, tmp_path):
+def test_class_images_are_generated_once_into_the_class_folder_and_reused(argv, tmp_path):
     flags = dict(with_prior_preservation=True, class_data_dir=tmp_path / "class", class_prompt="A face",
                  num_class_images=2, max_train_steps=1)
     run_in_process(dreambooth_script, argv(tmp_path / "first", **flags))
-    info_file = tmp_path / "class" / "dataset_info.json"
-    written_at = info_file.stat().st_mtime_ns
+    written = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "class").glob("*.png")}
+    assert len(written) == 2
     run_in_process(dreambooth_script, argv(tmp_path / "second", **flags))
-    assert info_file.stat().st_mtime_ns == written_at
+    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "class").glob("*.png")} == written
+
+
+def test_an_upstream_class_folder_is_used_and_topped_up(argv, tmp_path, synthetic_dataset):
+    from datasets import load_from_disk
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    load_from_disk(str(synthetic_dataset))[0]["image"].save(class_dir / "0-upstream.jpg")  # an image of upstream's run
+    run_in_process(dreambooth_script, argv(tmp_path / "out", with_prior_preservation=True, class_data_dir=class_dir,
+                                           class_prompt="A face", num_class_images=2, max_train_steps=1))
+    assert (class_dir / "0-upstream.jpg").is_file() and len(list(class_dir.glob("*.png"))) == 1
+
+
+def test_bf16_validation_runs_and_its_images_go_into_the_card(argv, tmp_path):
+    run_in_process(dreambooth_script, argv(tmp_path / "out", mixed_precision="bf16", max_train_steps=1,
+                                           validation_prompt="The face of three", num_validation_images=1))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert (tmp_path / "out" / "image_0.png").is_file() and "![img_0](./image_0.png)" in card
+    assert "tags:\n- text-to-image\n- dreambooth\n- diffusers-training" in card
 
 
 def test_unknown_trainable_module_is_an_error(argv, tmp_path):

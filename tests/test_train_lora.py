@@ -18,12 +18,6 @@ import train_lora_mixsyn as lora_script
 from conftest import launch
 from mixsyn_utils.cli import InputError
 
-PRIVACY_REPORT = {"schema_version": 1, "privacy": {"secmi-lora": {
-    "attack": "secmi", "auc": 0.613, "auc_ci": [0.552, 0.671], "tpr_at_1pct_fpr": 0.021,
-    "tpr_at_1pct_fpr_ci": [0.004, 0.05], "tpr_at_0.1pct_fpr": 0.0, "tpr_at_0.1pct_fpr_ci": [0.0, 0.01],
-    "verdict": "leak"}}, "blind_baseline": None}
-
-
 @pytest.fixture(scope="module")
 def argv(tiny_victim, synthetic_dataset, perturbed_dataset):
     def make(output_dir, **overrides):
@@ -34,12 +28,8 @@ def argv(tiny_victim, synthetic_dataset, perturbed_dataset):
 @pytest.fixture(scope="module")
 def uninterrupted(argv, tmp_path_factory):
     """6 updates (30 images, batch 2: one epoch is 15 batches), a checkpoint every 2, at most 2 kept."""
-    work_dir = tmp_path_factory.mktemp("lora_full")
-    report = work_dir / "results.json"
-    report.write_text(json.dumps(PRIVACY_REPORT))
-    output_dir = work_dir / "out"
-    run_in_process(lora_script, argv(output_dir, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2,
-                                     privacy_report=report))
+    output_dir = tmp_path_factory.mktemp("lora_full") / "out"
+    run_in_process(lora_script, argv(output_dir, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2))
     return output_dir
 
 
@@ -88,9 +78,15 @@ def test_resume_latest_from_checkpoint_4_to_6_keeps_checkpoints_4_and_6(argv, tm
     assert checkpoint_names(output_dir) == ["checkpoint-4", "checkpoint-6"]
 
 
-def test_two_processes_train_and_save_once(argv, tmp_path):
+def test_two_processes_train_and_save_once_with_only_our_own_console_lines(argv, tmp_path):
     output_dir = tmp_path / "out"
-    launch("train_lora_mixsyn.py", argv(output_dir, max_train_steps=2, checkpointing_steps=2), num_processes=2)
+    result = launch("train_lora_mixsyn.py", argv(output_dir, max_train_steps=2, checkpointing_steps=2,
+                                                 train_text_encoder=True, validation_prompt="The face of three",
+                                                 num_validation_images=1), num_processes=2)
+    console = result.stdout + result.stderr
+    for noise in ("gemm_4bit", "kept in float32", "torch_dtype", "Could not find a config file", "No LoRA keys",
+                  "Loading weights", "Loading pipeline components", "Optimizer state saved"):
+        assert noise not in console
     assert checkpoint_names(output_dir) == ["checkpoint-2"]
     assert sorted(p.name for p in (output_dir / "checkpoint-2").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
@@ -106,27 +102,38 @@ def test_use_8bit_adam_trains_with_the_bitsandbytes_optimizer(argv, tmp_path):
                          for entry in state.values())
 
 
-def test_bf16_mixed_precision_keeps_base_in_bf16_and_lora_in_fp32(argv, tmp_path, monkeypatch):
-    loaded = spy_on(monkeypatch, lora_script, "load_components")
-    run_in_process(lora_script, argv(tmp_path / "out", mixed_precision="bf16"))
+def test_bf16_keeps_base_in_bf16_and_lora_in_fp32_and_validates(argv, tmp_path, monkeypatch):
+    loaded = spy_on(monkeypatch, lora_script, "load_training_components")
+    run_in_process(lora_script, argv(tmp_path / "out", mixed_precision="bf16", validation_prompt="The face of three",
+                                     num_validation_images=1))
     unet = loaded[0].unet
     assert {p.dtype for n, p in unet.named_parameters() if "lora" not in n} == {torch.bfloat16}
     assert {p.dtype for n, p in unet.named_parameters() if "lora" in n} == {torch.float32}
+    assert (tmp_path / "out" / "image_0.png").is_file()
+
+
+def test_fp16_trains_and_validates_under_autocast(argv, tmp_path):
+    run_in_process(lora_script, argv(tmp_path / "out", mixed_precision="fp16", max_train_steps=1,
+                                     validation_prompt="The face of three", num_validation_images=1))
+    assert (tmp_path / "out" / "image_0.png").is_file()
 
 
 def test_gradient_checkpointing_is_enabled_on_the_unet(argv, tmp_path, monkeypatch):
-    loaded = spy_on(monkeypatch, lora_script, "load_components")
+    loaded = spy_on(monkeypatch, lora_script, "load_training_components")
     run_in_process(lora_script, argv(tmp_path / "out", gradient_checkpointing=True))
     assert loaded[0].unet.is_gradient_checkpointing
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_model_card_records_base_model_mix_pgd_budget_and_privacy(uninterrupted, tiny_victim):
+def test_model_card_follows_diffusers_conventions_without_local_paths(uninterrupted, tiny_victim, synthetic_dataset):
+    from mixsyn_utils.models import weights_digest
+
     card = (uninterrupted / "README.md").read_text()
-    assert f"base_model: {tiny_victim / 'pipeline'}" in card
-    assert "mode = image, ratio = 0.5, seed = 0" in card
-    assert "pgd_eps = 0.05" in card
-    assert "| secmi-lora | secmi | 0.613 [0.552, 0.671] | 0.021 [0.004, 0.050] |" in card
+    assert "license: creativeml-openrail-m" in card and "- diffusers-training\n- lora\n- mixsyn" in card
+    assert str(tiny_victim) not in card and str(synthetic_dataset) not in card and "base_model" not in card
+    assert 'pipe.load_lora_weights("out")' in card
+    assert "mode = image, ratio = 0.5, seed = 0" in card and "pgd_eps = 0.05" in card
+    assert f"weights_sha256: {weights_digest(uninterrupted)}" in card
 
 
 def test_push_to_hub_uploads_the_output_without_checkpoints(uninterrupted, monkeypatch):

@@ -1,6 +1,5 @@
 """train_textual_inversion_mixsyn.py: per-domain learned tokens, their files, the token map, errors."""
 
-import json
 import shutil
 
 import pytest
@@ -17,6 +16,7 @@ from mixsyn_utils.placeholders import load_token_map, rewrite_caption
 def argv(tiny_victim, synthetic_dataset, perturbed_dataset):
     def make(output_dir, **overrides):
         overrides.setdefault("learning_rate", 5e-2)
+        overrides.setdefault("repeats", 1)
         return common_argv(tiny_victim, synthetic_dataset, perturbed_dataset, output_dir, **overrides)
     return make
 
@@ -43,13 +43,13 @@ def test_token_map_lists_every_domain_with_its_placeholder_and_file(two_vector_r
         assert list(load_file(str(two_vector_run / entry["file"]))) == [f"<{domain}>"]
 
 
-def test_learned_tokens_load_with_load_textual_inversion_and_reproduce_training_captions(two_vector_run, tiny_victim):
+def test_learned_tokens_load_with_the_documented_loop_and_reproduce_training_captions(two_vector_run, tiny_victim):
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None)
     token_map = load_token_map(two_vector_run)
-    for entry in token_map.values():
-        pipeline.load_textual_inversion(str(two_vector_run / entry["file"]), token=entry["placeholder"])
+    for entry in token_map.values():  # the loop the README and the model card show
+        pipeline.load_textual_inversion(str(two_vector_run), weight_name=entry["file"])
     caption = rewrite_caption("The face of three", "three", token_map)
     # What the pipeline makes of the bare placeholder is exactly the caption the token trained with.
     assert pipeline.maybe_convert_prompt("The face of <three>", pipeline.tokenizer) == caption
@@ -98,20 +98,45 @@ def test_resume_from_a_copied_checkpoint_ends_with_the_uninterrupted_embeddings(
     assert distance_to_update_4.max() > 1e-4
 
 
-def test_instance_folder_learns_the_token_of_instance_domain(argv, tmp_path, synthetic_dataset):
+@pytest.fixture(scope="module")
+def ada_lovelace_run(argv, tmp_path_factory, synthetic_dataset):
+    """Upstream's single-concept input with a capitalised, two-word domain and 2 vectors per token."""
     from datasets import load_from_disk
 
-    instance_dir = tmp_path / "three"
+    work_dir = tmp_path_factory.mktemp("ti_instance")
+    instance_dir = work_dir / "ada"
     instance_dir.mkdir()
     for row in load_from_disk(str(synthetic_dataset)).filter(lambda row: row["domain"] == "three"):
         row["image"].save(instance_dir / f"{row['id']}.png")
     (instance_dir / "notes.txt").write_text("not an image")  # skipped, as upstream does
-    run_in_process(ti_script, argv(tmp_path / "out", dataset_name=None, instance_data_dir=instance_dir,
-                                   instance_prompt="The face of three", instance_domain="three",
-                                   perturbed_dataset_name=None, mixup_ratio=0, max_train_steps=1))
-    assert load_token_map(tmp_path / "out") == {
-        "three": {"placeholder": "<three>", "file": "learned_embeds-three.safetensors", "num_vectors": 1}}
-    assert (tmp_path / "out" / "learned_embeds.safetensors").exists()
+    run_in_process(ti_script, argv(work_dir / "out", dataset_name=None, instance_data_dir=instance_dir,
+                                   instance_prompt="The face of Ada Lovelace", instance_domain="Ada Lovelace",
+                                   perturbed_dataset_name=None, mixup_ratio=0, max_train_steps=2, num_vectors=2))
+    return work_dir / "out"
+
+
+def test_single_concept_is_one_learned_embeds_file_with_a_lower_case_token(ada_lovelace_run):
+    assert load_token_map(ada_lovelace_run) == {
+        "Ada Lovelace": {"placeholder": "<ada-lovelace>", "file": "learned_embeds.safetensors", "num_vectors": 2}}
+    assert [p.name for p in ada_lovelace_run.glob("*.safetensors")] == ["learned_embeds.safetensors"]
+    assert list(load_file(str(ada_lovelace_run / "learned_embeds.safetensors"))) == ["<ada-lovelace>"]
+
+
+def test_pipeline_prompt_uses_every_vector_of_a_capitalised_domain(ada_lovelace_run, tiny_victim, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None)
+    pipeline.load_textual_inversion(str(ada_lovelace_run))  # upstream's call: finds learned_embeds.safetensors
+    placeholder_ids = pipeline.tokenizer.convert_tokens_to_ids(["<ada-lovelace>", "<ada-lovelace>_1"])
+    prompt = rewrite_caption("The face of Ada Lovelace", "Ada Lovelace", load_token_map(ada_lovelace_run),
+                             for_pipeline=True)
+    encoded = []
+    original_forward = pipeline.text_encoder.forward
+    monkeypatch.setattr(pipeline.text_encoder, "forward",
+                        lambda input_ids, **kwargs: encoded.append(input_ids) or original_forward(input_ids, **kwargs))
+    pipeline(prompt, num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    assert prompt == "The face of <ada-lovelace>"
+    assert set(placeholder_ids) <= set(encoded[0][0].tolist())
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -137,20 +162,6 @@ def test_dataset_domain_never_named_in_its_captions_is_an_error(argv, tmp_path, 
                                        mixup_ratio=0, max_train_steps=1))
 
 
-def test_single_domain_run_also_writes_upstream_learned_embeds(argv, tmp_path, synthetic_dataset):
-    from datasets import load_from_disk
-
-    one_domain = tmp_path / "three_only"
-    load_from_disk(str(synthetic_dataset)).filter(lambda row: row["domain"] == "three").save_to_disk(str(one_domain))
-    # mixup ratio 0 needs no perturbed set
-    run_in_process(ti_script, argv(tmp_path / "out", dataset_name=one_domain, perturbed_dataset_name=None,
-                                   mixup_ratio=0, max_train_steps=1))
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
-        "learned_embeds-three.safetensors", "learned_embeds.safetensors"]
-    assert json.loads((tmp_path / "out" / "token_map.json").read_text()) == {
-        "three": {"placeholder": "<three>", "file": "learned_embeds-three.safetensors", "num_vectors": 1}}
-
-
 def test_placeholder_already_in_vocabulary_is_an_error(argv, tmp_path):
     with pytest.raises(InputError, match="already in the tokenizer's vocabulary"):
         run_in_process(ti_script, argv(tmp_path / "out", placeholder_token_template="{domain}"))
@@ -170,3 +181,10 @@ def test_mixed_precision_defaults_to_the_accelerate_config(argv, tmp_path, monke
     monkeypatch.setattr(ti_script, "make_accelerator", recording_make_accelerator)
     run_in_process(ti_script, argv(tmp_path / "out", max_train_steps=1))
     assert used == ["bf16"]
+
+
+def test_bf16_validation_runs_and_its_images_go_into_the_card(argv, tmp_path):
+    run_in_process(ti_script, argv(tmp_path / "out", mixed_precision="bf16", max_train_steps=1,
+                                   validation_prompt="The face of <three>", num_validation_images=1))
+    assert (tmp_path / "out" / "image_0.png").is_file()
+    assert "![img_0](./image_0.png)" in (tmp_path / "out" / "README.md").read_text()
