@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .cli import InputError, first_line
+from .images import decode_rgb
 
 BRISQUE_MIN_SIDE = 96
 CLASSIFIER_CONFIG = "config.json"
@@ -28,7 +29,7 @@ CLASSIFIER_WEIGHTS = "model.safetensors"
 
 def upsample_to_min_side(image, min_side):
     """The module's upsampling rule: bicubic by s = ⌈min_side / shorter side⌉ when the shorter side < min_side."""
-    image = image.convert("RGB")
+    image = decode_rgb(image)
     shorter = min(image.size)
     if shorter >= min_side:
         return image
@@ -79,7 +80,7 @@ class DomainClassifier(torch.nn.Module):
 
 
 def _classifier_pixels(images, resolution):
-    arrays = [np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
+    arrays = [np.asarray(decode_rgb(image).resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
               for image in images]
     return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
 
@@ -176,7 +177,7 @@ def clip_r_precision_hits(images, prompts, domains, domain_names, clip_model, cl
     with torch.no_grad():
         for image, prompt, domain in zip(images, prompts, domains):
             candidates = [prompt.replace(domain, other) for other in domain_names]
-            image_features = model.encode_image(preprocess(image.convert("RGB"))[None].to(device))
+            image_features = model.encode_image(preprocess(decode_rgb(image))[None].to(device))
             text_features = model.encode_text(tokenizer(candidates).to(device))
             similarity = torch.nn.functional.normalize(image_features, dim=-1) @ \
                 torch.nn.functional.normalize(text_features, dim=-1).T
