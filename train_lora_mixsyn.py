@@ -30,7 +30,12 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts, a
     check_training_args,
 )
 from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.models import (  # SD components, checked before the data is read
+    check_pretrained_model,
+    load_components,
+    native_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import temp_sibling  # weights staged in a hidden folder, moved in when whole
 from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
     LatentEncoder,
@@ -44,7 +49,9 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
     resolve_resume_checkpoint,
     resume_training_state,
     scaled_learning_rate,
+    start_output_dir,
     train_loop,
+    training_inputs,
     training_signature,
     validation_pipeline,
 )
@@ -152,6 +159,7 @@ def add_lora_adapters(args, unet, text_encoder):
 
 
 def main(args):
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
     accelerator = make_accelerator(args)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -170,7 +178,7 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    dataset = TrainingImages(training_set.rows, tokenizer, resolution, lambda row: row[training_set.caption_column],
+    dataset = TrainingImages(training_set.rows, tokenizer, resolution, training_set.rows[training_set.caption_column],
                              args.center_crop, args.random_flip, args.seed or 0,
                              load_class_images(args, resolution, accelerator))
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
@@ -184,8 +192,9 @@ def main(args):
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_lora_checkpoint_hooks(accelerator, unet, text_encoder if args.train_text_encoder else None)
+    start_output_dir(accelerator, args)  # --overwrite empties it here, once every input was checked
     init_trackers(accelerator, args, "mixsyn-lora")
-    signature = training_signature(args)
+    signature = training_signature(args, training_inputs(args, training_set))
     global_step = resume_training_state(accelerator, resume_path, signature)
 
     def validate(step):

@@ -30,9 +30,15 @@ from accelerate.logging import get_logger
 
 # Shared with the other training scripts (mixsyn_utils/):
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.dataset_io import check_text_column, row_names  # a None domain is an error naming its row
 from mixsyn_utils.flags import add_training_args, check_training_args  # flag groups shared with the other scripts
 from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import load_components, native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.models import (  # SD components, checked before the data is read
+    check_pretrained_model,
+    load_components,
+    native_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import move_entries_into, temp_sibling  # files staged, then moved in whole
 from mixsyn_utils.placeholders import (  # the token map and the caption rewrite the attacks use too
     TOKEN_MAP_FILE,
@@ -52,7 +58,9 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
     resolve_resume_checkpoint,
     resume_training_state,
     scaled_learning_rate,
+    start_output_dir,
     train_loop,
+    training_inputs,
     training_signature,
     validation_pipeline,
 )
@@ -131,6 +139,27 @@ def add_placeholder_tokens(args, domains, tokenizer, text_encoder):
     return token_map
 
 
+def check_placeholders_within_limit(tokenizer, captions, token_map, names):
+    """Every placeholder token must lie before the tokenizer's cut: ids past `model_max_length` − 1 (the last
+    kept position holds the end token) are dropped, and a placeholder there would train nothing.
+
+    `names[i]` labels caption i in the error (its row id).
+    """
+    placeholder_ids = {token_id for entry in token_map.values() for token_id in entry["token_ids"]}
+    limit = tokenizer.model_max_length - 1
+    checked = set()
+    for caption, name in zip(captions, names):
+        if caption in checked:
+            continue
+        token_ids = tokenizer(caption, truncation=False, verbose=False).input_ids
+        cut = [position for position, token_id in enumerate(token_ids)
+               if token_id in placeholder_ids and position >= limit]
+        if cut:
+            raise InputError(f"{name}: its placeholder lands at token {cut[0]}, past the tokenizer's "
+                             f"{tokenizer.model_max_length}-token limit, so it would never train; shorten the caption")
+        checked.add(caption)
+
+
 def keep_original_embeddings(text_encoder, original_embeddings, trained_ids):
     """After each update: restore every row but the placeholders' (AdamW's decay would move them)."""
     frozen = torch.ones(len(original_embeddings), dtype=torch.bool, device=original_embeddings.device)
@@ -161,6 +190,7 @@ def save_learned_embeds(output_dir, text_encoder, token_map):
 
 
 def main(args):
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
     accelerator = make_accelerator(args)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -170,6 +200,7 @@ def main(args):
     if domain_column not in images.column_names:
         raise InputError(f"--dataset_name {args.dataset_name} has no column {domain_column!r} (needed to know "
                          "which placeholder each image trains)")
+    check_text_column(images, domain_column, "training set")
     components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
     unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
     resolution = args.resolution or native_resolution(unet, vae)
@@ -188,10 +219,10 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    def caption_of(row):
-        return rewrite_caption(row[caption_column], row[domain_column], token_map)
-
-    dataset = TrainingImages(images, tokenizer, resolution, caption_of, args.center_crop, args.random_flip,
+    captions = [rewrite_caption(caption, domain, token_map)
+                for caption, domain in zip(images[caption_column], images[domain_column])]
+    check_placeholders_within_limit(tokenizer, captions, token_map, row_names(images, "training set"))
+    dataset = TrainingImages(images, tokenizer, resolution, captions, args.center_crop, args.random_flip,
                              args.seed or 0)
     dataloader, batch_sampler = make_dataloader(dataset, args, accelerator)
     plan = plan_steps(args, batch_sampler.batches_per_epoch())
@@ -201,8 +232,9 @@ def main(args):
     lr_scheduler = make_lr_scheduler(optimizer, args, plan, accelerator.num_processes)
     text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
     register_pretrained_checkpoint_hooks(accelerator)
+    start_output_dir(accelerator, args)  # --overwrite empties it here, once every input was checked
     init_trackers(accelerator, args, "mixsyn-textual-inversion")
-    signature = training_signature(args)
+    signature = training_signature(args, training_inputs(args, training_set))
     global_step = resume_training_state(accelerator, resume_path, signature)
     original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
 

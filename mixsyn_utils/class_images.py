@@ -9,14 +9,17 @@ from pathlib import Path
 import torch
 
 from .cli import InputError
-from .dataset_io import load_image_dataset, read_provenance, save_dataset, with_provenance
-from .resumable import ResumableWork
+from .dataset_io import check_images_decode, load_image_dataset, read_provenance, save_dataset, with_provenance
+from .resumable import ResumableWork, input_fingerprint
 from .seeds import derive_seed
 
 
 def _class_cache_key(pretrained_model_name_or_path, class_prompt, revision, variant, resolution):
+    """What the class images depend on; the model's content fingerprint too, so another model saved at the
+    same path does not reuse them."""
     return {"class_prompt": class_prompt, "model": str(pretrained_model_name_or_path), "revision": revision,
-            "variant": variant, "resolution": resolution}
+            "variant": variant, "resolution": resolution,
+            "model_fingerprint": input_fingerprint(pretrained_model_name_or_path, revision)}
 
 
 def _load_cached_class_images(class_data_dir, cache_key):
@@ -30,6 +33,7 @@ def _load_cached_class_images(class_data_dir, cache_key):
     if read_provenance(cached).get("class_images") != cache_key:
         raise InputError(f"--class_data_dir {class_data_dir} holds class images of another prompt or model; "
                          "use another folder")
+    check_images_decode(cached, "image", f"--class_data_dir {class_data_dir}")
     return cached
 
 
@@ -72,7 +76,7 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
         if "pipeline" not in loaded:  # loaded only when a batch is left to make
             loaded["pipeline"] = StableDiffusionPipeline.from_pretrained(
                 pretrained_model_name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
-                safety_checker=None, requires_safety_checker=False,
+                safety_checker=None, requires_safety_checker=False, use_safetensors=True,
             ).to(device)
             loaded["pipeline"].set_progress_bar_config(disable=True)
         batch = batches[unit]

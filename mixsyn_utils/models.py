@@ -1,9 +1,11 @@
 """Stable Diffusion components: loading (pretrained or a fine-tuned variant), and encoding prompts and images.
 
 The calls are those of the diffusers examples, so a Hub id (CompVis/stable-diffusion-v1-4) and the embedded
-victim's pipeline folder load the same way. z₀ = s · E(x) is computed here and nowhere else.
+victim's pipeline folder load the same way. Every weights file is read as safetensors (`use_safetensors=True`):
+a pickled `.bin`/`.pt` is refused, never unpickled. z₀ = s · E(x) is computed here and nowhere else.
 """
 
+import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +14,28 @@ import torch
 
 from .cli import InputError, first_line
 from .placeholders import load_token_map
+
+
+def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model_name_or_path"):
+    """Fail in milliseconds, before any data is read, when the pretrained model cannot load.
+
+    A local path must be a diffusers pipeline folder (with model_index.json); a Hub id must be in the local
+    cache when HF_HUB_OFFLINE is set.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    from .dataset_io import is_hub_id
+
+    path = Path(name_or_path)
+    if path.exists() or not is_hub_id(name_or_path):
+        if not (path / "model_index.json").is_file():
+            reason = "is not a diffusers pipeline folder (no model_index.json)" if path.exists() else "does not exist"
+            raise InputError(f"{flag} {name_or_path} {reason}")
+    elif constants.HF_HUB_OFFLINE:
+        try:
+            snapshot_download(str(name_or_path), revision=revision, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any lookup failure means it cannot load offline
+            raise InputError(f"{flag} {name_or_path} is not in the local Hub cache and HF_HUB_OFFLINE is set") from None
 
 
 def load_components(pretrained_model_name_or_path, revision=None, variant=None):
@@ -26,9 +50,12 @@ def load_components(pretrained_model_name_or_path, revision=None, variant=None):
     source = pretrained_model_name_or_path
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision, variant=variant)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision,
+                                                     variant=variant, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant,
+                                            use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant,
+                                                    use_safetensors=True)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)}") from error
@@ -56,6 +83,23 @@ def tokenize_prompts(tokenizer, prompts):
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def warn_truncated_captions(tokenizer, captions, what="captions"):
+    """Warn once, with the count, when captions exceed the tokenizer's limit (`tokenize_prompts` cuts them there).
+
+    Returns the number of distinct captions cut. Length counts the begin and end tokens, as the text encoder sees.
+    """
+    distinct = sorted(set(captions))
+    if not distinct:
+        return 0
+    lengths = [len(ids) for ids in tokenizer(distinct, truncation=False, verbose=False).input_ids]
+    cut = [caption for caption, length in zip(distinct, lengths) if length > tokenizer.model_max_length]
+    if cut:
+        logging.getLogger(__name__).warning(
+            f"{len(cut)} of {len(distinct)} distinct {what} exceed the tokenizer's {tokenizer.model_max_length} "
+            f"tokens and are cut there, e.g. {cut[0][:60]!r}...")
+    return len(cut)
 
 
 def encode_prompts(text_encoder, input_ids):
@@ -105,7 +149,7 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             pretrained_model_name_or_path, revision=revision, variant=variant, torch_dtype=torch_dtype,
-            safety_checker=None, requires_safety_checker=False,
+            safety_checker=None, requires_safety_checker=False, use_safetensors=True,
         )
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
@@ -115,21 +159,36 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         if not folder.is_dir():
             raise InputError(f"--unet_path {unet_path} is not a folder")
         subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
-        pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=torch_dtype)
+        try:
+            pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder,
+                                                                 torch_dtype=torch_dtype, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot load --unet_path {unet_path}: {first_line(error)}") from error
     if lora_weights is not None:
         if not Path(lora_weights).exists():
             raise InputError(f"--lora_weights {lora_weights} does not exist")
         check_lora_matches(pipeline, lora_weights)
         try:
-            pipeline.load_lora_weights(str(lora_weights))
+            pipeline.load_lora_weights(str(lora_weights), use_safetensors=True)
         except (RuntimeError, ValueError) as error:
             raise InputError(f"--lora_weights {lora_weights} does not match the model: {first_line(error)}") from error
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
     if textual_inversion is not None:
         for domain, entry in load_token_map(textual_inversion).items():
-            pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"])
+            pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"],
+                                            use_safetensors=True)
     return pipeline
+
+
+def model_fingerprints(args):
+    """Content fingerprints (`resumable.input_fingerprint`) of the model `load_model_variant` builds from the flags:
+    the pretrained pipeline and each fine-tuned part, for the run signature of a resumable job."""
+    from .resumable import input_fingerprint
+
+    parts = ("unet_path", "lora_weights", "textual_inversion")
+    return {"pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
+            **{flag: input_fingerprint(getattr(args, flag)) for flag in parts}}
 
 
 _LORA_KEY = re.compile(
@@ -145,7 +204,10 @@ def check_lora_matches(pipeline, lora_weights):
     attack the un-adapted model. Checked: a known prefix (`unet.` / `text_encoder.`), the target module
     exists, and the down (A) matrix's input width / the up (B) matrix's output width equal the layer's.
     """
-    state_dict, _ = type(pipeline).lora_state_dict(str(lora_weights))
+    try:
+        state_dict, _ = type(pipeline).lora_state_dict(str(lora_weights), use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load --lora_weights {lora_weights} as safetensors: {first_line(error)}") from error
     models = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
     matched = 0
     for key, tensor in state_dict.items():

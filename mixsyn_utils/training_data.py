@@ -16,32 +16,29 @@ import torch
 
 from .class_images import ensure_class_images
 from .cli import InputError
-from .dataset_io import load_image_dataset, read_provenance, save_dataset
+from .dataset_io import check_text_column, check_images_decode, load_image_dataset, read_provenance, save_dataset
 from .flags import class_data_dir_of
 from .images import pil_to_tensor, resize_and_crop
 from .mixing import mix_datasets
-from .models import tokenize_prompts
+from .models import tokenize_prompts, warn_truncated_captions
+from .resumable import input_fingerprint
 from .seeds import CLASS_IMAGE_KEY_OFFSET, derive_seed
 
 
 def load_instance_folder(instance_data_dir, instance_prompt, instance_domain=""):
     """Upstream's `--instance_data_dir`: every image file of the folder, captioned with `instance_prompt`.
 
-    The images stay files (the dataset holds their paths and decodes on access), so a large folder
-    costs no memory; `domain` is `instance_domain` for every row.
+    Image files are those with an extension Pillow reads (.png, .jpg, ...); other files (metadata, .DS_Store)
+    are skipped as upstream skips them, but an image file that does not decode is an error, not a skip
+    (`dataset_io.check_images_decode`). The images stay files (the dataset holds their paths and decodes on
+    access), so a large folder costs no memory; `domain` is `instance_domain` for every row.
     """
     import datasets
     from PIL import Image
 
-    files = sorted(p for p in Path(instance_data_dir).iterdir() if p.is_file() and not p.name.startswith("."))
-    image_files = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except OSError:
-            continue  # upstream skips non-images the same way (metadata files, .DS_Store)
-        image_files.append(path)
+    image_extensions = set(Image.registered_extensions())
+    image_files = sorted(p for p in Path(instance_data_dir).iterdir()
+                         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in image_extensions)
     if not image_files:
         raise InputError(f"--instance_data_dir {instance_data_dir} holds no images")
     return datasets.Dataset.from_dict(
@@ -53,11 +50,13 @@ def load_instance_folder(instance_data_dir, instance_prompt, instance_domain="")
 
 @dataclass
 class TrainingSet:
-    """The (mixed) training images: `rows` with an `image` column, the name of their caption column, the mix."""
+    """The (mixed) training images: `rows` with an `image` column, the name of their caption column, the mix,
+    and the content fingerprints of the datasets or folder they came from (for the run signature)."""
 
     rows: object
     caption_column: str
     mix_info: dict
+    fingerprints: dict
 
 
 def load_training_images(args, is_main_process=True):
@@ -65,28 +64,36 @@ def load_training_images(args, is_main_process=True):
 
     Returns a `TrainingSet`: rows with `image` and their captions (`prompt` for `--instance_data_dir`); with a
     perturbed set the images are `mix_datasets(clean, perturbed, ...)`. mix_info holds mode, ratio, seed,
-    pattern and the perturbed set's PGD flags from its provenance (for the model card).
+    pattern and the perturbed set's PGD flags from its provenance (for the model card). Every image is
+    decoded once and every caption checked here, before any model loads: a bad file fails in seconds, not
+    at the step that reads it.
     """
     caption_column = args.caption_column
     if args.instance_data_dir is not None:
         clean = load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or "")
-        caption_column = "prompt"
+        caption_column, source = "prompt", ("instance_data_dir", args.instance_data_dir)
     else:
         clean = load_image_dataset(args.dataset_name, required_columns=(args.image_column, args.caption_column))
         if args.image_column != "image":
             clean = clean.rename_column(args.image_column, "image")
+        source = ("dataset_name", args.dataset_name)
+    check_text_column(clean, caption_column, f"--{source[0]} {source[1]}")
+    check_images_decode(clean, "image", f"--{source[0]} {source[1]}")
+    fingerprints = {source[0]: input_fingerprint(source[1], repo_type="dataset")}
     mix_info = {"mode": args.mixup_mode, "ratio": args.mixup_ratio, "seed": args.mixup_seed,
                 "pattern": args.mixup_pattern, "perturbed_dataset": args.perturbed_dataset_name, "pgd": {}}
     if args.perturbed_dataset_name is None:
-        return TrainingSet(clean, caption_column, mix_info)
+        return TrainingSet(clean, caption_column, mix_info, fingerprints)
     perturbed = load_image_dataset(args.perturbed_dataset_name, required_columns=("image",))
+    check_images_decode(perturbed, "image", f"--perturbed_dataset_name {args.perturbed_dataset_name}")
+    fingerprints["perturbed_dataset_name"] = input_fingerprint(args.perturbed_dataset_name, repo_type="dataset")
     flags = read_provenance(perturbed).get("flags", {})
     mix_info["pgd"] = {key: value for key, value in flags.items() if key.startswith("pgd_")}
     mixed = mix_datasets(clean, perturbed, args.mixup_mode, args.mixup_ratio, args.mixup_seed,
                          pattern=args.mixup_pattern, resolution=args.resolution)
     if args.save_mixed_dataset and is_main_process:
         save_dataset(mixed, args.save_mixed_dataset)
-    return TrainingSet(mixed, caption_column, mix_info)
+    return TrainingSet(mixed, caption_column, mix_info, fingerprints)
 
 
 def training_pixel_values(image, resolution, center_crop, random_flip, rng):
@@ -106,23 +113,20 @@ def training_pixel_values(image, resolution, center_crop, random_flip, rng):
 class TrainingImages(torch.utils.data.Dataset):
     """Rows of the mixed set as `pixel_values` + `input_ids` of their own (optionally rewritten) caption.
 
-    `caption_fn(row) -> str` picks/rewrites the caption (textual inversion puts placeholders in).
+    `captions[i]` is row i's caption (textual inversion's with the placeholders in). They are
+    tokenized once, here, with one warning counting those cut at the tokenizer's limit.
     With `class_images` (prior preservation) item i also carries class image i mod len(class_images).
     """
 
-    def __init__(self, rows, tokenizer, resolution, caption_fn, center_crop=False, random_flip=False, seed=0,
+    def __init__(self, rows, tokenizer, resolution, captions, center_crop=False, random_flip=False, seed=0,
                  class_images=None):
-        self.rows, self.tokenizer, self.resolution, self.caption_fn = rows, tokenizer, resolution, caption_fn
+        self.rows, self.tokenizer, self.resolution, self.captions = rows, tokenizer, resolution, captions
         self.center_crop, self.random_flip, self.seed, self.class_images = center_crop, random_flip, seed, class_images
         self.epoch = 0
-        self._token_ids = {}  # caption → ids; captions repeat (few templates × domains), so this stays small
-
-    def _tokenize(self, caption):
-        if caption not in self._token_ids:
-            if len(self._token_ids) >= 4096:
-                self._token_ids.clear()
-            self._token_ids[caption] = tokenize_prompts(self.tokenizer, [caption])[0]
-        return self._token_ids[caption]
+        warn_truncated_captions(tokenizer, captions, "training captions")
+        prompts = sorted(set(captions) | (set(class_images["prompt"]) if class_images is not None else set()))
+        # Captions repeat (few templates × domains): one row of ids per distinct caption.
+        self.token_ids = dict(zip(prompts, tokenize_prompts(tokenizer, prompts)))
 
     def __len__(self):
         return len(self.rows)
@@ -133,11 +137,11 @@ class TrainingImages(torch.utils.data.Dataset):
     def _encode(self, image, caption, key):
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
         return (training_pixel_values(image, self.resolution, self.center_crop, self.random_flip, rng),
-                self._tokenize(caption))
+                self.token_ids[caption])
 
     def __getitem__(self, index):
         row = self.rows[int(index)]
-        pixel_values, input_ids = self._encode(row["image"], self.caption_fn(row), index)
+        pixel_values, input_ids = self._encode(row["image"], self.captions[int(index)], index)
         example = {"pixel_values": pixel_values, "input_ids": input_ids}
         if self.class_images is not None:
             class_row = self.class_images[int(index) % len(self.class_images)]
