@@ -16,7 +16,7 @@ import torch
 
 from .class_images import ensure_class_images
 from .cli import InputError
-from .dataset_io import check_text_column, check_images_decode, load_image_dataset, read_provenance, save_dataset
+from .dataset_io import check_images_decode, check_text_column, load_image_dataset, read_provenance, save_dataset
 from .flags import class_data_dir_of
 from .images import pil_to_tensor, resize_and_crop
 from .mixing import mix_datasets
@@ -71,15 +71,15 @@ def load_training_images(args, is_main_process=True):
     caption_column = args.caption_column
     if args.instance_data_dir is not None:
         clean = load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or "")
-        caption_column, source = "prompt", ("instance_data_dir", args.instance_data_dir)
+        caption_column, source_flag, source = "prompt", "instance_data_dir", args.instance_data_dir
     else:
         clean = load_image_dataset(args.dataset_name, required_columns=(args.image_column, args.caption_column))
         if args.image_column != "image":
             clean = clean.rename_column(args.image_column, "image")
-        source = ("dataset_name", args.dataset_name)
-    check_text_column(clean, caption_column, f"--{source[0]} {source[1]}")
-    check_images_decode(clean, "image", f"--{source[0]} {source[1]}")
-    fingerprints = {source[0]: input_fingerprint(source[1], repo_type="dataset")}
+        source_flag, source = "dataset_name", args.dataset_name
+    check_text_column(clean, caption_column, f"--{source_flag} {source}")
+    check_images_decode(clean, "image", f"--{source_flag} {source}")
+    fingerprints = {source_flag: input_fingerprint(source, repo_type="dataset")}
     mix_info = {"mode": args.mixup_mode, "ratio": args.mixup_ratio, "seed": args.mixup_seed,
                 "pattern": args.mixup_pattern, "perturbed_dataset": args.perturbed_dataset_name, "pgd": {}}
     if args.perturbed_dataset_name is None:
