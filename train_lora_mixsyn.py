@@ -22,12 +22,14 @@ import torch
 from accelerate.logging import get_logger
 
 # Shared with the other training scripts (mixsyn_utils/):
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import run_cli  # one-line errors for bad input
 from mixsyn_utils.flags import (  # flag groups shared with the other scripts, and their checks
     add_prior_preservation_args,
     add_training_args,
     check_prior_preservation_args,
     check_training_args,
+    require_positive,
+    require_range,
 )
 from mixsyn_utils.model_card import finish_outputs  # model card (with measured privacy) and Hub upload
 from mixsyn_utils.models import (  # SD components, checked before the data is read
@@ -80,10 +82,8 @@ def parse_args(input_args=None):
     lora.add_argument("--train_text_encoder", action="store_true", help="Also train LoRA on the text encoder.")
     parser.set_defaults(learning_rate=5e-4, output_dir="lora-dreambooth-model")
     args = parser.parse_args(input_args)
-    if args.rank <= 0:
-        raise InputError(f"--rank must be positive, got {args.rank}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    require_positive(args, "rank", "lora_alpha")
+    require_range(args, "lora_dropout", 0, 1, include_high=False)
     check_training_args(args)
     check_prior_preservation_args(args)
     return args
