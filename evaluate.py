@@ -46,17 +46,26 @@ import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that 
 import numpy as np
 
 # Shared with the other scripts (mixsyn_utils/):
-from mixsyn_utils.brisque import is_installed as brisque_is_installed  # offline BRISQUE weights present?
+from mixsyn_utils.brisque import is_installed as brisque_is_installed  # offline BRISQUE model present?
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.dataset_io import load_image_dataset, read_provenance, save_dataset  # datasets in and out
+from mixsyn_utils.dataset_io import (  # datasets in and out, images and captions checked before any sampling
+    check_images_decode,
+    check_text_column,
+    load_image_dataset,
+    read_provenance,
+    save_dataset,
+)
 from mixsyn_utils.domains import load_domains  # domains and prompt templates to sample
-from mixsyn_utils.flags import (  # shared flags
+from mixsyn_utils.flags import (  # shared flags and their range checks
     add_card_publish_args,
     add_model_variant_args,
     add_pretrained_model_args,
+    require_non_negative,
     require_positive,
+    require_range,
 )
 from mixsyn_utils.metrics import (  # MIA metrics with CIs, calibrated attack, blind baseline, extraction
+    BLIND_BASELINE_FOLDS,
     blind_baseline_auc,
     blind_features,
     bootstrap_ci,
@@ -68,7 +77,7 @@ from mixsyn_utils.metrics import (  # MIA metrics with CIs, calibrated attack, b
 from mixsyn_utils.model_card import check_report_matches_weights, publish_privacy_card  # the card's privacy numbers
 from mixsyn_utils.models import weights_digest  # sha256 of a fine-tuned folder's weights
 from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
-from mixsyn_utils.resumable import ResumableWork, run_signature  # sampling batches saved as they finish
+from mixsyn_utils.resumable import ResumableWork, run_signature  # sampling batches saved; a resume has the same inputs
 from mixsyn_utils.seeds import SALT_GENERATION, derive_seed  # generation i's seed, independent of batch and process
 from mixsyn_utils.utility import utility_metrics  # R-precision and BRISQUE
 
@@ -120,9 +129,10 @@ def parse_args(input_args=None):
 
     if not args.scores and not (args.generate or args.generations):
         raise InputError("nothing to evaluate: pass --scores and/or --generate / --generations")
-    require_positive(args, "bootstrap", "num_images_per_prompt", "sample_batch_size", "extraction_tiles")
-    if not 0 < args.target_fpr < 1:
-        raise InputError(f"--target_fpr must be in (0, 1), got {args.target_fpr}")
+    require_positive(args, "bootstrap", "num_images_per_prompt", "sample_batch_size", "extraction_tiles",
+                     "extraction_k", "extraction_delta", "num_inference_steps")
+    require_non_negative(args, "num_extraction_samples", "guidance_scale", "seed")
+    require_range(args, "target_fpr", 0, 1, include_low=False, include_high=False)
     if args.reference_scores is not None and len(args.reference_scores) != len(args.scores):
         raise InputError(f"--reference_scores needs one dataset per --scores ({len(args.scores)}), "
                          f"got {len(args.reference_scores)}")
@@ -136,12 +146,12 @@ def parse_args(input_args=None):
         raise InputError("pass either --generate or --generations, not both")
     if args.generate and (args.pretrained_model_name_or_path is None or args.domains_file is None):
         raise InputError("--generate needs --pretrained_model_name_or_path and --domains_file")
-    if args.num_extraction_samples < 0:
-        raise InputError(f"--num_extraction_samples must be >= 0, got {args.num_extraction_samples}")
-    if args.rprecision_model is not None and not (Path(args.rprecision_model) / "config.json").is_file():
-        raise InputError(f"--rprecision_model {args.rprecision_model} has no config.json (train_domain_classifier)")
+    if args.clip_pretrained is not None and Path(args.clip_pretrained).exists() \
+            and not args.clip_pretrained.endswith(".safetensors"):
+        raise InputError(f"--clip_pretrained {args.clip_pretrained} must be a .safetensors file (pickled "
+                         "checkpoints are never loaded)")
     if (args.generate or args.generations) and not args.no_brisque and not brisque_is_installed():
-        raise InputError("BRISQUE weights are not installed: run `python -m mixsyn_utils.brisque --install` "
+        raise InputError("the BRISQUE model is not installed: run `python -m mixsyn_utils.brisque --install` "
                          "or pass --no_brisque")
     if (args.generate or args.generations) and args.member_dataset is None and args.no_brisque \
             and args.rprecision_model is None and args.clip_pretrained is None:
@@ -226,6 +236,50 @@ def blind_baseline(args, members, nonmembers, all_scores):
     return blind_baseline_auc(features, is_member, seed=args.seed, num_resamples=args.bootstrap)
 
 
+def load_member_sets(args):
+    """Members and non-members (or None, None), their images decoded and captions checked once, before sampling."""
+    if args.member_dataset is None:
+        return None, None
+    sets = []
+    for flag, path in (("--member_dataset", args.member_dataset), ("--nonmember_dataset", args.nonmember_dataset)):
+        dataset = load_image_dataset(path, required_columns=("image", args.caption_column, "domain"))
+        check_text_column(dataset, args.caption_column, f"{flag} {path}")
+        check_images_decode(dataset, "image", f"{flag} {path}")
+        sets.append(dataset)
+    if min(map(len, sets)) < BLIND_BASELINE_FOLDS:
+        raise InputError(f"--member_dataset and --nonmember_dataset need ≥ {BLIND_BASELINE_FOLDS} images each for "
+                         f"the blind baseline's {BLIND_BASELINE_FOLDS}-fold CV, got {len(sets[0])} and {len(sets[1])}")
+    return sets
+
+
+def check_before_sampling(args, members, generations):
+    """What would otherwise fail or mislead only after the images are sampled, checked before it.
+
+    The R-precision scorer must know every sampled domain; extraction needs the members' resolution divisible
+    by --extraction_tiles, and every member domain among the sampled ones (a domain never sampled would be
+    reported as "0 extracted").
+    """
+    if args.rprecision_model is not None and not (Path(args.rprecision_model) / "config.json").is_file():
+        raise InputError(f"--rprecision_model {args.rprecision_model} has no config.json (train_domain_classifier)")
+    if not (args.generate or args.generations):
+        return
+    sampled = set(load_domains(args.domains_file)[0]) if args.generate else set(generations["domain"])
+    if args.rprecision_model is not None and args.clip_pretrained is None:
+        known = set(json.loads((Path(args.rprecision_model) / "config.json").read_text())["domain_names"])
+        if sampled - known:
+            raise InputError(f"--rprecision_model {args.rprecision_model} does not know domain(s) "
+                             f"{sorted(sampled - known)}")
+    if members is not None:
+        resolution = min(members[0]["image"].size)
+        if resolution % args.extraction_tiles:
+            raise InputError(f"--extraction_tiles {args.extraction_tiles} must divide the members' resolution "
+                             f"{resolution}")
+        never_sampled = sorted(set(members["domain"]) - sampled)
+        if never_sampled:
+            raise InputError(f"--member_dataset {args.member_dataset} has domain(s) {never_sampled} that are never "
+                             "sampled, so extraction could not find them; give members of the sampled domains only")
+
+
 def generate_images(args, num_per_prompt):
     """num_per_prompt images for every (domain, template), seeded per image; batches resumable and sharded.
 
@@ -235,7 +289,7 @@ def generate_images(args, num_per_prompt):
     from accelerate import Accelerator
     from datasets import Dataset, Features, Image as ImageFeature, Value
 
-    from mixsyn_utils.models import load_model_variant
+    from mixsyn_utils.models import load_model_variant, model_fingerprints
     from mixsyn_utils.placeholders import load_token_map, rewrite_caption
 
     domain_names, templates = load_domains(args.domains_file)
@@ -246,7 +300,8 @@ def generate_images(args, num_per_prompt):
             for i in range(num_per_prompt)]
     batches = [plan[start:start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
     accelerator = Accelerator()
-    signature = run_signature(args, inputs={"domains": [domain_names, [list(pair) for pair in templates]]})
+    signature = run_signature(args, inputs={"domains": [domain_names, [list(pair) for pair in templates]],
+                                            **model_fingerprints(args)})
     work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
     pipeline = load_model_variant(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
                                   args.lora_weights, args.textual_inversion).to(accelerator.device)
@@ -359,19 +414,19 @@ def main(args):
     if args.write_card:  # before any heavy work: the scores must have attacked exactly the folder's weights
         check_report_matches_weights({"privacy": {s["name"]: s for s in all_scores}}, weights_digest(args.write_card),
                                      args.write_card, "--write_card")
-    members = nonmembers = None  # loaded before sampling, so a bad path fails before the heavy work
-    if args.member_dataset is not None:
-        members, nonmembers = (load_image_dataset(path, required_columns=("image", args.caption_column, "domain"))
-                               for path in (args.member_dataset, args.nonmember_dataset))
+    members, nonmembers = load_member_sets(args)
+    generations = None
+    if args.generations:
+        generations = load_image_dataset(args.generations, required_columns=("image", "prompt", "domain"))
+        check_images_decode(generations, "image", f"--generations {args.generations}")
+    check_before_sampling(args, members, generations)
 
     # Sampling is the only heavy step: it alone is sharded over processes; everything else is main-process work.
-    generations, work = None, None
+    work = None
     if args.generate:
         generations, work = generate_images(args, max(args.num_images_per_prompt, args.num_extraction_samples))
         if generations is None:  # not the main process
             return None
-    elif args.generations:
-        generations = load_image_dataset(args.generations, required_columns=("image", "prompt", "domain"))
 
     results = {"schema_version": 1, "bootstrap": args.bootstrap, "seed": args.seed, "confidence": 0.95,
                "privacy": {}, "blind_baseline": None, "utility": None, "extraction": None}

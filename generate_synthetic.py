@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 # Shared with the other scripts (mixsyn_utils/):
-from mixsyn_utils.cli import run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
 from mixsyn_utils.dataset_io import dataset_provenance, save_dataset, with_provenance  # saved whole, with provenance
 from mixsyn_utils.domains import draw_prompt, load_domains  # domains and the paper's prompt templates
 from mixsyn_utils.flags import (  # flag groups shared with the other scripts
@@ -29,12 +29,21 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts
     add_mixed_precision_arg,
     add_pretrained_model_args,
     add_resolution_arg,
+    require_non_negative,
     require_positive,
 )
 from mixsyn_utils.images import check_resolution
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # default size; --mixed_precision -> dtype
+from mixsyn_utils.models import (  # the model checked before loading; default size; --mixed_precision -> dtype
+    check_pretrained_model,
+    native_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
-from mixsyn_utils.resumable import ResumableWork, run_signature  # batches saved as they finish; a killed run resumes
+from mixsyn_utils.resumable import (  # batches saved as they finish; a killed run with the same inputs resumes
+    ResumableWork,
+    input_fingerprint,
+    run_signature,
+)
 from mixsyn_utils.seeds import derive_seed  # image i's seed, independent of batch and process
 
 logger = get_logger(__name__)
@@ -59,8 +68,10 @@ def parse_args(input_args=None):
     add_dataset_output_args(parser)
     args = parser.parse_args(input_args)
     require_positive(args, "num_images_per_domain", "sample_batch_size", "num_inference_steps")
+    require_non_negative(args, "guidance_scale", "seed")
     check_resolution(args.resolution)
-    load_domains(args.domains_file, args.domain)  # a bad domains file fails here, before any model loads
+    if args.domains_file is None and not args.domain:
+        raise InputError("no domains given: pass --domains_file or --domain NAME")
     return args
 
 
@@ -96,18 +107,22 @@ def main(args):
     from diffusers import StableDiffusionPipeline
 
     check_output_dir(args.output_dir, args.overwrite)
+    domain_names, templates = load_domains(args.domains_file, args.domain)  # a bad file fails before any model loads
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    domain_names, templates = load_domains(args.domains_file, args.domain)
     plan = plan_images(domain_names, templates, args.num_images_per_domain, args.seed)
     batches = [plan[start : start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
-    # The domains file's content, not only its path, fixes the images.
-    signature = run_signature(args, inputs={"domains": [domain_names, [list(pair) for pair in templates]]})
+    # The domains file's content, not only its path, fixes the images; so does the model's.
+    signature = run_signature(args, inputs={
+        "domains": [domain_names, [list(pair) for pair in templates]],
+        "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision)})
     work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
 
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
         dtype=weight_dtype_of(accelerator.mixed_precision), safety_checker=None, requires_safety_checker=False,
+        use_safetensors=True,
     ).to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     resolution = args.resolution or native_resolution(pipeline.unet, pipeline.vae)

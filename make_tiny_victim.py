@@ -38,6 +38,7 @@ from mixsyn_utils.dataset_io import load_image_dataset  # the saved member / non
 # distribution as the victim's own training captions.
 from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES, draw_prompt
 from mixsyn_utils.diffusion import alphas_cumprod, loss_attack_scores, q_sample  # ᾱ_t, the loss attack, noising
+from mixsyn_utils.flags import require_non_negative, require_positive, require_range  # flag ranges
 from mixsyn_utils.images import image_to_tensor  # the shared preprocessing
 from mixsyn_utils.metrics import blind_baseline_auc, blind_features, roc_metrics  # the membership figures
 from mixsyn_utils.models import (  # SD components, z₀ and prompt encoding
@@ -80,16 +81,11 @@ def parse_args(input_args=None):
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
     parser.add_argument("--skip_report", action="store_true", help="Do not compute the membership figures at the end.")
     args = parser.parse_args(input_args)
-    for flag in ("members_per_domain", "nonmembers_per_domain", "train_batch_size", "rprecision_steps"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag} must be positive, got {getattr(args, flag)}")
-    for flag in ("vae_steps", "unet_steps"):
-        if getattr(args, flag) < 0:
-            raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
-    if not 0.0 <= args.caption_dropout < 1.0:
-        raise InputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
-    if not 0.0 <= args.ema_decay < 1.0:
-        raise InputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    require_positive(args, "members_per_domain", "nonmembers_per_domain", "train_batch_size", "rprecision_steps",
+                     "learning_rate")
+    require_non_negative(args, "vae_steps", "unet_steps", "seed")
+    for flag in ("caption_dropout", "ema_decay"):
+        require_range(args, flag, 0, 1, include_high=False)
     return args
 
 

@@ -36,7 +36,9 @@ from mixsyn_utils.adversarial import (  # ASPL / FSMG for one group, the budget-
 )
 from mixsyn_utils.class_images import ensure_class_images  # prior-preservation images, generated once and cached
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.dataset_io import (  # datasets in and out, with provenance
+from mixsyn_utils.dataset_io import (  # datasets in and out (checked before any model loads), with provenance
+    check_images_decode,
+    check_text_column,
     dataset_provenance,
     load_image_dataset,
     save_dataset,
@@ -50,12 +52,25 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts
     add_resolution_arg,
     check_prior_preservation_args,
     class_data_dir_of,
+    require_non_negative,
     require_positive,
+    require_range,
 )
 from mixsyn_utils.images import check_resolution, image_to_tensor  # the shared preprocessing
-from mixsyn_utils.models import load_components, native_resolution, tokenize_prompts, weight_dtype_of
+from mixsyn_utils.models import (  # SD components, checked before loading; captions cut at the limit are counted
+    check_pretrained_model,
+    load_components,
+    native_resolution,
+    tokenize_prompts,
+    warn_truncated_captions,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
-from mixsyn_utils.resumable import ResumableWork, run_signature  # groups saved as they finish; a killed run resumes
+from mixsyn_utils.resumable import (  # groups saved as they finish; a killed run with the same inputs resumes
+    ResumableWork,
+    input_fingerprint,
+    run_signature,
+)
 from mixsyn_utils.seeds import derive_seed  # group g's generator, independent of process
 
 logger = get_logger(__name__)
@@ -107,14 +122,11 @@ def parse_args(input_args=None):
     add_dataset_output_args(parser)
     args = parser.parse_args(input_args)
 
-    if args.pgd_eps <= 0:
-        raise InputError(f"--pgd_eps must be > 0, got {args.pgd_eps}")
+    require_range(args, "pgd_eps", 0, 1, include_low=False)  # pixels span [-1, 1]: η > 1 is no budget at all
     if not 0 < args.pgd_alpha <= args.pgd_eps:
         raise InputError(f"--pgd_alpha must be in (0, --pgd_eps={args.pgd_eps}], got {args.pgd_alpha}")
     require_positive(args, "max_train_steps", "max_adv_train_steps", "fsmg_pgd_steps", "pgd_batch_size", "learning_rate")
-    for flag in ("max_f_train_steps", "fsmg_train_steps"):
-        if getattr(args, flag) < 0:
-            raise InputError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    require_non_negative(args, "max_f_train_steps", "fsmg_train_steps", "seed")
     check_prior_preservation_args(args)
     check_resolution(args.resolution)
     return args
@@ -171,10 +183,13 @@ def main(args):
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     dataset = load_image_dataset(args.dataset_name, args.dataset_split,
                                  required_columns=("id", args.image_column, args.caption_column, args.group_by))
+    check_text_column(dataset, args.caption_column, f"--dataset_name {args.dataset_name}")
     groups = plan_groups(dataset, args.group_by)
-    work = ResumableWork(args.output_dir, run_signature(args), accelerator, discard_other_settings=args.overwrite)
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
+    check_images_decode(dataset, args.image_column, f"--dataset_name {args.dataset_name}")
 
     components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+    warn_truncated_captions(components.tokenizer, dataset[args.caption_column])
     resolution = args.resolution or native_resolution(components.unet, components.vae)
     for module in (components.vae, components.unet, components.text_encoder):
         module.requires_grad_(False)
@@ -183,6 +198,11 @@ def main(args):
     components.unet.to(accelerator.device)
     components.text_encoder.to(accelerator.device)
     class_pixels, class_ids = class_image_tensors(components, args, resolution, accelerator)
+    inputs = {"dataset_name": input_fingerprint(args.dataset_name, repo_type="dataset"),
+              "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
+              "class_images": input_fingerprint(class_data_dir_of(args)) if args.with_prior_preservation else None}
+    work = ResumableWork(args.output_dir, run_signature(args, inputs), accelerator,
+                         discard_other_settings=args.overwrite)
 
     def perturb_unit(group_index):
         name, row_indices = groups[group_index]

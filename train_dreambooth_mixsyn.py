@@ -29,7 +29,12 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts, a
     check_training_args,
 )
 from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.models import (  # SD components, checked before the data is read
+    check_pretrained_model,
+    native_resolution,
+    warn_truncated_captions,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import move_entries_into, temp_sibling  # the pipeline staged, then moved in whole
 from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
     LatentEncoder,
@@ -45,7 +50,9 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
     resolve_resume_checkpoint,
     resume_training_state,
     scaled_learning_rate,
+    start_output_dir,
     train_loop,
+    training_inputs,
     training_signature,
     validation_pipeline,
 )
@@ -123,13 +130,15 @@ def save_pipeline(args, trained):
     if args.skip_save_text_encoder:
         trained = dict(trained, text_encoder=None)
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, **trained)
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, use_safetensors=True,
+        **trained)
     staging_dir = temp_sibling(Path(args.output_dir) / "pipeline")
     pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
     move_entries_into(staging_dir, args.output_dir)
 
 
 def main(args):
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
     accelerator = make_accelerator(args)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -151,6 +160,8 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
+    if training_set.caption_column is not None:
+        warn_truncated_captions(tokenizer, training_set.rows[training_set.caption_column], "training captions")
     dataset = TrainingImages(training_set.rows, tokenizer, resolution,
                              lambda row, rng: caption_of_row(row, training_set.caption_column, rng), args,
                              load_class_images(args, resolution, accelerator))
@@ -163,8 +174,9 @@ def main(args):
     prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     trained, optimizer, lr_scheduler = dict(zip(trained, prepared[:-2])), prepared[-2], prepared[-1]
     register_pretrained_checkpoint_hooks(accelerator)
+    start_output_dir(accelerator, args)  # --overwrite empties it here, once every input was checked
     init_trackers(accelerator, args, "mixsyn-dreambooth")
-    signature = training_signature(args)
+    signature = training_signature(args, training_inputs(args, training_set))
     global_step = resume_training_state(accelerator, resume_path, signature)
 
     unet_in_use = trained.get("unet", unet)

@@ -25,15 +25,22 @@ import torch
 from accelerate.logging import get_logger
 
 # Shared with the other training scripts (mixsyn_utils/):
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import run_cli  # one-line errors for bad input
 from mixsyn_utils.flags import (  # flag groups shared with the other scripts, and their checks
     add_prior_preservation_args,
     add_training_args,
     check_prior_preservation_args,
     check_training_args,
+    require_positive,
+    require_range,
 )
 from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.models import (  # SD components, checked before the data is read
+    check_pretrained_model,
+    native_resolution,
+    warn_truncated_captions,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import temp_sibling  # weights staged in a hidden folder, moved in when whole
 from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the loop, validation, the batch loss
     LatentEncoder,
@@ -48,7 +55,9 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
     resolve_resume_checkpoint,
     resume_training_state,
     scaled_learning_rate,
+    start_output_dir,
     train_loop,
+    training_inputs,
     training_signature,
     validation_pipeline,
 )
@@ -96,10 +105,8 @@ def parse_args(input_args=None):
     if not is_dreambooth(parser.parse_known_args(input_args)[0]):
         parser.set_defaults(**TEXT_TO_IMAGE_LORA_DEFAULTS)
     args = parser.parse_args(input_args)
-    if args.rank <= 0:
-        raise InputError(f"--rank must be positive, got {args.rank}")
-    if not 0.0 <= args.lora_dropout < 1.0:
-        raise InputError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    require_positive(args, "rank", "lora_alpha")
+    require_range(args, "lora_dropout", 0, 1, include_high=False)
     check_training_args(args)
     check_prior_preservation_args(args)
     return args
@@ -176,6 +183,7 @@ def add_lora_adapters(args, unet, text_encoder):
 
 
 def main(args):
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
     accelerator = make_accelerator(args)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -196,6 +204,8 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
+    if training_set.caption_column is not None:
+        warn_truncated_captions(tokenizer, training_set.rows[training_set.caption_column], "training captions")
     dataset = TrainingImages(training_set.rows, tokenizer, resolution,
                              lambda row, rng: caption_of_row(row, training_set.caption_column, rng), args,
                              load_class_images(args, resolution, accelerator))
@@ -210,8 +220,9 @@ def main(args):
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     register_lora_checkpoint_hooks(accelerator, unet, text_encoder if args.train_text_encoder else None)
+    start_output_dir(accelerator, args)  # --overwrite empties it here, once every input was checked
     init_trackers(accelerator, args, "mixsyn-lora")
-    signature = training_signature(args)
+    signature = training_signature(args, training_inputs(args, training_set))
     global_step = resume_training_state(accelerator, resume_path, signature)
 
     def validate(step):

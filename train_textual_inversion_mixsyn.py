@@ -35,9 +35,10 @@ from accelerate.logging import get_logger
 
 # Shared with the other training scripts (mixsyn_utils/):
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.dataset_io import check_text_column, row_names  # a None domain is an error naming its row
 from mixsyn_utils.flags import add_training_args, check_training_args  # flag groups shared with the other scripts
 from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # SD components
+from mixsyn_utils.models import check_pretrained_model, native_resolution, weight_dtype_of  # SD components
 from mixsyn_utils.outputs import move_entries_into, temp_sibling  # files staged, then moved in whole
 from mixsyn_utils.placeholders import (  # placeholder names, the token map and the caption rewrite the attacks use
     OBJECT_TEMPLATES,
@@ -64,7 +65,9 @@ from mixsyn_utils.training import (  # accelerator, optimizer, checkpoints, the 
     resolve_resume_checkpoint,
     resume_training_state,
     scaled_learning_rate,
+    start_output_dir,
     train_loop,
+    training_inputs,
     training_signature,
     validation_pipeline,
 )
@@ -138,6 +141,11 @@ def domains_named_in_captions(domains, captions):
     return list(named)
 
 
+def domain_column_of(args):
+    """The column naming each image's domain: `domain` for --instance_data_dir (every row the same), else --domain_column."""
+    return "domain" if args.instance_data_dir is not None else args.domain_column
+
+
 def concepts_and_captions(args, training_set):
     """(domains, caption_fn): what the placeholders stand for, and `caption_fn(row, rng, token_map)`.
 
@@ -157,10 +165,11 @@ def concepts_and_captions(args, training_set):
             return templates[int(rng.integers(len(templates)))].format(placeholder_text(entry["placeholder"],
                                                                                         entry["num_vectors"]))
         return [domain], template_caption
-    domain_column = "domain" if args.instance_data_dir is not None else args.domain_column
+    domain_column = domain_column_of(args)
     if domain_column not in rows.column_names:
         raise InputError(f"dataset {args.dataset_name or args.train_data_dir} has no column {domain_column!r} (needed "
                          "to know which placeholder each image trains)")
+    check_text_column(rows, domain_column, "training set")
     domains = domains_named_in_captions(rows[domain_column], rows[caption_column])
     if args.placeholder_token and len(domains) > 1:
         raise InputError(f"--placeholder_token names one concept, the data has {len(domains)} domains; use "
@@ -216,6 +225,25 @@ def add_placeholder_tokens(args, domains, tokenizer, text_encoder):
 def public_token_map(token_map):
     """The token map as token_map.json and the model card show it: without the tokenizer's ids."""
     return {domain: {k: v for k, v in entry.items() if k != "token_ids"} for domain, entry in token_map.items()}
+def check_placeholders_within_limit(tokenizer, captions, token_map, names):
+    """Every placeholder token must lie before the tokenizer's cut: ids past `model_max_length` − 1 (the last
+    kept position holds the end token) are dropped, and a placeholder there would train nothing.
+
+    `names[i]` labels caption i in the error (its row id).
+    """
+    placeholder_ids = {token_id for entry in token_map.values() for token_id in entry["token_ids"]}
+    limit = tokenizer.model_max_length - 1
+    checked = set()
+    for caption, name in zip(captions, names):
+        if caption in checked:
+            continue
+        token_ids = tokenizer(caption, truncation=False, verbose=False).input_ids
+        cut = [position for position, token_id in enumerate(token_ids)
+               if token_id in placeholder_ids and position >= limit]
+        if cut:
+            raise InputError(f"{name}: its placeholder lands at token {cut[0]}, past the tokenizer's "
+                             f"{tokenizer.model_max_length}-token limit, so it would never train; shorten the caption")
+        checked.add(caption)
 
 
 def keep_original_embeddings(text_encoder, original_embeddings, trained_ids):
@@ -262,6 +290,7 @@ def save_full_pipeline(args, text_encoder, tokenizer):
 
 
 def main(args):
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
     accelerator = make_accelerator(args)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -286,6 +315,11 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
+    if training_set.caption_column is not None:  # a placeholder past the tokenizer's cut would never train
+        captions = [rewrite_caption(caption, domain, token_map) for caption, domain in
+                    zip(training_set.rows[training_set.caption_column], training_set.rows[domain_column_of(args)])
+                    if isinstance(caption, str)]
+        check_placeholders_within_limit(tokenizer, captions, token_map, row_names(training_set.rows, "training set"))
     # --repeats: each epoch passes over the images that many times (upstream's dataset length).
     rows = training_set.rows.select(np.tile(np.arange(len(training_set.rows)), args.repeats))
     dataset = TrainingImages(rows, tokenizer, resolution, lambda row, rng: caption_fn(row, rng, token_map), args)
@@ -297,8 +331,9 @@ def main(args):
     lr_scheduler = make_lr_scheduler(optimizer, args, plan, accelerator.num_processes)
     text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
     register_pretrained_checkpoint_hooks(accelerator)
+    start_output_dir(accelerator, args)  # --overwrite empties it here, once every input was checked
     init_trackers(accelerator, args, "mixsyn-textual-inversion")
-    signature = training_signature(args)
+    signature = training_signature(args, training_inputs(args, training_set))
     global_step = resume_training_state(accelerator, resume_path, signature)
     original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
     restore_frozen_rows = keep_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings,

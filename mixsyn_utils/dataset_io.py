@@ -16,9 +16,19 @@ import torch
 
 from .cli import InputError, first_line
 from .flags import is_secret_flag
+from .images import decode_rgb
 from .outputs import atomic_replace_dir, temp_sibling
 
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 PROVENANCE_FILE = "provenance.json"
+
+
+def is_hub_id(name_or_path):
+    """True for a name that can only mean a Hub repo (`owner/name` or `name`), not a local path."""
+    text = str(name_or_path)
+    return HUB_ID.fullmatch(text) is not None and not text.startswith(".") and not Path(text).exists()
+
+
 
 
 def load_image_dataset(name_or_path, split="train", required_columns=("image",), cache_dir=None, config_name=None,
@@ -35,6 +45,8 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
     path = Path(name_or_path)
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            if (path / "state.json").is_file() and not json.loads((path / "state.json").read_text()).get("_data_files"):
+                raise InputError(f"dataset {name_or_path} is empty")  # datasets itself fails with an IndexError
             loaded = datasets.load_from_disk(str(path))
         elif path.is_dir() and any(path.rglob("*.parquet")):  # the Hub's layout, e.g. a clone of a dataset repo
             loaded = datasets.load_dataset(str(path), cache_dir=cache_dir)
@@ -44,7 +56,7 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
             loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
         elif path.exists():
             raise InputError(f"dataset path {name_or_path} is a file, expected a folder or a Hub id")
-        elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name_or_path)) or str(name_or_path).startswith("."):
+        elif not is_hub_id(name_or_path):
             raise InputError(f"dataset folder {name_or_path} does not exist")
         else:
             loaded = datasets.load_dataset(str(name_or_path), config_name, cache_dir=cache_dir, data_dir=data_dir)
@@ -69,19 +81,16 @@ def load_image_dataset(name_or_path, split="train", required_columns=("image",),
 
 
 def image_files(folder):
-    """The image files of a folder, sorted by name; hidden files and files PIL cannot open are skipped (upstream
-    skips metadata files and .DS_Store the same way)."""
+    """The image files of a folder, sorted by name: files with an extension Pillow reads (.png, .jpg, …).
+
+    Hidden files and other files (metadata, .DS_Store) are skipped as upstream skips them; an image file that
+    does not decode is not skipped — `check_images_decode` reports it.
+    """
     from PIL import Image
 
-    found = []
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except OSError:
-            continue
-        found.append(path)
-    return found
+    extensions = set(Image.registered_extensions())
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
 
 
 def stored_provenance_file(name_or_path, config_name=None):
@@ -98,6 +107,43 @@ def stored_provenance_file(name_or_path, config_name=None):
         return Path(hf_hub_download(str(name_or_path), PROVENANCE_FILE, repo_type="dataset")).read_text()
     except Exception:  # noqa: BLE001 - no such file, no network, no rights: the dataset simply has no record
         return None
+def row_names(dataset, label):
+    """How an error names each row: `<label> row id <id>` (the row's index when there is no `id` column)."""
+    ids = dataset["id"] if "id" in dataset.column_names else range(len(dataset))
+    return [f"{label} row id {row_id}" for row_id in ids]
+
+
+def decoded_images(dataset, column="image", label="dataset"):
+    """Every image of `column` in row order as 8-bit RGB (`images.decode_rgb`), read in batches of 256 rows.
+
+    A missing, empty, truncated or unknown file raises `InputError("<file or row id>: cannot decode (<reason>)")`:
+    a file read from disk is named by its path, an image stored in the dataset by `<label> row id <id>`.
+    """
+    import datasets
+
+    records = dataset.select_columns([column])
+    if isinstance(records.features[column], datasets.Image):
+        records = records.cast_column(column, datasets.Image(decode=False))
+    names = row_names(dataset, label)
+    for start in range(0, len(records), 256):
+        for offset, record in enumerate(records[start : start + 256][column]):
+            on_disk = isinstance(record, dict) and record.get("bytes") is None and record.get("path")
+            yield decode_rgb(record, name=record["path"] if on_disk else names[start + offset])
+
+
+def check_images_decode(dataset, column="image", label="dataset"):
+    """Decode every image once (`decoded_images`) before any heavy work, so a bad file fails now rather than at
+    the batch that reads it hours later. Cost: one decode per image (README, Reliability)."""
+    for _ in decoded_images(dataset, column, label):
+        pass
+
+
+def check_text_column(dataset, column, label="dataset"):
+    """Every value of `column` (captions, domains) must be a non-empty string: a None caption would otherwise
+    be read as the word "None". Else `InputError` naming the column and the row id."""
+    for value, name in zip(dataset[column], row_names(dataset, label)):
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(f"{name}: column {column!r} is {'empty' if value is not None else 'None'}")
 
 
 def save_dataset(dataset, output_dir, push_to_hub=False, hub_dataset_id=None, private=True, hub_token=None):

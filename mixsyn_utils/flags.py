@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .cli import InputError
 from .images import INTERPOLATION_MODES, check_resolution
+from .outputs import check_output_dir
 
 RESOLUTION_HELP = ("Image size in pixels (a multiple of 8) fed to the VAE; default: the model's native size "
                    "(unet sample_size × 8, i.e. 512 for SD-1.4).")
@@ -28,14 +29,33 @@ PUBLIC_TOKEN_FLAGS = frozenset({"placeholder_token_template", "placeholder_token
 def is_secret_flag(name):
     """Whether a flag may hold a credential, so it never reaches a file, a tracker or a log."""
     return "token" in name and name not in PUBLIC_TOKEN_FLAGS
+def require_range(args, flag, low=None, high=None, include_low=True, include_high=True):
+    """`--flag` must lie in the interval from `low` to `high` (None: unbounded); NaN never does."""
+    value = getattr(args, flag)
+    if value is None:
+        return
+    above = low is None or (value >= low if include_low else value > low)
+    below = high is None or (value <= high if include_high else value < high)
+    if not (above and below):  # written so that NaN fails both comparisons
+        if high is None and low == 0 and not include_low:
+            bound = "positive"
+        elif high is None:
+            bound = f"{'>=' if include_low else '>'} {low}"
+        else:
+            bound = f"in {'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}"
+        raise InputError(f"--{flag} must be {bound}, got {value}")
 
 
 def require_positive(args, *flags):
     """Every named flag must be > 0."""
     for flag in flags:
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise InputError(f"--{flag} must be positive, got {value}")
+        require_range(args, flag, 0, include_low=False)
+
+
+def require_non_negative(args, *flags):
+    """Every named flag must be >= 0 (seeds, counts that may be zero, weights)."""
+    for flag in flags:
+        require_range(args, flag, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +118,9 @@ def add_dataset_output_args(parser):
 def add_model_output_args(parser):
     """Where a fine-tuned model goes, its trackers, its model card and the optional Hub upload."""
     parser.add_argument("--output_dir", type=str, default="mixsyn-model", help="Where weights and checkpoints go.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an existing non-empty --output_dir (its weights and checkpoints are removed "
+                             "when training starts) and an existing --save_mixed_dataset.")
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, relative to --output_dir.")
     parser.add_argument("--report_to", type=str, default="tensorboard",
                         help="'tensorboard', 'wandb', 'comet_ml' or 'all'.")
@@ -155,6 +178,7 @@ def check_prior_preservation_args(args):
     if args.with_prior_preservation and not args.class_prompt:
         raise InputError("--class_prompt is required with --with_prior_preservation")
     require_positive(args, "num_class_images", "class_num_inference_steps", "sample_batch_size")
+    require_non_negative(args, "prior_loss_weight")
 
 
 def noise_offset_of(args):
@@ -323,6 +347,30 @@ def add_training_args(parser):
     return parser
 
 
+def check_training_outputs(args):
+    """An occupied --output_dir or --save_mixed_dataset is replaced only with --overwrite, continued only with
+    --resume_from_checkpoint: a second run can never mix its weights with another run's checkpoints."""
+    if args.overwrite and args.resume_from_checkpoint:
+        raise InputError("pass --overwrite (start over) or --resume_from_checkpoint (continue), not both")
+    continuing = args.resume_from_checkpoint is not None
+    hint = "pass --overwrite to replace it or --resume_from_checkpoint latest to continue it"
+    check_output_dir(args.output_dir, args.overwrite or continuing, hint=hint)
+    if args.save_mixed_dataset:
+        check_output_dir(args.save_mixed_dataset, args.overwrite or continuing, flag="--save_mixed_dataset",
+                         hint="pass --overwrite to replace it")
+
+
+def check_optimization_args(args):
+    """Ranges of the optimisation and checkpoint flags (upstream accepts any number; a bad one fails hours in)."""
+    require_positive(args, "train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps",
+                     "learning_rate", "lr_num_cycles", "lr_power", "adam_epsilon", "snr_gamma", "checkpointing_steps",
+                     "checkpoints_total_limit", "num_validation_images", "validation_steps")
+    require_non_negative(args, "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "seed",
+                         "dataloader_num_workers", "mixup_seed")
+    for flag in ("adam_beta1", "adam_beta2"):
+        require_range(args, flag, 0, 1, include_high=False)
+
+
 def check_training_args(args):
     """Reject bad flag combinations of the training groups before any model is loaded."""
     if (args.dataset_name is None and args.train_data_dir is None) == (args.instance_data_dir is None):
@@ -338,14 +386,12 @@ def check_training_args(args):
             raise InputError(f"--instance_data_dir {args.instance_data_dir} is not a folder")
         if not args.instance_prompt:
             raise InputError("--instance_prompt is required with --instance_data_dir")
-    if not 0.0 <= args.mixup_ratio <= 1.0:
-        raise InputError(f"--mixup_ratio must be in [0, 1], got {args.mixup_ratio}")
+    require_range(args, "mixup_ratio", 0, 1)
     if args.mixup_ratio > 0 and args.perturbed_dataset_name is None:
         raise InputError(f"--mixup_ratio {args.mixup_ratio} needs --perturbed_dataset_name")
     check_resolution(args.resolution)
-    require_positive(args, "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                     "validation_steps", "validation_epochs", "checkpoints_total_limit", "max_train_samples",
-                     "tokenizer_max_length")
+    check_optimization_args(args)
+    require_positive(args, "validation_epochs", "max_train_samples", "tokenizer_max_length")
     check_hub_token_not_logged(args)
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
@@ -364,6 +410,7 @@ def check_training_args(args):
     from .training import resolve_resume_checkpoint
 
     resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)  # a missing checkpoint fails here
+    check_training_outputs(args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,6 +448,7 @@ def add_attack_args(parser):
 def check_attack_args(args):
     """Flag checks of `add_attack_args` that need no model or data."""
     require_positive(args, "batch_size")
+    require_non_negative(args, "seed")
     check_resolution(args.resolution)
     if args.null_prompt and args.textual_inversion:
         raise InputError("--null_prompt ignores captions, so --textual_inversion placeholders would never be used")

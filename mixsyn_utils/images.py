@@ -1,10 +1,69 @@
-"""Image preprocessing: one rule, shared by every script (attacks, perturbation, mixing, training, extraction)."""
+"""Image decoding and preprocessing: one rule each, shared by every script (attacks, perturbation, mixing,
+training, extraction, the blind baseline, the utility metrics)."""
+
+import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .cli import InputError
+from .cli import InputError, first_line
+
+# Transparent pixels are shown over white, as an image viewer shows them on a page; dropping alpha instead
+# would expose whatever colour the file stores under a transparent pixel (often black, sometimes noise).
+ALPHA_BACKGROUND = 255
+# Integer modes whose values span 16 bits: 16-bit PNG and TIFF decode to these (mode "I" in older Pillow).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def _open(source, name):
+    """A loaded PIL image from a PIL image (as is), encoded bytes, a path, or a `datasets` {"bytes", "path"} record."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, dict):
+        source = source["bytes"] if source.get("bytes") is not None else source.get("path")
+    if source is None:
+        raise InputError(f"{name}: cannot decode (no image stored)")
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image.load()
+    except FileNotFoundError:
+        raise InputError(f"{name}: cannot decode (file not found)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise InputError(f"{name}: cannot decode ({first_line(error)})") from None
+    # Upright as `datasets` decodes it, so a file and its dataset row give the same pixels.
+    return ImageOps.exif_transpose(image) if image.getexif().get(ExifTags.Base.Orientation) else image
+
+
+def decode_rgb(source, name="image"):
+    """Any image -> 8-bit RGB PIL image, by one rule per PIL mode (`name` labels errors: a file or row id).
+
+    `source`: a PIL image, encoded bytes, a path, or a `datasets` {"bytes", "path"} record. Modes:
+    - RGB as is; L, 1 (0 → 0, 1 → 255), P, CMYK, YCbCr, HSV, LAB: Pillow's conversion to RGB;
+    - 16-bit integer (I;16, I;16B, I;16L, I;16N, I): u8 = round(v / 257) with v clipped to [0, 65535]
+      (`convert("RGB")` would saturate every v > 255 instead);
+    - F (32-bit float, taken in [0, 1]): u8 = round(255 · clip(v, 0, 1));
+    - with alpha (LA, PA, RGBA, premultiplied La/RGBa, and P, L or RGB with a transparent colour): composited
+      over white, u8 = round(a · c + (1 − a) · 255) with a = alpha / 255.
+    A missing, empty, truncated or unknown file raises `InputError("<name>: cannot decode (<reason>)")`.
+    """
+    image = _open(source, name)
+    mode = image.mode
+    try:
+        if mode == "RGB" and "transparency" not in image.info:
+            return image
+        if mode in SIXTEEN_BIT_MODES or mode == "F":
+            values = np.asarray(image, dtype=np.float64)
+            gray = np.clip(values, 0, 65535) / 257.0 if mode != "F" else np.clip(values, 0.0, 1.0) * 255.0
+            return Image.fromarray(np.repeat(np.round(gray).astype(np.uint8)[:, :, None], 3, axis=2))
+        if mode in ALPHA_MODES or "transparency" in image.info:
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+            alpha = rgba[:, :, 3:] / 255.0
+            return Image.fromarray(np.round(alpha * rgba[:, :, :3] + (1.0 - alpha) * ALPHA_BACKGROUND).astype(np.uint8))
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise InputError(f"{name}: cannot decode (mode {mode}: {first_line(error)})") from None
 
 
 def check_resolution(resolution, flag="--resolution", multiple=8):
@@ -25,10 +84,9 @@ def resize_and_crop(image, resolution, center_crop=True, rng=None, interpolation
     """RGB, shorter side resized to `resolution` (`interpolation`, an `INTERPOLATION_MODES` name), then a square crop.
 
     The crop is centred, or with `center_crop=False` at an offset drawn from `rng` (a numpy Generator: left,
-    then top), or at the top-left corner without `rng`. Grayscale, palette and RGBA images are converted to
-    RGB (alpha dropped), never rejected.
+    then top), or at the top-left corner without `rng`. Any mode is first brought to RGB by `decode_rgb`.
     """
-    image = image.convert("RGB")
+    image = decode_rgb(image)
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))

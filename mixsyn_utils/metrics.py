@@ -159,18 +159,25 @@ def paired_bootstrap_deltas(member_scores, nonmember_scores, reference_member_sc
                   "delta_ci": _percentile_interval(samples[key], confidence)} for key in samples}
 
 
+# Cross-validation folds of the blind baseline: it needs at least this many members and non-members.
+BLIND_BASELINE_FOLDS = 5
+
+
 def blind_features(images, captions, pixel_size=8):
     """Model-free features: pixels downsampled to pixel_size² (box filter, RGB, [0, 1]) ⊕ caption bag-of-words."""
     from PIL import Image
     from sklearn.feature_extraction.text import CountVectorizer
 
-    pixels = np.stack([np.asarray(image.convert("RGB").resize((pixel_size, pixel_size), Image.BOX), dtype=np.float64)
+    from .images import decode_rgb
+
+    pixels = np.stack([np.asarray(decode_rgb(image).resize((pixel_size, pixel_size), Image.BOX), dtype=np.float64)
                        .reshape(-1) / 255.0 for image in images])
     words = CountVectorizer(token_pattern=r"[^\s]+", lowercase=True).fit_transform(list(captions)).toarray()
     return np.concatenate([pixels, words.astype(np.float64)], axis=1)
 
 
-def blind_baseline_auc(features, is_member, num_folds=5, seed=0, num_resamples=1000, confidence=0.95):
+def blind_baseline_auc(features, is_member, num_folds=BLIND_BASELINE_FOLDS, seed=0, num_resamples=1000,
+                       confidence=0.95):
     """AUC of a classifier that never sees the model: is this image/caption a member, from its content alone?
 
     p̂_i = P(member | features_i) from a standardized L2 logistic regression trained on the 4 folds that

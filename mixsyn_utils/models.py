@@ -1,9 +1,11 @@
 """Stable Diffusion components: loading (pretrained or a fine-tuned variant), and encoding prompts and images.
 
 The calls are those of the diffusers examples, so a Hub id (CompVis/stable-diffusion-v1-4) and the embedded
-victim's pipeline folder load the same way. z₀ = s · E(x) is computed here and nowhere else.
+victim's pipeline folder load the same way. Every weights file is read as safetensors (`use_safetensors=True`):
+a pickled `.bin`/`.pt` is refused, never unpickled. z₀ = s · E(x) is computed here and nowhere else.
 """
 
+import logging
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +14,28 @@ import torch
 
 from .cli import InputError, first_line
 from .placeholders import load_token_map
+
+
+def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model_name_or_path"):
+    """Fail in milliseconds, before any data is read, when the pretrained model cannot load.
+
+    A local path must be a diffusers pipeline folder (with model_index.json); a Hub id must be in the local
+    cache when HF_HUB_OFFLINE is set.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    from .dataset_io import is_hub_id
+
+    path = Path(name_or_path)
+    if path.exists() or not is_hub_id(name_or_path):
+        if not (path / "model_index.json").is_file():
+            reason = "is not a diffusers pipeline folder (no model_index.json)" if path.exists() else "does not exist"
+            raise InputError(f"{flag} {name_or_path} {reason}")
+    elif constants.HF_HUB_OFFLINE:
+        try:
+            snapshot_download(str(name_or_path), revision=revision, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any lookup failure means it cannot load offline
+            raise InputError(f"{flag} {name_or_path} is not in the local Hub cache and HF_HUB_OFFLINE is set") from None
 
 
 def load_components(pretrained_model_name_or_path, revision=None, variant=None, tokenizer_name=None):
@@ -30,9 +54,12 @@ def load_components(pretrained_model_name_or_path, revision=None, variant=None, 
             tokenizer = CLIPTokenizer.from_pretrained(tokenizer_name, revision=revision)
         else:
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision, variant=variant)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision,
+                                                     variant=variant, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant,
+                                            use_safetensors=True)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant,
+                                                    use_safetensors=True)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)} (a Stable "
@@ -71,6 +98,23 @@ def attention_mask_until_eos(input_ids, eos_token_id):
     """1 for every token up to and including the first end-of-text token, 0 for the padding after it (B, L)."""
     is_eos = (input_ids == eos_token_id).long()
     return ((torch.cumsum(is_eos, dim=1) - is_eos) == 0).long()
+
+
+def warn_truncated_captions(tokenizer, captions, what="captions"):
+    """Warn once, with the count, when captions exceed the tokenizer's limit (`tokenize_prompts` cuts them there).
+
+    Returns the number of distinct captions cut. Length counts the begin and end tokens, as the text encoder sees.
+    """
+    distinct = sorted(set(captions))
+    if not distinct:
+        return 0
+    lengths = [len(ids) for ids in tokenizer(distinct, truncation=False, verbose=False).input_ids]
+    cut = [caption for caption, length in zip(distinct, lengths) if length > tokenizer.model_max_length]
+    if cut:
+        logging.getLogger(__name__).warning(
+            f"{len(cut)} of {len(distinct)} distinct {what} exceed the tokenizer's {tokenizer.model_max_length} "
+            f"tokens and are cut there, e.g. {cut[0][:60]!r}...")
+    return len(cut)
 
 
 def encode_prompts(text_encoder, input_ids):
@@ -120,7 +164,7 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
-            safety_checker=None, requires_safety_checker=False,
+            safety_checker=None, requires_safety_checker=False, use_safetensors=True,
         )
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
@@ -130,16 +174,20 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         if not folder.is_dir():
             raise InputError(f"--unet_path {unet_path} is not a folder")
         subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
-        pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, dtype=dtype)
+        try:
+            pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, dtype=dtype,
+                                                                 use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot load --unet_path {unet_path}: {first_line(error)}") from error
     if lora_weights is not None:
         if not Path(lora_weights).exists():
             raise InputError(f"--lora_weights {lora_weights} does not exist")
         check_lora_matches(pipeline, lora_weights)
         try:
-            state_dict, network_alphas, metadata = type(pipeline).lora_state_dict(str(lora_weights),
-                                                                                  return_lora_metadata=True)
+            state_dict, network_alphas, metadata = type(pipeline).lora_state_dict(
+                str(lora_weights), return_lora_metadata=True, use_safetensors=True)
             if any(key.startswith("text_encoder.") for key in state_dict):
-                pipeline.load_lora_weights(str(lora_weights))
+                pipeline.load_lora_weights(str(lora_weights), use_safetensors=True)
             else:  # load_lora_weights would log, on every load, that the text encoder has no LoRA keys
                 pipeline.load_lora_into_unet(state_dict, network_alphas, pipeline.unet, metadata=metadata)
         except (RuntimeError, ValueError) as error:
@@ -148,7 +196,8 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         pipeline.unload_lora_weights()
     if textual_inversion is not None:
         for domain, entry in load_token_map(textual_inversion).items():
-            pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"])
+            pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"],
+                                            use_safetensors=True)
     return pipeline
 
 
@@ -160,10 +209,13 @@ def weights_digest(path):
 
     digest = sha256 of the JSON list [[name, sha256(file bytes)], …] over the weight files (`WEIGHT_SUFFIXES`)
     sorted by their path relative to `path` (a single file: its name); checkpoint-N/, hidden and log folders
-    are not published weights and are left out.
+    are not published weights and are left out. Unlike `resumable.input_fingerprint` (every file, for resume),
+    a changed README or config leaves it unchanged: it names the weights a model card's numbers were measured on.
     """
     import hashlib
     import json
+
+    from .resumable import file_digest
 
     root = Path(path)
     if root.is_file():
@@ -173,14 +225,18 @@ def weights_digest(path):
                        if file.is_file() and file.suffix in WEIGHT_SUFFIXES
                        and not any(part.startswith((".", "checkpoint-")) or part == "logs"
                                    for part in file.relative_to(root).parts[:-1]))
-    entries = []
-    for name, file in files:
-        file_digest = hashlib.sha256()
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                file_digest.update(block)
-        entries.append([name, file_digest.hexdigest()])
+    entries = [[name, file_digest(file)] for name, file in files]
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def model_fingerprints(args):
+    """Content fingerprints (`resumable.input_fingerprint`) of the model `load_model_variant` builds from the flags:
+    the pretrained pipeline and each fine-tuned part, for the run signature of a resumable job."""
+    from .resumable import input_fingerprint
+
+    parts = ("unet_path", "lora_weights", "textual_inversion")
+    return {"pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
+            **{flag: input_fingerprint(getattr(args, flag)) for flag in parts}}
 
 
 _LORA_KEY = re.compile(
@@ -196,7 +252,10 @@ def check_lora_matches(pipeline, lora_weights):
     attack the un-adapted model. Checked: a known prefix (`unet.` / `text_encoder.`), the target module
     exists, and the down (A) matrix's input width / the up (B) matrix's output width equal the layer's.
     """
-    state_dict, _ = type(pipeline).lora_state_dict(str(lora_weights))
+    try:
+        state_dict, _ = type(pipeline).lora_state_dict(str(lora_weights), use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load --lora_weights {lora_weights} as safetensors: {first_line(error)}") from error
     models = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
     matched = 0
     for key, tensor in state_dict.items():

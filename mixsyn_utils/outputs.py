@@ -8,15 +8,15 @@ from pathlib import Path
 from .cli import InputError
 
 
-def check_output_dir(output_dir, overwrite=False, flag="--output_dir"):
-    """Refuse an output folder that exists and is not empty, unless `overwrite`. Call before heavy work."""
+def check_output_dir(output_dir, overwrite=False, flag="--output_dir", hint="pass --overwrite to replace it"):
+    """Refuse an output folder that is a file, or exists and is not empty unless `overwrite`. Call before heavy work."""
     if output_dir is None:
         raise InputError(f"{flag} is required")
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise InputError(f"{flag} {output_dir} exists and is a file")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise InputError(f"{flag} {output_dir} exists and is not empty (pass --overwrite to replace it)")
+        raise InputError(f"{flag} {output_dir} exists and is not empty ({hint})")
 
 
 def temp_sibling(final_dir, tag="tmp"):

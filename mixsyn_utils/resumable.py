@@ -8,12 +8,15 @@ gathers all units on the main process. A killed run finds its finished units and
 
 The run signature (`run_signature`) is the one rule for what a resumed run must share with the killed one:
 every flag except `OUTPUT_FLAGS` (where results go and how progress is logged), plus the fingerprints of its
-inputs. The same rule guards the training scripts' checkpoints.
+inputs (`input_fingerprint`: the content of every dataset, model, weights and domains file it reads), so an
+input replaced at the same path is caught too. The same rule guards the training scripts' checkpoints.
 """
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -29,6 +32,54 @@ OUTPUT_FLAGS = frozenset({
     "save_as_full_pipeline", "no_safe_serialization", "skip_save_text_encoder", "local_rank", "cache_dir",
 })
 SIGNATURE_FILE = "run_signature.json"
+# What a folder's fingerprint leaves out: what a run writes beside its weights that never changes a result
+# (resumable checkpoints, tracker logs, the model card) and hidden entries (partial writes, caches).
+UNFINGERPRINTED = re.compile(r"^(\..*|checkpoint-\d+|logs|README\.md)$")
+HASH_CHUNK_BYTES = 1 << 24
+_file_digests = {}  # (path, size, mtime, inode) -> sha256: each file is read once per process
+
+
+def file_digest(path):
+    """sha256 of a file's bytes, read once per process (cached by path, size, modification time and inode)."""
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _file_digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as file:
+            for chunk in iter(lambda: file.read(HASH_CHUNK_BYTES), b""):
+                digest.update(chunk)
+        _file_digests[key] = digest.hexdigest()
+    return _file_digests[key]
+
+
+def input_fingerprint(name_or_path, revision=None, repo_type="model"):
+    """What a resumed run compares to know an input is the same: a content hash, not a path.
+
+    A local file: its sha256. A local folder: sha256 over (relative path, sha256) of every file below it but
+    `UNFINGERPRINTED` entries. A Hub id: `id@commit` of the cached snapshot (`id@revision` when none is
+    cached). None for no input.
+    """
+    if name_or_path is None:
+        return None
+    path = Path(name_or_path)
+    if path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for root, folders, files in os.walk(path):
+            folders[:] = sorted(name for name in folders if not UNFINGERPRINTED.match(name))
+            for name in sorted(files):
+                if not UNFINGERPRINTED.match(name):
+                    file_path = Path(root, name)
+                    digest.update(f"{file_path.relative_to(path).as_posix()}:{file_digest(file_path)}\n".encode())
+        return digest.hexdigest()
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(str(name_or_path), revision=revision, repo_type=repo_type, local_files_only=True)
+        return f"{name_or_path}@{Path(snapshot).name}"
+    except Exception:  # noqa: BLE001 - not cached (or not a Hub id): the id and revision are all there is
+        return f"{name_or_path}@{revision or 'main'}"
 
 
 def run_signature(args, inputs=None):

@@ -6,7 +6,10 @@ The flags keep the names and defaults of diffusers' `train_dreambooth.py`, `trai
 - resume skips the batches already seen in the current epoch (the data order is a function of
   (seed, epoch) only, and crops/flips of image i in epoch e use a generator seeded by (seed, e, i));
 - `--resume_from_checkpoint` takes a path anywhere (or a checkpoint name inside --output_dir), a path that does
-  not exist is an error, and a checkpoint made with other flags is refused (`training_signature`);
+  not exist is an error, a checkpoint made with other flags or inputs is refused (`training_signature`), and so
+  is one whose RNG states do not load;
+- an occupied `--output_dir` is refused unless `--overwrite` (emptied when training starts) or
+  `--resume_from_checkpoint`; a run that fails before its first checkpoint leaves no folder behind;
 - `--mixed_precision` defaults to None, so the accelerate config decides;
 - validation runs on the main process under the accelerator's autocast, by steps and/or epochs, and once after
   training; its last images go into the model card;
@@ -29,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import InputError
+from .cli import InputError, first_line
 from .diffusion import alphas_cumprod, q_sample
 from .dreambooth import dreambooth_loss, offset_noise, prediction_target
-from .flags import is_secret_flag, noise_offset_of
+from .flags import class_data_dir_of, is_secret_flag, noise_offset_of
 from .models import attention_mask_until_eos, encode_images_to_latents, load_components, weight_dtype_of
-from .resumable import run_signature, signature_differences
+from .resumable import input_fingerprint, run_signature, signature_differences
 
 TRAINING_STATE_FILE = "training_state.json"
 # Schedules whose learning rate at update n does not depend on the total number of updates: with these a resumed
@@ -60,9 +63,21 @@ def make_accelerator(args):
         set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return accelerator
+
+
+def start_output_dir(accelerator, args):
+    """Create --output_dir once every input is checked; with --overwrite, first remove what it held.
+
+    So the old run's checkpoints never survive into the new one (`--resume_from_checkpoint latest` would pick
+    them up), and a run refused for bad input leaves no folder behind.
+    """
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        if args.overwrite and output_dir.is_dir():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
 
 
 def scaled_learning_rate(args, num_processes):
@@ -165,6 +180,16 @@ def resolve_resume_checkpoint(resume_from_checkpoint, output_dir):
     return str(path)
 
 
+def training_inputs(args, training_set):
+    """Fingerprints of everything a training run reads (`resumable.input_fingerprint`): its training images,
+    the pretrained model and, with prior preservation, the class images."""
+    inputs = dict(training_set.fingerprints,
+                  pretrained_model=input_fingerprint(args.pretrained_model_name_or_path, args.revision))
+    if getattr(args, "with_prior_preservation", False):  # textual inversion has no prior-preservation flags
+        inputs["class_images"] = input_fingerprint(class_data_dir_of(args))
+    return inputs
+
+
 def training_signature(args, inputs=None):
     """The run signature a checkpoint records and a resumed run must match (`resumable.run_signature`).
 
@@ -249,10 +274,25 @@ def resume_training_state(accelerator, resume_path, signature):
     recorded = json.loads(state_file.read_text()).get("signature") if state_file.is_file() else None
     if recorded is not None and recorded != signature:
         raise InputError(f"--resume_from_checkpoint {resume_path} was made with other "
-                         f"{', '.join(signature_differences(recorded, signature))}; resume with the same flags")
+                         f"{', '.join(signature_differences(recorded, signature))}; resume with the same flags "
+                         "and inputs")
+    check_random_states(resume_path, accelerator.process_index)
     accelerator.print(f"Resuming from checkpoint {resume_path}")
     accelerator.load_state(str(resume_path))
     return checkpoint_step(resume_path)
+
+
+def check_random_states(resume_path, process_index):
+    """This process's RNG states must load: `load_state` only logs an unreadable file at INFO level and goes on
+    with fresh RNG streams, and the resumed weights then differ from an uninterrupted run's."""
+    from accelerate.utils import load as accelerate_load
+
+    states_file = Path(resume_path) / f"random_states_{process_index}.pkl"
+    try:
+        accelerate_load(states_file)  # accelerate's own weights-only loader, as `load_state` calls it
+    except Exception as error:  # noqa: BLE001 - missing, truncated or foreign: all end the same way
+        raise InputError(f"--resume_from_checkpoint {resume_path}: {states_file.name} cannot be read "
+                         f"({first_line(error)})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,51 +352,68 @@ def train_loop(accelerator, args, plan, *, models, dataloader, batch_sampler, op
         logger.info(f"  Resuming at step {global_step} (epoch {first_epoch}, skipping {skip_batches} batches)")
     progress = tqdm(range(plan.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    for epoch in range(first_epoch, plan.num_train_epochs):
-        for model in models:
-            model.train()
-        batch_sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
-        dataloader.dataset.set_epoch(epoch)
-        num_batches = batch_sampler.batches_per_epoch()
-        start = batch_sampler.skip_batches
-        for batch_index, batch in enumerate(dataloader, start=start):
-            sync = (batch_index + 1) % accumulation == 0 or batch_index + 1 == num_batches
-            with contextlib.ExitStack() as stack:
+    with removed_if_nothing_finished(accelerator, args.output_dir, args.logging_dir):
+        for epoch in range(first_epoch, plan.num_train_epochs):
+            for model in models:
+                model.train()
+            batch_sampler.set_epoch(epoch, skip_batches if epoch == first_epoch else 0)
+            dataloader.dataset.set_epoch(epoch)
+            num_batches = batch_sampler.batches_per_epoch()
+            start = batch_sampler.skip_batches
+            for batch_index, batch in enumerate(dataloader, start=start):
+                sync = (batch_index + 1) % accumulation == 0 or batch_index + 1 == num_batches
+                with contextlib.ExitStack() as stack:
+                    if not sync:
+                        for model in models:
+                            stack.enter_context(accelerator.no_sync(model))
+                    batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    loss, logs = loss_fn(batch)
+                    accelerator.backward(loss / accumulation)
                 if not sync:
-                    for model in models:
-                        stack.enter_context(accelerator.no_sync(model))
-                batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss, logs = loss_fn(batch)
-                accelerator.backward(loss / accumulation)
-            if not sync:
-                continue
-            if args.max_grad_norm and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            if after_update is not None:
-                after_update(global_step)
-            progress.update(1)
-            logs = {"loss": loss.detach().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, global_step, signature, args.checkpoints_total_limit)
-            if validation_due(args, global_step):
+                    continue
+                if args.max_grad_norm and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params_to_clip, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                if after_update is not None:
+                    after_update(global_step)
+                progress.update(1)
+                logs = {"loss": loss.detach().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args.output_dir, global_step, signature, args.checkpoints_total_limit)
+                if validation_due(args, global_step):
+                    run_validation()
+                if global_step >= plan.max_train_steps:
+                    break
+            if validation_due(args, global_step, epoch_end=epoch) and validated["step"] != global_step:
                 run_validation()
             if global_step >= plan.max_train_steps:
                 break
-        if validation_due(args, global_step, epoch_end=epoch) and validated["step"] != global_step:
-            run_validation()
-        if global_step >= plan.max_train_steps:
-            break
     progress.close()
     if validation_due(args, global_step, final=True) and validated["step"] != global_step:
         run_validation()
     accelerator.wait_for_everyone()
     return TrainingResult(global_step, validated["images"])
+
+
+@contextlib.contextmanager
+def removed_if_nothing_finished(accelerator, output_dir, logging_dir):
+    """On failure, remove `output_dir` when no checkpoint was finished and it holds only what a run writes
+    before its first checkpoint (tracker logs, a half-written checkpoint): a corrected rerun is not refused
+    as an occupied folder. A folder holding anything else is left alone."""
+    try:
+        yield
+    except BaseException:
+        output_dir = Path(output_dir)
+        transient = re.compile(rf"^({re.escape(Path(logging_dir).parts[0])}|\.checkpoint-\d+\.incomplete)$")
+        if accelerator.is_main_process and output_dir.is_dir() and not list_checkpoints(output_dir) \
+                and all(transient.match(entry.name) for entry in output_dir.iterdir()):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
 
 
 def log_validation(accelerator, args, pipeline, global_step, resolution):
@@ -392,7 +449,7 @@ def validation_pipeline(args, accelerator, **components):
 
     pipeline = diffusers.StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, safety_checker=None,
-        requires_safety_checker=False, dtype=weight_dtype_of(accelerator.mixed_precision),
+        requires_safety_checker=False, dtype=weight_dtype_of(accelerator.mixed_precision), use_safetensors=True,
         **{name: accelerator.unwrap_model(part) if isinstance(part, torch.nn.Module) else part
            for name, part in components.items()})
     pipeline.scheduler = getattr(diffusers, args.validation_scheduler).from_config(pipeline.scheduler.config)

@@ -15,19 +15,29 @@ import torch
 
 from .class_images import ensure_class_images
 from .cli import InputError
-from .dataset_io import image_files, load_image_dataset, read_provenance, save_dataset
+from .dataset_io import (
+    check_images_decode,
+    check_text_column,
+    image_files,
+    load_image_dataset,
+    read_provenance,
+    save_dataset,
+)
 from .flags import class_data_dir_of
 from .images import pil_to_tensor, resize_and_crop
 from .mixing import mix_datasets
 from .models import tokenize_prompts
+from .resumable import input_fingerprint
 from .seeds import CLASS_IMAGE_KEY_OFFSET, SALT_CAPTION, derive_seed
 
 
 def load_instance_folder(instance_data_dir, instance_prompt, instance_domain="", flag="--instance_data_dir"):
     """Upstream's `--instance_data_dir`: every image file of the folder, captioned with `instance_prompt`.
 
-    The images stay files (the dataset holds their paths and decodes on access), so a large folder
-    costs no memory; `domain` is `instance_domain` for every row.
+    Image files are those with an extension Pillow reads (.png, .jpg, ...); other files (metadata, .DS_Store)
+    are skipped as upstream skips them, but an image file that does not decode is an error, not a skip
+    (`dataset_io.check_images_decode`). The images stay files (the dataset holds their paths and decodes on
+    access), so a large folder costs no memory; `domain` is `instance_domain` for every row.
     """
     import datasets
 
@@ -44,11 +54,14 @@ def load_instance_folder(instance_data_dir, instance_prompt, instance_domain="",
 @dataclass
 class TrainingSet:
     """The (mixed) training images: `rows` with an `image` column, the name of their caption column (None when
-    the images have no captions), the mix."""
+    the images have no captions), the mix, and the content fingerprints of the datasets or folder they came from
+    (for the run signature)."""
 
     rows: object
     caption_column: str
     mix_info: dict
+    fingerprints: dict
+    fingerprints: dict
 
 
 def caption_column_of(args, column_names):
@@ -59,13 +72,16 @@ def caption_column_of(args, column_names):
 
 
 def load_clean_images(args, captions_required=True):
-    """The clean training images of --dataset_name / --train_data_dir / --instance_data_dir and their caption column.
+    """(rows, caption column, input fingerprints) of --dataset_name / --train_data_dir / --instance_data_dir.
 
     --train_data_dir alone is an imagefolder (captions from its metadata file); with --dataset_name it is the
-    Hub dataset's data_dir. --max_train_samples keeps a subset seeded by --seed.
+    Hub dataset's data_dir. --max_train_samples keeps a subset seeded by --seed. Every image is decoded once and
+    every caption checked here, before any model loads: a bad file fails in seconds, not at the step reading it.
     """
     if args.instance_data_dir is not None:
-        return load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or ""), "prompt"
+        clean = load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or "")
+        check_images_decode(clean, "image", f"--instance_data_dir {args.instance_data_dir}")
+        return clean, "prompt", {"instance_data_dir": input_fingerprint(args.instance_data_dir)}
     if args.dataset_name is not None:
         clean = load_image_dataset(args.dataset_name, required_columns=(args.image_column,), cache_dir=args.cache_dir,
                                    config_name=args.dataset_config_name, data_dir=args.train_data_dir)
@@ -82,7 +98,13 @@ def load_clean_images(args, captions_required=True):
         caption_column = None
     if args.max_train_samples is not None and args.max_train_samples < len(clean):
         clean = clean.shuffle(seed=args.seed or 0).select(range(args.max_train_samples))
-    return clean, caption_column
+    label = f"--dataset_name {args.dataset_name}" if args.dataset_name else f"--train_data_dir {args.train_data_dir}"
+    if caption_column is not None:
+        check_text_column(clean, caption_column, label)
+    check_images_decode(clean, "image", label)
+    fingerprints = {flag: input_fingerprint(getattr(args, flag), repo_type="dataset")
+                    for flag in ("dataset_name", "train_data_dir") if getattr(args, flag) is not None}
+    return clean, caption_column, fingerprints
 
 
 def load_training_images(args, is_main_process=True, captions_required=True):
@@ -92,12 +114,14 @@ def load_training_images(args, is_main_process=True, captions_required=True):
     `mix_datasets(clean, perturbed, ...)`. mix_info holds mode, ratio, seed, pattern and the perturbed set's PGD
     flags from its provenance (for the model card). --save_mixed_dataset saves the rows trained on.
     """
-    clean, caption_column = load_clean_images(args, captions_required)
+    clean, caption_column, fingerprints = load_clean_images(args, captions_required)
     mix_info = {"mode": args.mixup_mode, "ratio": args.mixup_ratio, "seed": args.mixup_seed,
                 "pattern": args.mixup_pattern, "perturbed_dataset": args.perturbed_dataset_name, "pgd": {}}
     training_rows = clean
     if args.perturbed_dataset_name is not None:
         perturbed = load_image_dataset(args.perturbed_dataset_name, required_columns=("image",))
+        check_images_decode(perturbed, "image", f"--perturbed_dataset_name {args.perturbed_dataset_name}")
+        fingerprints["perturbed_dataset_name"] = input_fingerprint(args.perturbed_dataset_name, repo_type="dataset")
         flags = read_provenance(perturbed).get("flags", {})
         mix_info["pgd"] = {key: value for key, value in flags.items() if key.startswith("pgd_")}
         if len(clean) < len(perturbed) and args.max_train_samples is not None and "id" in clean.column_names:
@@ -107,7 +131,7 @@ def load_training_images(args, is_main_process=True, captions_required=True):
                                      pattern=args.mixup_pattern, resolution=args.resolution)
     if args.save_mixed_dataset and is_main_process:
         save_dataset(training_rows, args.save_mixed_dataset)
-    return TrainingSet(training_rows, caption_column, mix_info)
+    return TrainingSet(training_rows, caption_column, mix_info, fingerprints)
 
 
 def caption_of_row(row, caption_column, rng):

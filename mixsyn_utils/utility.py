@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .cli import InputError, first_line
+from .images import decode_rgb
 
 BRISQUE_MIN_SIDE = 96
 CLASSIFIER_CONFIG = "config.json"
@@ -28,7 +29,7 @@ CLASSIFIER_WEIGHTS = "model.safetensors"
 
 def upsample_to_min_side(image, min_side):
     """The module's upsampling rule: bicubic by s = ⌈min_side / shorter side⌉ when the shorter side < min_side."""
-    image = image.convert("RGB")
+    image = decode_rgb(image)
     shorter = min(image.size)
     if shorter >= min_side:
         return image
@@ -36,26 +37,53 @@ def upsample_to_min_side(image, min_side):
     return image.resize((image.width * factor, image.height * factor), Image.BICUBIC)
 
 
-def brisque_scores(images):
-    """BRISQUE (Mittal et al. 2012) per image via `piq.brisque` on float64 [0, 1] RGB; lower = better quality.
+def brisque_features(pixels):
+    """BRISQUE's 36 features of RGB images (N, 3, H, W) in [0, 1], scaled to [−1, 1], with piq's functions.
 
-    Needs the offline weights (`python -m mixsyn_utils.brisque --install`). Images without spatial variance
-    (e.g. all black) have no defined BRISQUE; they get NaN and are counted by the caller.
+    Luma Y = round(YIQ_Y(255 · x)) (MATLAB's rgb2gray rounding), natural-scene statistics at full and half
+    size (18 each: GGD shape and variance, then AGGD shape, mean, left and right variances of 4 neighbour
+    products), scaled by the ranges of the MATLAB release (piq's `_scale_features`).
     """
-    import piq
+    import importlib
 
-    from .brisque import checkpoint_dir, is_installed
+    from piq.functional import imresize, rgb2yiq
 
-    if not is_installed():
-        raise InputError(f"BRISQUE weights missing in {checkpoint_dir()}: "
-                         "run `python -m mixsyn_utils.brisque --install`")
+    piq_brisque = importlib.import_module("piq.brisque")  # the module; `piq.brisque` the attribute is a function
+    luma = torch.round(rgb2yiq(pixels * 255)[:, :1])
+    features = []
+    for _ in range(2):
+        features.append(piq_brisque._natural_scene_statistics(luma))
+        luma = imresize(luma, sizes=(luma.size(2) // 2, luma.size(3) // 2))
+    return piq_brisque._scale_features(torch.cat(features, dim=-1))
+
+
+def brisque_svr_score(scaled_features, svr):
+    """The LIVE ε-SVR: score(f) = Σ_i α_i exp(−γ ‖f − SV_i‖²) − ρ, float64; f (N, 36) -> (N,).
+
+    `svr` = `brisque.load_svr()` (α, SV, γ = 0.05, ρ = −153.591 from the checked libsvm text).
+    """
+    features = np.asarray(scaled_features, dtype=np.float64)
+    squared_distances = ((features[:, None, :] - svr["support_vectors"][None]) ** 2).sum(-1)
+    return np.exp(-svr["gamma"] * squared_distances) @ svr["coefficients"] - svr["rho"]
+
+
+def brisque_scores(images):
+    """BRISQUE (Mittal et al. 2012) per image, float64 RGB in [0, 1]; lower = better quality.
+
+    `brisque_features` then `brisque_svr_score` with the offline model (`python -m mixsyn_utils.brisque
+    --install`); `piq.brisque` itself is never called (it unpickles its weights). Images without spatial
+    variance (e.g. all black) have no defined BRISQUE; they get NaN and are counted by the caller.
+    """
+    from .brisque import load_svr
+
+    svr = load_svr()
     scores = []
     for image in images:
         array = np.asarray(upsample_to_min_side(image, BRISQUE_MIN_SIDE), dtype=np.float64) / 255.0
         pixels = torch.from_numpy(array).permute(2, 0, 1)[None]
         try:
-            scores.append(float(piq.brisque(pixels, data_range=1.0, reduction="none")[0]))
-        except AssertionError:  # piq asserts non-zero variance of the normalized luminance
+            scores.append(float(brisque_svr_score(brisque_features(pixels).numpy(), svr)[0]))
+        except AssertionError:  # piq's statistics assert non-zero variance of the normalized luminance
             scores.append(float("nan"))
     return np.array(scores)
 
@@ -79,7 +107,7 @@ class DomainClassifier(torch.nn.Module):
 
 
 def _classifier_pixels(images, resolution):
-    arrays = [np.asarray(image.convert("RGB").resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
+    arrays = [np.asarray(decode_rgb(image).resize((resolution, resolution), Image.BICUBIC), dtype=np.float32)
               for image in images]
     return torch.from_numpy(np.stack(arrays) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
 
@@ -155,6 +183,26 @@ def classifier_r_precision_hits(model_dir, images, domains):
     return np.array([config["domain_names"][p] == domain for p, domain in zip(predicted, domains)])
 
 
+def clip_weights_file(clip_model, clip_pretrained):
+    """The safetensors file open_clip loads: `clip_pretrained` itself, or what open_clip fetches for a tag.
+
+    open_clip unpickles any other checkpoint (`torch.load`), so anything but safetensors is refused.
+    """
+    import open_clip
+
+    path = clip_pretrained
+    if not Path(clip_pretrained).exists():
+        config = open_clip.get_pretrained_cfg(clip_model, clip_pretrained)
+        if not config:
+            raise InputError(f"--clip_pretrained {clip_pretrained} is neither a file nor an open_clip tag of "
+                             f"{clip_model}")
+        path = open_clip.download_pretrained(config)  # prefers the Hub's safetensors copy
+    if not str(path).endswith(".safetensors"):
+        raise InputError(f"--clip_pretrained {clip_pretrained} resolves to {path}, not a .safetensors file "
+                         "(pickled checkpoints are never loaded)")
+    return str(path)
+
+
 def clip_r_precision_hits(images, prompts, domains, domain_names, clip_model, clip_pretrained, device="cpu"):
     """CLIP-R-precision (Park et al. 2021) with R = 1, candidates = the image's prompt for every domain.
 
@@ -165,8 +213,8 @@ def clip_r_precision_hits(images, prompts, domains, domain_names, clip_model, cl
     import open_clip
 
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(clip_model, pretrained=clip_pretrained,
-                                                                     device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            clip_model, pretrained=clip_weights_file(clip_model, clip_pretrained), device=device)
     except (RuntimeError, OSError, ValueError) as error:
         raise InputError(f"--clip_model {clip_model} / --clip_pretrained {clip_pretrained}: "
                          f"{first_line(error)}") from error
@@ -176,7 +224,7 @@ def clip_r_precision_hits(images, prompts, domains, domain_names, clip_model, cl
     with torch.no_grad():
         for image, prompt, domain in zip(images, prompts, domains):
             candidates = [prompt.replace(domain, other) for other in domain_names]
-            image_features = model.encode_image(preprocess(image.convert("RGB"))[None].to(device))
+            image_features = model.encode_image(preprocess(decode_rgb(image))[None].to(device))
             text_features = model.encode_text(tokenizer(candidates).to(device))
             similarity = torch.nn.functional.normalize(image_features, dim=-1) @ \
                 torch.nn.functional.normalize(text_features, dim=-1).T

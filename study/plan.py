@@ -152,7 +152,7 @@ def plan_stages(config, output_dir):
         flags = dict(stage_flags.get("train", {}), **stage_flags.get(f"train_{spec['method']}", {}), **pretrained,
                      dataset_name=str(out / "synthetic"), mixup_mode=spec["mixup_mode"],
                      mixup_ratio=spec["mixup_ratio"], mixup_seed=experiment.get("seed", 0),
-                     output_dir=str(out / "models" / name))
+                     output_dir=str(out / "models" / name), overwrite=True)
         if spec["mixup_ratio"] > 0:
             flags["perturbed_dataset_name"] = str(out / "perturbed")
         if flags.get("with_prior_preservation"):

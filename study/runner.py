@@ -6,7 +6,9 @@ A finished stage writes `<log_dir>/<stage>.done.json` with its key; a killed run
 outputs still exist) and skips them, and the interrupted stage resumes through the script's own `ResumableWork`.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -24,6 +26,7 @@ import perturb_antidreambooth
 import train_dreambooth_mixsyn
 import train_lora_mixsyn
 import train_textual_inversion_mixsyn
+from mixsyn_utils.cli import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {f"{module.__name__}.py": module for module in (
@@ -93,8 +96,30 @@ def run_stage(stage, log_dir, env=None):
         raise RuntimeError(f"stage {stage.name} failed ({result.returncode}); log {log_path}:\n" + "\n".join(tail))
 
 
+def check_stage_flags(stage):
+    """Parse a stage's flags with its script's own `parse_args`, validators included; an error names the stage.
+
+    `parse_args` checks values and combinations, not the inputs that earlier stages will write, so a whole
+    plan is checked in seconds before anything runs.
+    """
+    messages = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(messages):  # argparse prints its error, then exits
+            SCRIPTS[stage.script].parse_args([str(value) for value in stage.argv()])
+    except InputError as error:
+        raise InputError(f"stage {stage.name}: {error}") from None
+    except SystemExit:
+        lines = messages.getvalue().strip().splitlines()
+        raise InputError(f"stage {stage.name}: {lines[-1] if lines else 'flags rejected'}") from None
+
+
 def run_stages(stages, log_dir, dry_run=False, print_fn=print):
-    """Run `stages` in order, skipping those whose outputs already match their key. Returns {name: seconds}."""
+    """Check every stage's flags, then run `stages` in order, skipping those whose outputs already match their key.
+
+    Returns {name: seconds}.
+    """
+    for stage in stages:
+        check_stage_flags(stage)
     keys, timings = {}, {}
     start = time.time()
     for number, stage in enumerate(stages, 1):

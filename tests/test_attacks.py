@@ -148,6 +148,26 @@ def test_empty_set_is_refused(tiny_victim, tmp_path):
         attack_pia.main(attack_pia.parse_args(argv))
 
 
+def test_none_caption_is_refused_naming_the_column_and_row(tiny_victim, tmp_path):
+    nonmembers = datasets.load_from_disk(str(tiny_victim / "nonmembers"))
+    row_id = nonmembers[3]["id"]
+    nonmembers.map(lambda row: {"prompt": None if row["id"] == row_id else row["prompt"]}).save_to_disk(
+        str(tmp_path / "none_caption"))
+    argv = common_argv(tiny_victim, tmp_path / "out") + ["--nonmember_dataset", str(tmp_path / "none_caption")]
+    with pytest.raises(InputError, match=rf"none_caption row id {row_id}: column 'prompt' is None$"):
+        load_attack_data(attack_pia.parse_args(argv))
+
+
+def test_an_image_that_does_not_decode_fails_before_scoring_and_leaves_nothing(tiny_victim, tmp_path):
+    members = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "members"))]
+    members[2]["image"] = {"bytes": b"\x89PNG\r\n\x1a\n cut here", "path": None}
+    datasets.Dataset.from_list(members).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "bad"))
+    argv = common_argv(tiny_victim, tmp_path / "out") + ["--member_dataset", str(tmp_path / "bad")]
+    with pytest.raises(InputError, match=rf"bad row id {members[2]['id']}: cannot decode \("):
+        attack_pia.main(attack_pia.parse_args(argv))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 def test_missing_caption_column_is_refused(tiny_victim, tmp_path):
     argv = common_argv(tiny_victim, tmp_path / "out", "--caption_column", "text")
     with pytest.raises(InputError, match="no column 'text'"):
@@ -194,6 +214,26 @@ def test_matching_lora_is_fused_into_the_attacked_unet(tiny_victim, tmp_path):
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
     assert not torch.equal(base.state_dict()[name], adapted.state_dict()[name])
     assert not any("lora" in key for key in adapted.state_dict())
+
+
+def test_model_parts_load_without_unpickling_and_a_pickled_lora_is_refused(tiny_victim, tmp_path, monkeypatch):
+    import pickle
+
+    from safetensors.torch import load_file
+
+    lora = make_lora(tmp_path / "lora", in_width=32)
+    (tmp_path / "pickled").mkdir()
+    weights = load_file(str(lora / "pytorch_lora_weights.safetensors"))
+    torch.save(weights, tmp_path / "pickled" / "pytorch_lora_weights.bin")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a file was unpickled")
+
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, refuse)
+    load_model_variant(str(tiny_victim / "pipeline"), unet_path=str(tiny_victim / "pipeline"), lora_weights=str(lora))
+    with pytest.raises(InputError, match="cannot load --lora_weights .*pickled as safetensors"):
+        load_model_variant(str(tiny_victim / "pipeline"), lora_weights=str(tmp_path / "pickled"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Offline BRISQUE: piq with our converted LIVE model equals libsvm's RBF-SVR prediction, and never downloads."""
+"""Offline BRISQUE: piq's features with our SVR from the pinned LIVE libsvm text; nothing is ever unpickled."""
+
+import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,26 +10,32 @@ from PIL import Image
 
 from mixsyn_utils import brisque as offline_brisque
 from mixsyn_utils.cli import InputError
-from mixsyn_utils.utility import BRISQUE_MIN_SIDE, brisque_scores, upsample_to_min_side
+from mixsyn_utils.utility import (
+    BRISQUE_MIN_SIDE,
+    brisque_features,
+    brisque_scores,
+    brisque_svr_score,
+    upsample_to_min_side,
+)
 
 
 @pytest.fixture(scope="module")
-def allmodel_text():
+def allmodel_bytes():
     """The LIVE libsvm text kept by the install step (`python -m mixsyn_utils.brisque --install`)."""
     path = offline_brisque.checkpoint_dir() / offline_brisque.ALLMODEL_FILE
     if not path.is_file():
         pytest.skip(f"BRISQUE not installed ({path} missing): run `python -m mixsyn_utils.brisque --install`")
-    return path.read_text()
+    return path.read_bytes()
 
 
 @pytest.fixture
-def offline_torch_home(tmp_path, monkeypatch, allmodel_text):
-    """A fresh TORCH_HOME holding only our converted weights, with every download made to fail."""
+def offline_torch_home(tmp_path, monkeypatch, allmodel_bytes):
+    """A fresh TORCH_HOME holding only the checked model text, with every download made to fail."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    offline_brisque.convert_allmodel(allmodel_text)
+    offline_brisque.keep_allmodel(allmodel_bytes)
 
     def no_network(*args, **kwargs):
-        raise AssertionError("piq tried to download BRISQUE weights")
+        raise AssertionError("BRISQUE tried to download weights")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     return tmp_path / "torch_home"
@@ -51,37 +60,50 @@ def libsvm_epsilon_svr_predict(model_text, scaled_features):
     return prediction
 
 
-def piq_scaled_features(images):
-    """piq's own BRISQUE feature pipeline up to (not including) the SVR: luma, 2 scales, MATLAB range scaling."""
-    import importlib
-
-    from piq.functional import imresize, rgb2yiq
-
-    piq_brisque = importlib.import_module("piq.brisque")
-    luma = torch.round(rgb2yiq(images * 255)[:, :1])
-    features = []
-    for _ in range(2):
-        features.append(piq_brisque._natural_scene_statistics(luma))
-        luma = imresize(luma, sizes=(luma.size(2) // 2, luma.size(3) // 2))
-    return piq_brisque._scale_features(torch.cat(features, dim=-1)).numpy()
-
-
-def test_offline_brisque_matches_libsvm_prediction(offline_torch_home, allmodel_text):
-    import piq
-
+def test_offline_brisque_matches_libsvm_prediction(offline_torch_home, allmodel_bytes):
     generator = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(2, 3, 24, 24, generator=generator, dtype=torch.float64),
                                              size=96, mode="bilinear")
     images = torch.cat([torch.rand(2, 3, 96, 96, generator=generator, dtype=torch.float64), smooth])
-    piq_scores = piq.brisque(images, data_range=1.0, reduction="none").numpy()
-    reference = libsvm_epsilon_svr_predict(allmodel_text, piq_scaled_features(images))
-    np.testing.assert_allclose(piq_scores, reference, rtol=0, atol=1e-4)
+    features = brisque_features(images).numpy()
+    scores = brisque_svr_score(features, offline_brisque.load_svr())
+    reference = libsvm_epsilon_svr_predict(allmodel_bytes.decode(), features)
+    np.testing.assert_allclose(scores, reference, rtol=0, atol=1e-4)
 
 
-def test_converted_weights_load_without_pickle(offline_torch_home):
-    sv_coef, support_vectors = torch.load(offline_torch_home / "hub" / "checkpoints" / offline_brisque.WEIGHTS_FILE,
-                                          weights_only=True)
-    assert sv_coef.shape == (774,) and support_vectors.shape == (774, 36)
+class WritesMarker:
+    """A pickle payload: unpickling it writes `marker` (proof that code from the file ran)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (Path(self.marker), "code from a pickle ran")
+
+
+def test_a_pickle_in_the_brisque_cache_is_never_unpickled(offline_torch_home, tmp_path, monkeypatch):
+    marker = tmp_path / "marker"
+    planted = offline_torch_home / "hub" / "checkpoints" / "brisque_svm_weights.pt"
+    torch.save(WritesMarker(marker), planted)
+    torch.load(planted, weights_only=False)  # what piq.brisque does with this file: the payload runs
+    assert marker.exists()
+    marker.unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something unpickled a file")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    rng = np.random.default_rng(0)
+    scores = brisque_scores([Image.fromarray(rng.integers(0, 256, (96, 96, 3)).astype(np.uint8))])
+    assert np.isfinite(scores).all() and not marker.exists()
+
+
+def test_a_model_text_that_differs_from_the_pinned_one_is_refused_before_parsing(offline_torch_home, allmodel_bytes):
+    path = offline_torch_home / "hub" / "checkpoints" / offline_brisque.ALLMODEL_FILE
+    path.write_bytes(allmodel_bytes.replace(b"rho -153.591", b"rho -53.591"))
+    with pytest.raises(InputError, match="SHA-256 differs"):
+        brisque_scores([Image.new("RGB", (96, 96))])
 
 
 def test_brisque_scores_is_nan_for_a_flat_image(offline_torch_home):

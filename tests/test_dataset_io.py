@@ -88,3 +88,68 @@ def test_provenance_survives_a_push_in_the_hubs_parquet_layout(tmp_path, monkeyp
     assert pushed["id"] == ["a", "b"] and read_provenance(pushed) == json.loads(record)
     (hub_repo / "provenance.json").unlink()
     assert read_provenance(load_image_dataset(str(hub_repo))) == {}  # the parquet files alone do not keep it
+def png_bytes(size=(16, 16)):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3)).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def hostile_files(tmp_path):
+    """An image folder's worth of bad files: truncated, zero-byte, and a path that does not exist."""
+    good, truncated, empty = tmp_path / "good.png", tmp_path / "truncated.png", tmp_path / "empty.png"
+    good.write_bytes(png_bytes())
+    truncated.write_bytes(png_bytes((64, 64))[:300])
+    empty.write_bytes(b"")
+    return {"good": good, "truncated": truncated, "zero-byte": empty, "missing": tmp_path / "missing.png"}
+
+
+@pytest.mark.parametrize("bad, reason", [("truncated", "truncated"), ("zero-byte", "cannot identify"),
+                                         ("missing", "file not found")])
+def test_an_image_file_that_does_not_decode_is_named_with_its_reason(hostile_files, bad, reason):
+    from datasets import Dataset, Features, Image, Value
+
+    from mixsyn_utils.dataset_io import check_images_decode
+
+    dataset = Dataset.from_dict({"id": ["a", "b"], "image": [str(hostile_files["good"]), str(hostile_files[bad])]},
+                                features=Features({"id": Value("string"), "image": Image()}))
+    with pytest.raises(InputError, match=rf"^{hostile_files[bad]}: cannot decode \(.*{reason}"):
+        check_images_decode(dataset, "image", "--dataset_name x")
+
+
+def test_an_image_stored_in_a_dataset_that_does_not_decode_is_named_by_row_id(tmp_path):
+    from datasets import Dataset, Features, Image, Value
+
+    from mixsyn_utils.dataset_io import check_images_decode
+
+    rows = {"id": ["ok", "cut"], "image": [{"bytes": png_bytes(), "path": None},
+                                           {"bytes": png_bytes((64, 64))[:300], "path": None}]}
+    Dataset.from_dict(rows, features=Features({"id": Value("string"), "image": Image()})).save_to_disk(
+        str(tmp_path / "saved"))
+    dataset = load_image_dataset(str(tmp_path / "saved"))
+    with pytest.raises(InputError, match=r"^--dataset_name saved row id cut: cannot decode \("):
+        check_images_decode(dataset, "image", "--dataset_name saved")
+
+
+def test_a_saved_dataset_without_rows_is_empty_not_an_index_error(tmp_path):
+    from datasets import Dataset
+
+    Dataset.from_dict({"id": [], "image": []}).save_to_disk(str(tmp_path / "none"))
+    with pytest.raises(InputError, match="none is empty"):
+        load_image_dataset(str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("caption, shown", [(None, "None"), ("  ", "empty")])
+def test_a_none_or_empty_caption_is_named_by_column_and_row_id(caption, shown):
+    from datasets import Dataset
+
+    from mixsyn_utils.dataset_io import check_text_column
+
+    dataset = Dataset.from_dict({"id": ["a", "b"], "prompt": ["The face of one", caption]})
+    with pytest.raises(InputError, match=rf"^members row id b: column 'prompt' is {shown}$"):
+        check_text_column(dataset, "prompt", "members")

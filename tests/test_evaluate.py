@@ -90,6 +90,36 @@ def test_evaluate_rejects_nan_scores(tmp_path):
 # Utility and extraction on the tiny victim (one shared, short generation run)
 # ------------------------------------------------------------------------------------------------
 
+def image_set(path, domains):
+    """A member or non-member set of 16 px images, one row per entry of `domains`."""
+    from datasets import Dataset
+
+    rng = np.random.default_rng(len(domains))
+    Dataset.from_dict({"id": [f"{path.name}-{i}" for i in range(len(domains))],
+                       "image": [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in domains],
+                       "prompt": [f"The face of {domain}" for domain in domains], "domain": domains}
+                      ).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("members, message", [
+    (["one"] * 4, r"need ≥ 5 images each for the blind baseline's 5-fold CV, got 4 and 6"),
+    (["one"] * 5 + ["eleven"], r"domain\(s\) \['eleven'\] that are never sampled"),
+])
+def test_what_would_fail_or_mislead_after_sampling_is_refused_before_it(tmp_path, monkeypatch, members, message):
+    import evaluate
+
+    monkeypatch.setattr(evaluate, "generate_images", lambda *a: pytest.fail("sampled before checking its inputs"))
+    (tmp_path / "domains.json").write_text(json.dumps({"domains": ["one", "two"]}))
+    with pytest.raises(InputError, match=message):
+        run_evaluate(["--generate", "--pretrained_model_name_or_path", str(tmp_path / "model"), "--no_brisque",
+                      "--domains_file", str(tmp_path / "domains.json"),
+                      "--member_dataset", str(image_set(tmp_path / "members", members)),
+                      "--nonmember_dataset", str(image_set(tmp_path / "nonmembers", ["two"] * 6)),
+                      "--output_dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
 @pytest.fixture(scope="module")
 def rprecision_model(tiny_victim, tmp_path_factory):
     from mixsyn_utils.utility import train_domain_classifier

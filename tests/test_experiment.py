@@ -48,6 +48,23 @@ def test_sd14_config_dry_run_plans_without_downloading(capsys):
     assert not Path("runs/never-written").exists()
 
 
+@pytest.mark.parametrize("replace, replacement, message", [
+    ("mixup_ratio = 0.5", "mixup_ratio = 1.5",
+     r"^stage train:dreambooth-image-1.5: --mixup_ratio must be in \[0, 1\], got 1.5$"),
+    ("t_sec = 100", "t_sec = 105", r"^stage secmi:pretrained: --t_sec must be a multiple of --k"),
+    ("pgd_eps = 0.05", "pgd_eps = 1.5", r"^stage perturbed: --pgd_eps must be in \(0, 1\], got 1.5$"),
+    ("lp = 4", "lp = 4\nnum_workers = 2", r"^stage pia:pretrained: .*unrecognized arguments: --num_workers 2$"),
+])
+def test_dry_run_checks_every_stage_with_its_scripts_own_flag_checks(tmp_path, replace, replacement, message):
+    text = Path(TINY_CONFIG).read_text()
+    assert replace in text
+    (tmp_path / "bad.toml").write_text(text.replace(replace, replacement, 1))
+    with pytest.raises(InputError, match=message):
+        run_experiment.main(run_experiment.parse_args(["--config", str(tmp_path / "bad.toml"), "--output_dir",
+                                                       str(tmp_path / "study"), "--dry_run"]))
+    assert not (tmp_path / "study").exists()
+
+
 def test_bad_config_is_one_line_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_config(tmp_path / "missing.toml")

@@ -256,11 +256,11 @@ def _argv(**flags):
     return [item for key, value in base.items() for item in (f"--{key}", str(value))]
 
 
-@pytest.mark.parametrize("pgd_eps", [0, -0.05])
-def test_nonpositive_pgd_eps_is_rejected(pgd_eps):
+@pytest.mark.parametrize("pgd_eps", [0, -0.05, 1.5])
+def test_pgd_eps_outside_zero_one_is_rejected(pgd_eps):
     import perturb_antidreambooth
 
-    with pytest.raises(InputError, match=r"--pgd_eps must be > 0"):
+    with pytest.raises(InputError, match=r"--pgd_eps must be in \(0, 1\]"):
         perturb_antidreambooth.parse_args(_argv(pgd_eps=pgd_eps))
 
 

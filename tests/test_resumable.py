@@ -1,12 +1,14 @@
-"""ResumableWork and the run signature (resumable.py), without a model: units are tiny datasets."""
+"""ResumableWork, the run signature and input fingerprints (resumable.py), without a model: units are tiny datasets."""
 
+import hashlib
+import shutil
 from argparse import Namespace
 
 import datasets
 import pytest
 
 from mixsyn_utils.cli import InputError
-from mixsyn_utils.resumable import OUTPUT_FLAGS, ResumableWork, run_signature
+from mixsyn_utils.resumable import OUTPUT_FLAGS, ResumableWork, input_fingerprint, run_signature
 
 
 def unit_dataset(unit):
@@ -81,3 +83,57 @@ def test_a_run_that_fails_before_its_first_unit_leaves_nothing(tmp_path):
     assert not (tmp_path / "out.partial").exists()
     # ... so a corrected rerun with other flags is not blocked.
     assert ResumableWork(tmp_path / "out", signature(seed=3)).run(1, unit_dataset)["unit"] == [0, 0]
+
+
+def save_rows(path, values):
+    datasets.Dataset.from_dict({"id": [f"row-{v}" for v in values], "value": values}).save_to_disk(str(path))
+    return path
+
+
+def test_a_dataset_replaced_at_the_same_path_is_refused_on_resume(tmp_path):
+    members = save_rows(tmp_path / "members", list(range(40)))
+    first = run_signature(Namespace(seed=0), inputs={"member_dataset": input_fingerprint(members)})
+
+    def killed_after_unit_0(unit):
+        if unit == 1:
+            raise KeyboardInterrupt("killed")
+        return unit_dataset(unit)
+
+    with pytest.raises(KeyboardInterrupt):
+        ResumableWork(tmp_path / "out", first).run(4, killed_after_unit_0)
+    shutil.rmtree(members)
+    save_rows(members, list(range(100, 140)))  # same path, other rows
+    replaced = run_signature(Namespace(seed=0), inputs={"member_dataset": input_fingerprint(members)})
+    with pytest.raises(InputError, match=r"1 finished unit\(s\) of a killed run with other member_dataset"):
+        ResumableWork(tmp_path / "out", replaced).run(4, unit_dataset)
+
+
+def test_folder_fingerprint_follows_content_not_checkpoints_logs_or_card(tmp_path):
+    model = tmp_path / "lora"
+    model.mkdir()
+    (model / "pytorch_lora_weights.safetensors").write_bytes(b"weights v1")
+    before = input_fingerprint(model)
+    (model / "checkpoint-2").mkdir()
+    (model / "checkpoint-2" / "optimizer.bin").write_bytes(b"state")
+    (model / "logs").mkdir()
+    (model / "README.md").write_text("card with a privacy report")
+    assert input_fingerprint(model) == before
+    (model / "pytorch_lora_weights.safetensors").write_bytes(b"weights v2")
+    assert input_fingerprint(model) != before
+    assert input_fingerprint(model / "pytorch_lora_weights.safetensors") == \
+        hashlib.sha256(b"weights v2").hexdigest()
+
+
+def test_file_contents_are_hashed_once_per_process(tmp_path, monkeypatch):
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"x" * 1000)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    assert input_fingerprint(weights) == input_fingerprint(weights)
+    assert opened == [weights]
+
+
+def test_a_hub_id_that_is_not_cached_is_fingerprinted_by_id_and_revision():
+    assert input_fingerprint("someone/not-cached-model", revision="abc") == "someone/not-cached-model@abc"
+    assert input_fingerprint(None) is None

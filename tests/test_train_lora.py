@@ -199,3 +199,32 @@ def test_privacy_report_that_is_not_an_evaluate_results_file_is_an_error(argv, t
 def test_hub_token_with_wandb_is_refused(argv, tmp_path):
     with pytest.raises(InputError, match="--hub_token"):
         lora_script.parse_args([str(a) for a in argv(tmp_path / "out", hub_token="hf_x", report_to="wandb")])
+
+
+def test_a_missing_model_fails_before_any_data_is_read_and_leaves_no_folder(argv, tmp_path, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the data was read before the model path was checked")
+
+    monkeypatch.setattr(lora_script, "load_training_images", never)
+    with pytest.raises(InputError, match=r"--pretrained_model_name_or_path .*no_model does not exist"):
+        run_in_process(lora_script, argv(tmp_path / "out", pretrained_model_name_or_path=tmp_path / "no_model"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_that_does_not_decode_fails_before_the_model_loads_and_leaves_no_folder(argv, tmp_path,
+                                                                                          synthetic_dataset,
+                                                                                          monkeypatch):
+    import datasets
+
+    rows = [dict(row) for row in datasets.load_from_disk(str(synthetic_dataset))]
+    rows[5]["image"] = {"bytes": b"", "path": None}
+    datasets.Dataset.from_list(rows).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "zero"))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded before the images were checked")
+
+    monkeypatch.setattr(lora_script, "load_training_components", never)
+    with pytest.raises(InputError, match=rf"zero row id {rows[5]['id']}: cannot decode \(cannot identify"):
+        run_in_process(lora_script, argv(tmp_path / "out", dataset_name=tmp_path / "zero", perturbed_dataset_name=None,
+                                         mixup_ratio=0))
+    assert not (tmp_path / "out").exists()

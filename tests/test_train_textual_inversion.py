@@ -188,3 +188,32 @@ def test_bf16_validation_runs_and_its_images_go_into_the_card(argv, tmp_path):
                                    validation_prompt="The face of <three>", num_validation_images=1))
     assert (tmp_path / "out" / "image_0.png").is_file()
     assert "![img_0](./image_0.png)" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_victim):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(tiny_victim / "pipeline"), subfolder="tokenizer")
+
+
+def test_captions_over_the_token_limit_are_counted_in_one_warning(tokenizer, caplog):
+    from mixsyn_utils.models import warn_truncated_captions
+
+    long_caption = "A photo of " + "very " * 80 + "three"
+    captions = [long_caption, long_caption, "The face of three", "A photo of " + "tall " * 90 + "one"]
+    with caplog.at_level("WARNING"):
+        assert warn_truncated_captions(tokenizer, captions, "training captions") == 2
+    warnings = [record.message for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("2 of 3 distinct training captions exceed the tokenizer's 77")
+
+
+def test_a_placeholder_past_the_token_limit_is_refused_naming_the_row(tokenizer):
+    token_map = {"three": {"placeholder": "<three>", "num_vectors": 1}}
+    tokenizer.add_tokens(["<three>"])
+    token_map["three"]["token_ids"] = tokenizer.convert_tokens_to_ids(["<three>"])
+    fits = rewrite_caption("A photo of " + "very " * 60 + "three", "three", token_map)
+    cut = rewrite_caption("A photo of " + "very " * 80 + "three", "three", token_map)
+    ti_script.check_placeholders_within_limit(tokenizer, [fits], token_map, ["row id a"])
+    with pytest.raises(InputError, match=r"^row id b: its placeholder lands at token 84, past the tokenizer's 77"):
+        ti_script.check_placeholders_within_limit(tokenizer, [fits, cut], token_map, ["row id a", "row id b"])

@@ -3,6 +3,7 @@ the DreamBooth loss and Min-SNR weights against float64, the step plan, the lear
 signature and the seeded data order.
 """
 
+import shutil
 from argparse import Namespace
 
 import numpy as np
@@ -88,3 +89,161 @@ def test_training_signature_ignores_output_flags_and_length_only_for_length_free
     linear = training_signature(args(lr_scheduler="linear"))
     assert training_signature(args(lr_scheduler="linear", max_train_steps=8)) != linear
     assert "secret" not in str(reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folder, resume and run signature (hostile reruns), without a model
+# ----------------------------------------------------------------------------------------------
+
+def output_args(output_dir, **changes):
+    flags = dict(output_dir=str(output_dir), overwrite=False, resume_from_checkpoint=None, save_mixed_dataset=None,
+                 logging_dir="logs")
+    flags.update(changes)
+    return Namespace(**flags)
+
+
+def occupied(folder, *names):
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).mkdir()
+    return folder
+
+
+def test_an_occupied_output_dir_is_refused_unless_overwrite_or_resume(tmp_path):
+    from mixsyn_utils.cli import InputError
+    from mixsyn_utils.flags import check_training_outputs
+
+    out = occupied(tmp_path / "out", "checkpoint-2")
+    with pytest.raises(InputError, match="--output_dir .* is not empty .*--overwrite.*--resume_from_checkpoint"):
+        check_training_outputs(output_args(out))
+    check_training_outputs(output_args(out, overwrite=True))
+    check_training_outputs(output_args(out, resume_from_checkpoint="latest"))
+    with pytest.raises(InputError, match="not both"):
+        check_training_outputs(output_args(out, overwrite=True, resume_from_checkpoint="latest"))
+
+
+def test_an_output_dir_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
+    from mixsyn_utils.cli import InputError
+    from mixsyn_utils.flags import check_training_outputs
+
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(InputError, match="exists and is a file"):
+        check_training_outputs(output_args(tmp_path / "out", overwrite=True))
+
+
+def test_an_existing_save_mixed_dataset_is_refused_without_overwrite(tmp_path):
+    from mixsyn_utils.cli import InputError
+    from mixsyn_utils.flags import check_training_outputs
+
+    mixed = occupied(tmp_path / "mixed", "data")
+    with pytest.raises(InputError, match="--save_mixed_dataset .* exists and is not empty"):
+        check_training_outputs(output_args(tmp_path / "out", save_mixed_dataset=str(mixed)))
+    check_training_outputs(output_args(tmp_path / "out", save_mixed_dataset=str(mixed), overwrite=True))
+
+
+class MainProcess:
+    """What the output-folder and resume helpers use of an `Accelerator`, for one process."""
+
+    is_main_process, process_index = True, 0
+
+    def wait_for_everyone(self):
+        pass
+
+    def print(self, *args):
+        pass
+
+    def load_state(self, path):
+        self.loaded = path
+
+
+def test_overwrite_removes_the_old_runs_checkpoints_before_training(tmp_path):
+    from mixsyn_utils.training import list_checkpoints, start_output_dir
+
+    out = occupied(tmp_path / "out", "checkpoint-1", "checkpoint-2")
+    (out / "pytorch_lora_weights.safetensors").write_bytes(b"old weights")
+    start_output_dir(MainProcess(), output_args(out, overwrite=True))
+    assert out.is_dir() and not any(out.iterdir()) and list_checkpoints(out) == []
+
+
+@pytest.mark.parametrize("left_behind, removed", [(["logs", ".checkpoint-1.incomplete"], True),
+                                                  (["logs", "checkpoint-1"], False),
+                                                  (["logs", "user_notes"], False)])
+def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(tmp_path, left_behind, removed):
+    from mixsyn_utils.training import removed_if_nothing_finished
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with removed_if_nothing_finished(MainProcess(), out, "logs"):
+            occupied(out, *left_behind)
+            raise RuntimeError("out of memory at step 1")
+    assert out.exists() != removed
+
+
+def fake_checkpoint(folder, signature, random_states=None):
+    import json
+
+    folder.mkdir(parents=True)
+    (folder / "training_state.json").write_text(json.dumps({"global_step": 2, "signature": signature}))
+    if random_states is not None:
+        (folder / "random_states_0.pkl").write_bytes(random_states)
+    return folder
+
+
+def lora_flags(**changes):
+    flags = dict(learning_rate=5e-4, lr_scheduler="constant", max_train_steps=4, num_train_epochs=1, seed=0,
+                 output_dir="out")
+    flags.update(changes)
+    return Namespace(**flags)
+
+
+def test_resume_with_another_learning_rate_is_refused_naming_it(tmp_path):
+    from mixsyn_utils.cli import InputError
+    from mixsyn_utils.training import resume_training_state
+
+    checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", training_signature(lora_flags()))
+    accelerator = MainProcess()
+    with pytest.raises(InputError, match=r"made with other --learning_rate; resume with the same flags"):
+        resume_training_state(accelerator, checkpoint, training_signature(lora_flags(learning_rate=1e-1)))
+    assert not hasattr(accelerator, "loaded")
+
+
+def test_resume_with_unreadable_random_states_is_refused(tmp_path):
+    from mixsyn_utils.cli import InputError
+    from mixsyn_utils.training import resume_training_state
+
+    signature = training_signature(lora_flags())
+    checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", signature, random_states=b"not a checkpoint")
+    accelerator = MainProcess()
+    with pytest.raises(InputError, match=r"checkpoint-2: random_states_0.pkl cannot be read"):
+        resume_training_state(accelerator, checkpoint, signature)
+    assert not hasattr(accelerator, "loaded")
+
+
+def test_resume_after_the_training_set_was_replaced_is_refused(tmp_path):
+    import datasets
+    from PIL import Image
+
+    from mixsyn_utils.cli import InputError
+    from mixsyn_utils.training import resume_training_state, training_inputs
+    from mixsyn_utils.training_data import load_training_images
+
+    def save_set(color):
+        rows = {"id": ["a", "b"], "image": [Image.new("RGB", (8, 8), color)] * 2, "prompt": ["The face of one"] * 2}
+        datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "synthetic"))
+
+    import argparse
+
+    from mixsyn_utils.flags import add_training_args
+
+    args = add_training_args(argparse.ArgumentParser()).parse_args([
+        "--pretrained_model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "synthetic"),
+        "--caption_column", "prompt", "--output_dir", "out", "--max_train_steps", "4", "--learning_rate", "5e-4",
+        "--seed", "0"])
+    save_set((10, 20, 30))
+    signature = training_signature(args, training_inputs(args, load_training_images(args)))
+    checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", signature)
+    shutil.rmtree(tmp_path / "synthetic")
+    save_set((200, 20, 30))
+    replaced = training_signature(args, training_inputs(args, load_training_images(args)))
+    with pytest.raises(InputError, match=r"made with other dataset_name; resume with the same flags and inputs"):
+        resume_training_state(MainProcess(), checkpoint, replaced)
