@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mixsyn_utils.attacks import attack_resolution, load_attack_data, load_attack_model, score_all  # noqa: E402
-from mixsyn_utils.diffusion import alphas_cumprod, pia_scores, secmi_t_error  # noqa: E402
+from mixsyn_utils.diffusion import NoisePredictor, pia_scores, secmi_t_error  # noqa: E402
 
 
 def attack_args(victim_dir, output_dir, batch_size):
@@ -135,10 +135,10 @@ def main():
         input_pass = (time.perf_counter() - start) / len(all_rows)
         rows = all_rows[: cli.num_images]
         components = load_attack_model(args, torch.device(cli.device))
-        alpha_bar = alphas_cumprod(components.noise_scheduler).to(cli.device)
-        pia = lambda latents, context: {"score": pia_scores(components.unet, latents, context, alpha_bar, [200])[200]}  # noqa: E731
-        secmi = lambda latents, context: {"score": secmi_t_error(components.unet, latents, context, alpha_bar,  # noqa: E731
-                                                                 cli.t_sec, cli.k)[0]}
+        predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
+        pia = lambda batch: {"score": pia_scores(predictor, batch.latents, batch.context, [200])[200]}  # noqa: E731
+        secmi = lambda batch: {"score": secmi_t_error(predictor, batch.latents, batch.context,  # noqa: E731
+                                                      cli.t_sec, cli.k)[0]}
         print(f"input checks (decode + hash every image once, before scoring; second call): {input_pass * 1e3:.2f} ms/image")
         attacks = {"pia": (pia, 2), "secmi": (secmi, cli.t_sec // cli.k + 1)}
         attacks = {name: attacks[name] for name in cli.attacks}

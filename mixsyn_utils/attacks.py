@@ -1,7 +1,7 @@
 """Plumbing every attack script shares: input checks, encoding, sharded resumable scoring, the scores dataset.
 
 The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_args`. An attack script gives
-`score_all` a function `score_batch(latents, context) -> {column: (B,) float64 array}`; everything else is here:
+`score_all` a function `score_batch(batch: AttackBatch) -> {column: (B,) float64 array}`; everything else is here:
 
 - members and non-members are scored together, in fixed global batches of `--batch_size`, so a batch's
   scores do not depend on how many processes run (`ResumableWork` units: a killed run resumes);
@@ -14,6 +14,7 @@ The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,12 @@ from .seeds import derive_seed
 LATENT_CACHE_VERSION = 1
 
 
-def check_timestep(value, num_train_timesteps, flag):
-    """An attack timestep must lie strictly inside (0, T)."""
-    if not 0 < value < num_train_timesteps:
-        raise InputError(f"{flag} must be in (0, {num_train_timesteps}), got {value}")
+def check_timestep(value, num_train_timesteps, flag, allow_zero=False):
+    """An attack timestep must lie inside (0, T), or [0, T) for attacks that noise z₀ at t = 0 too."""
+    low = 0 if allow_zero else 1
+    if not low <= value < num_train_timesteps:
+        interval = f"[0, {num_train_timesteps})" if allow_zero else f"(0, {num_train_timesteps})"
+        raise InputError(f"{flag} must be in {interval}, got {value}")
 
 
 def num_train_timesteps(args):
@@ -149,16 +152,26 @@ def batch_images(rows):
     return images
 
 
+def batch_pixel_values(rows, resolution):
+    """The rows' images as one (B, 3, H, W) float32 tensor in [-1, 1] (`image_to_tensor`)."""
+    return torch.stack([image_to_tensor(image, resolution) for image in batch_images(rows)])
+
+
 @torch.no_grad()
-def encode_batch_latents(vae, rows, resolution, sample, seed, first_index):
-    """z₀ of a batch (`encode_images_to_latents`): the posterior mode, or with `sample` one draw per image from a
-    generator seeded by `derive_seed(seed, global index)`, so a draw does not depend on its batch or process.
+def encode_pixel_latents(vae, pixel_values, sample, seed, first_index):
+    """z₀ of a batch of pixels (`encode_images_to_latents`): the posterior mode, or with `sample` one draw per
+    image from a generator seeded by `derive_seed(seed, global index)`, so a draw does not depend on its batch
+    or process.
     """
-    pixel_values = torch.stack([image_to_tensor(image, resolution) for image in batch_images(rows)])
-    generators = [torch.Generator().manual_seed(derive_seed(seed, first_index + i)) for i in range(len(rows))]
+    generators = [torch.Generator().manual_seed(derive_seed(seed, first_index + i)) for i in range(len(pixel_values))]
     latents = encode_images_to_latents(vae, pixel_values, sample=sample, generator=generators if sample else None)
     # Contiguous, as when read back from the latents cache: the UNet's kernels differ by layout in the last bits.
     return latents.contiguous()
+
+
+def encode_batch_latents(vae, rows, resolution, sample, seed, first_index):
+    """z₀ of a batch of rows: `encode_pixel_latents` of their `batch_pixel_values`."""
+    return encode_pixel_latents(vae, batch_pixel_values(rows, resolution), sample, seed, first_index)
 
 
 def vae_encoder_digest(vae):
@@ -240,10 +253,25 @@ def scores_to_dataset(batch, scores):
     return Dataset.from_dict(columns, features=Features(features))
 
 
+@dataclass
+class AttackBatch:
+    """One global batch as an attack sees it."""
+
+    rows: list                  # the rows of `load_attack_data` (id, domain, is_member, caption, source)
+    first_index: int            # global index of rows[0], which seeds per-image draws
+    latents: torch.Tensor       # z₀ (B, C, h, w)
+    context: torch.Tensor       # c, the text embedding of each row's caption (B, L, D)
+    captions: CaptionCache      # embeddings of any other prompt (the empty prompt, weakened captions)
+
+    def null_context(self):
+        """c_∅: the empty prompt's embedding for every row, what classifier-free guidance subtracts."""
+        return self.captions([""] * len(self.rows))
+
+
 def score_all(rows, components, args, resolution, accelerator, score_batch, desc):
     """Score every row in global batches of --batch_size (`ResumableWork` units sharded over processes).
 
-    `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
+    `score_batch(batch: AttackBatch) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
     Returns (scores dataset on the main process / None elsewhere, the `ResumableWork` to clean up once saved).
     """
     work = ResumableWork(args.output_dir, run_signature(args), accelerator, discard_other_settings=args.overwrite)
@@ -258,7 +286,8 @@ def score_all(rows, components, args, resolution, accelerator, score_batch, desc
         batch = rows[start : start + args.batch_size]
         latents = batch_latents(components, batch, args, resolution, start, latent_cache)
         with torch.no_grad():
-            scores = score_batch(latents, captions([row["caption"] for row in batch]))
+            scores = score_batch(AttackBatch(batch, start, latents, captions([row["caption"] for row in batch]),
+                                             captions))
         return scores_to_dataset(batch, scores)
 
     return work.run(num_batches, score_unit, desc=desc), work
@@ -285,5 +314,3 @@ def write_scores(dataset, script, attack, args, extra=None):
         metrics = roc_metrics(-values[is_member], -values[~is_member])
         print(f"{attack} {column}: AUC {metrics['auc']:.4f}  TPR@1%FPR {metrics['tpr_at_1pct_fpr']:.4f}")
     return dataset
-
-

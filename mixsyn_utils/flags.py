@@ -301,3 +301,12 @@ def check_attack_args(args):
     check_resolution(args.resolution)
     if args.null_prompt and args.textual_inversion:
         raise InputError("--null_prompt ignores captions, so --textual_inversion placeholders would never be used")
+
+
+def check_attack_timesteps(timesteps, allow_zero=False, flag="--attack_timesteps"):
+    """Distinct timesteps, each > 0 (≥ 0 with `allow_zero`); the upper bound T is checked against the model."""
+    if len(set(timesteps)) != len(timesteps):
+        raise InputError(f"{flag} lists a timestep twice: {timesteps}")
+    for t in timesteps:
+        if t < 0 or (t == 0 and not allow_zero):
+            raise InputError(f"{flag} must be in {'[0' if allow_zero else '(0'}, T), got {t}")

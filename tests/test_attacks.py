@@ -1,7 +1,8 @@
 """Specification of the attack scripts: SecMI, PIA and PIAN on member / non-member images.
 
 Their maths is checked against a float64 reference in test_diffusion.py; here: UNet calls per image (forward
-hook), the scores dataset contract with evaluate.py, distribution, resume, bad input, captions and z₀ options.
+hook), v-prediction models, the scores dataset contract with evaluate.py, distribution, resume, bad input,
+captions and z₀ options.
 """
 
 import json
@@ -11,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from attack_fixtures import K, PIA_TIMESTEPS, T_SEC, common_argv, members_lower_auc, run_attack
+from attack_fixtures import ATTACK_RUNS, PIA_TIMESTEPS, as_velocity_model, common_argv, members_lower_auc, run_attack
 from conftest import launch
 
 import attack_pia
@@ -24,16 +25,39 @@ from mixsyn_utils.cli import InputError
 from mixsyn_utils.models import load_model_variant
 
 
+def calibration_of(dataset):
+    return json.loads(dataset.info.description).get("calibration")
+
+
 # ----------------------------------------------------------------------------------------------
 # Work done: exact UNet calls per image
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,calls_per_image", [
-    ("pia", 1 + len(PIA_TIMESTEPS)), ("pian", 1 + len(PIA_TIMESTEPS)), ("secmi", T_SEC // K + 1),
-])
-def test_unet_calls_per_image(attack_runs, method, calls_per_image):
-    dataset, unet_samples = attack_runs[method]
-    assert unet_samples == calls_per_image * len(dataset)
+@pytest.mark.parametrize("name", list(ATTACK_RUNS))
+def test_unet_rows_per_image(attack_runs, name):
+    """Every image (calibration images too) costs exactly the documented UNet rows, guidance rows included."""
+    dataset, unet_samples = attack_runs[name]
+    calibration = calibration_of(dataset)
+    num_images = len(dataset) + (len(calibration["ids"]) if calibration else 0)
+    assert unet_samples == ATTACK_RUNS[name][2] * num_images
+
+
+# ----------------------------------------------------------------------------------------------
+# v-prediction: ε̂ is derived from the UNet output by the scheduler's prediction_type
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ATTACK_RUNS))
+def test_v_prediction_model_gives_the_epsilon_models_scores(attack_runs, tiny_victim, tmp_path, name):
+    """Every score column to 1e-3 relative, plus 1e-4 of the column's largest value: CLiD's D (a difference of
+    losses equal to 4-6 digits here) moves by float32 rounding when ε̂ goes through v."""
+    script, flags, _ = ATTACK_RUNS[name]
+    expected, _ = attack_runs[name]
+    velocity, _ = run_attack(script, common_argv(tiny_victim, tmp_path / name, *flags, "--batch_size", 24),
+                             model_wrapper=as_velocity_model)
+    assert velocity["id"] == expected["id"]
+    for column in [c for c in expected.column_names if expected.features[c].dtype == "float64"]:
+        np.testing.assert_allclose(velocity[column], expected[column], rtol=1e-3,
+                                   atol=1e-4 * np.abs(expected[column]).max(), err_msg=column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +134,8 @@ def test_killed_run_resumes_without_recomputing_finished_batches(tiny_victim, tm
         attack_pia.main(attack_pia.parse_args(argv))
     monkeypatch.undo()
     resumed, unet_samples = run_attack(attack_pia, argv)
-    assert unet_samples == 2 * (len(resumed) - 2 * 16)  # the two finished batches are not recomputed
+    # (1 + 1) calls × 2 guidance rows per image; the two finished batches are not recomputed
+    assert unet_samples == 4 * (len(resumed) - 2 * 16)
     assert resumed["score"] == reference["score"]
     assert not (tmp_path / "scores.partial").exists()
 
@@ -152,6 +177,16 @@ def test_missing_caption_column_is_refused(tiny_victim, tmp_path):
     argv = common_argv(tiny_victim, tmp_path / "out", "--caption_column", "text")
     with pytest.raises(InputError, match="no column 'text'"):
         attack_pia.main(attack_pia.parse_args(argv))
+
+
+def test_unknown_prediction_type_of_the_attacked_model_is_refused(tiny_victim, tmp_path):
+    def flow_model(components):
+        components.noise_scheduler.register_to_config(prediction_type="flow")
+        return components
+
+    with pytest.raises(InputError, match="prediction_type 'flow'; the attacks handle") as error:
+        run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "out"), model_wrapper=flow_model)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("script,flags,flag", [
