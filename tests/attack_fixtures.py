@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import attack_clid
+import attack_loss
+import attack_pfami
 import attack_pia
 import attack_secmi
 from mixsyn_utils.metrics import roc_metrics
@@ -19,6 +22,11 @@ from mixsyn_utils.seeds import derive_seed
 PIA_TIMESTEPS = (100, 200)
 T_SEC, K = 40, 10
 GUIDANCE = 7.5
+LOSS_TIMESTEPS, LOSS_DRAWS = (0, 300), 2
+SIMA_TIMESTEPS = (0, 10, 100)
+CLID_TIMESTEPS = (440, 450)
+CLID_WEAK = (0.3, 0.7, "null")
+PFAMI_TIMESTEPS, PFAMI_STRENGTHS = (0, 200), (0.95, 0.8, 0.7)
 REFERENCE_IMAGES_PER_SET = 6
 WORST_RELATIVE_ERROR = {}
 
@@ -30,6 +38,13 @@ ATTACK_RUNS = {
     "pian": (attack_pia, ["--method", "pian", "--attack_timesteps", *PIA_TIMESTEPS, "--guidance_scale", 1],
              1 + len(PIA_TIMESTEPS)),
     "secmi": (attack_secmi, ["--t_sec", T_SEC, "--k", K], T_SEC // K + 1),
+    "loss": (attack_loss, ["--method", "loss", "--attack_timesteps", *LOSS_TIMESTEPS, "--num_noise_draws", LOSS_DRAWS],
+             len(LOSS_TIMESTEPS) * LOSS_DRAWS),
+    "sima": (attack_loss, ["--method", "sima", "--attack_timesteps", *SIMA_TIMESTEPS], len(SIMA_TIMESTEPS)),
+    "clid": (attack_clid, ["--attack_timesteps", *CLID_TIMESTEPS, "--weak_caption", *CLID_WEAK],
+             (1 + len(CLID_WEAK)) * len(CLID_TIMESTEPS)),
+    "pfami": (attack_pfami, ["--attack_timesteps", *PFAMI_TIMESTEPS, "--crop_strengths", *PFAMI_STRENGTHS],
+              (1 + len(PFAMI_STRENGTHS)) * len(PFAMI_TIMESTEPS)),
 }
 
 
@@ -184,6 +199,51 @@ def reference_loss(model, row, t, draws, seed=0, context=None, z0=None):
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         total += float(((eps(model, zt, t, context) - noise) ** 2).mean())
     return total / draws
+
+
+def reference_sima(model, row, t):
+    """Σ ε̂(z₀, t, c)⁴ on the clean latent."""
+    return float((eps(model, row["z0"], t, row["context"]) ** 4).sum())
+
+
+def reference_weak_caption(prompt, weak, tokenizer):
+    """"" for null; else word i → <|endoftext|> iff at most ⌊weak·n − 0.01⌋ words have a strictly larger
+    largest-BPE-id (the authors' top-rate cut with ties, by word rarity)."""
+    if weak == "null":
+        return ""
+    words = prompt.split()
+    rarity = [max(tokenizer.encode(word, add_special_tokens=False)) for word in words]
+    allowed = int(weak * len(words) - 0.01)
+    return " ".join("<|endoftext|>" if sum(other > mine for other in rarity) <= allowed else word
+                    for word, mine in zip(words, rarity))
+
+
+def reference_clid(model, row, timesteps, weak_captions, seed=0):
+    """(L, D): the caption's loss and the mean discrepancy of the weakened captions, means over t (one draw)."""
+    weak_contexts = [reference_context(model, reference_weak_caption(row["prompt"], weak, model["tokenizer"]))
+                     for weak in weak_captions]
+    losses, discrepancies = [], []
+    for t in timesteps:
+        loss = reference_loss(model, row, t, 1, seed)
+        losses.append(loss)
+        discrepancies.append(np.mean([reference_loss(model, row, t, 1, seed, context) - loss
+                                      for context in weak_contexts]))
+    return float(np.mean(losses)), float(np.mean(discrepancies))
+
+
+def reference_pfami(model, row, timesteps, strengths, seed=0):
+    """−mean_{t,n} (L_t(x_n) − L_t(x)) / L_t(x), x_n by torchvision's CenterCrop(⌊λ·16⌋) then Resize(16)."""
+    import torchvision.transforms.functional as TF
+
+    size = row["pixels"].shape[-1]
+    neighbours = [reference_z0(model, TF.resize(TF.center_crop(row["pixels"], [int(size * s)] * 2), [size, size],
+                                                interpolation=TF.InterpolationMode.BILINEAR))
+                  for s in strengths]
+    fluctuations = []
+    for t in timesteps:
+        loss = reference_loss(model, row, t, 1, seed)
+        fluctuations += [(reference_loss(model, row, t, 1, seed, z0=z0) - loss) / loss for z0 in neighbours]
+    return -float(np.mean(fluctuations))
 
 
 def reference_secmi(model, row, t_sec, k):

@@ -1,8 +1,8 @@
-"""Specification of the attack scripts: SecMI, PIA and PIAN on member / non-member images.
+"""Specification of the attack scripts: SecMI, PIA, PIAN, loss, SimA, CLiD and PFAMI on member / non-member images.
 
 Their maths is checked against a float64 reference in test_diffusion.py; here: UNet calls per image (forward
-hook), v-prediction models, the scores dataset contract with evaluate.py, distribution, resume, bad input,
-captions and z₀ options.
+hook), v-prediction models, calibration splits, the scores dataset contract with evaluate.py, distribution,
+resume, bad input, captions and z₀ options.
 """
 
 import json
@@ -15,6 +15,9 @@ import torch
 from attack_fixtures import ATTACK_RUNS, PIA_TIMESTEPS, as_velocity_model, common_argv, members_lower_auc, run_attack
 from conftest import launch
 
+import attack_clid
+import attack_loss
+import attack_pfami
 import attack_pia
 import attack_secmi
 import make_tiny_victim
@@ -58,6 +61,75 @@ def test_v_prediction_model_gives_the_epsilon_models_scores(attack_runs, tiny_vi
     for column in [c for c in expected.column_names if expected.features[c].dtype == "float64"]:
         np.testing.assert_allclose(velocity[column], expected[column], rtol=1e-3,
                                    atol=1e-4 * np.abs(expected[column]).max(), err_msg=column)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration splits: nothing is fitted on the images that are scored
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["clid", "sima"])
+def test_calibration_split_is_disjoint_from_scored_images_and_reproducible(attack_runs, tiny_victim, name):
+    from mixsyn_utils.metrics import calibration_split
+    from mixsyn_utils.seeds import SALT_ATTACK_CALIBRATION, derive_seed
+
+    dataset, _ = attack_runs[name]
+    calibration = calibration_of(dataset)
+    rows = [row for split in ("members", "nonmembers")
+            for row in datasets.load_from_disk(str(tiny_victim / split)).select_columns(["id", "domain"])]
+    is_member = np.arange(len(rows)) < len(rows) // 2
+    mask = calibration_split(is_member, [row["domain"] for row in rows], derive_seed(0, SALT_ATTACK_CALIBRATION), 0.2)
+    assert not set(calibration["ids"]) & set(dataset["id"])
+    assert sorted(calibration["ids"] + list(dataset["id"])) == sorted(row["id"] for row in rows)
+    assert calibration["ids"] == [row["id"] for row, calibrating in zip(rows, mask) if calibrating]
+    assert calibration["num_members"] == calibration["num_nonmembers"] == 10
+
+
+def test_clid_alpha_and_scalers_are_those_fitted_on_calibration_rows():
+    """clid_threshold_fit = sklearn's RobustScaler on (L, −D) + the α of {0, 0.1, …, 1} with the best AUC."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import RobustScaler
+
+    from mixsyn_utils.metrics import clid_threshold_fit, clid_threshold_score
+
+    rng = np.random.default_rng(0)
+    is_member = np.arange(60) < 30
+    losses = rng.normal(1.0, 0.3, 60) - 0.1 * is_member
+    discrepancies = rng.normal(0.1, 0.05, 60) + 0.04 * is_member
+    fit = clid_threshold_fit(losses, discrepancies, is_member)
+    scaled = RobustScaler().fit_transform(np.stack([losses, -discrepancies], 1))
+    aucs = [roc_auc_score(~is_member, (1 - alpha) * scaled[:, 0] + alpha * scaled[:, 1])
+            for alpha in np.round(np.arange(11) * 0.1, 1)]
+    assert fit["alpha"] == round(0.1 * int(np.argmax(aucs)), 1) and 0 < fit["alpha"] < 1
+    np.testing.assert_allclose(clid_threshold_score(fit, losses, discrepancies),
+                               (1 - fit["alpha"]) * scaled[:, 0] + fit["alpha"] * scaled[:, 1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("script,flags", [
+    (attack_clid, []), (attack_loss, ["--method", "sima", "--attack_timesteps", 0, 10]),
+])
+def test_calibration_split_smaller_than_needed_is_refused(tiny_victim, tmp_path, script, flags):
+    two_domains = {}
+    for split in ("members", "nonmembers"):  # 4 + 4 images in each of 2 domains: 2 + 2 calibration images
+        dataset = datasets.load_from_disk(str(tiny_victim / split))
+        two_domains[split] = tmp_path / split
+        dataset.filter(lambda row: row["domain"] in ("zero", "one")).save_to_disk(str(two_domains[split]))
+    argv = common_argv(tiny_victim, tmp_path / "out", *flags) + [
+        "--member_dataset", two_domains["members"], "--nonmember_dataset", two_domains["nonmembers"]]
+    with pytest.raises(InputError, match="gives 2 member and 2 non-member calibration images; .* needs at least 10 "
+                                         "of each") as error:
+        script.main(script.parse_args([str(a) for a in argv]))
+    assert "\n" not in str(error.value)
+
+
+def test_clid_weakened_captions_cut_the_rarest_words_first(tiny_victim):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_victim / "pipeline"), subfolder="tokenizer")
+    assert tokenizer("<|endoftext|>", add_special_tokens=False).input_ids == [tokenizer.eos_token_id]
+    caption = "a photo of the seven"
+    assert attack_clid.weakened_caption(caption, "null", tokenizer) == ""
+    assert attack_clid.weakened_caption(caption, 0.3, tokenizer) == "a <|endoftext|> of the <|endoftext|>"
+    assert attack_clid.weakened_caption(caption, 0.7, tokenizer) == "a " + " ".join(["<|endoftext|>"] * 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +249,25 @@ def test_missing_caption_column_is_refused(tiny_victim, tmp_path):
     argv = common_argv(tiny_victim, tmp_path / "out", "--caption_column", "text")
     with pytest.raises(InputError, match="no column 'text'"):
         attack_pia.main(attack_pia.parse_args(argv))
+
+
+@pytest.mark.parametrize("script,flags", [
+    (attack_clid, []), (attack_loss, ["--method", "loss"]), (attack_loss, ["--method", "sima"]), (attack_pfami, []),
+])
+def test_empty_caption_is_refused_by_caption_conditioned_attacks(tiny_victim, tmp_path, script, flags):
+    nonmembers = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "nonmembers"))]
+    nonmembers[3]["prompt"] = "  "
+    path = tmp_path / "nonmembers"
+    datasets.Dataset.from_list(nonmembers).cast_column("image", datasets.Image()).save_to_disk(str(path))
+    argv = common_argv(tiny_victim, tmp_path / "out", *flags) + ["--nonmember_dataset", str(path)]
+    with pytest.raises(InputError, match=f"--nonmember_dataset {path}: column 'prompt' is empty in row 3") as error:
+        script.main(script.parse_args(argv))
+    assert "\n" not in str(error.value)
+
+
+def test_clid_without_captions_is_refused(tiny_victim, tmp_path):
+    with pytest.raises(InputError, match="--null_prompt leaves CLiD no caption"):
+        attack_clid.parse_args(common_argv(tiny_victim, tmp_path / "out", "--null_prompt"))
 
 
 def test_unknown_prediction_type_of_the_attacked_model_is_refused(tiny_victim, tmp_path):
