@@ -4,6 +4,7 @@ Each quantity lives in one function with its formula in the docstring:
 
 - `roc_metrics`               AUC, TPR at FPR ≤ 1% / 0.1%, best balanced accuracy (in-sample)
 - `bootstrap_ci`              stratified percentile bootstrap CIs of `roc_metrics`
+- `low_fpr_measurable`        whether a TPR at FPR ≤ x can be measured with n non-members (x ≥ 1/n)
 - `calibration_split`         seeded split (half by default), stratified by (class, domain)
 - `calibrated_attack`         direction + threshold chosen on a calibration half, TPR/FPR measured on the test half
 - `most_separating`           the candidate score (a timestep, a weight) with the best calibration AUC
@@ -74,6 +75,11 @@ def bootstrap_ci(member_scores, nonmember_scores, num_resamples=1000, seed=0, co
     return {key: _percentile_interval(values, confidence) for key, values in samples.items()}
 
 
+def low_fpr_measurable(fpr, num_nonmembers):
+    """TPR at FPR ≤ x is measurable with n non-members iff x ≥ 1/n (below, it is the TPR at FPR = 0)."""
+    return fpr * num_nonmembers >= 1.0
+
+
 def calibration_split(is_member, domains, seed=0, fraction=0.5):
     """Boolean mask of the calibration rows: within every (is_member, domain) stratum, a seeded ⌈fraction·n⌉.
 
@@ -137,6 +143,8 @@ def calibrated_attack(scores, is_member, domains, target_fpr=0.01, seed=0):
         "test_auc": roc_metrics(direction * scores[test & is_member], direction * scores[test & ~is_member])["auc"],
         "num_calibration": int(calibration.sum()),
         "num_test": int(test.sum()),
+        "num_test_members": int((test & is_member).sum()),
+        "num_test_nonmembers": int((test & ~is_member).sum()),
     }
 
 
