@@ -131,8 +131,8 @@ def weakened_caption(caption, weak, tokenizer):
 
 def clid_raw_columns(batch, components, predictor, args):
     """One batch's L_t and D_t columns (`loss_t{t}`, `discrepancy_t{t}`); `score` waits for the calibration fit."""
-    weak_contexts = [batch.captions([weakened_caption(row["caption"], weak, components.tokenizer) for row in batch.rows])
-                     for weak in args.weak_caption]
+    weak_contexts = [batch.captions([weakened_caption(row["caption"], weak, components.tokenizer)
+                                     for row in batch.rows]) for weak in args.weak_caption]
     losses, discrepancies = clid_scores(predictor, batch.latents, batch.context, weak_contexts, args.attack_timesteps,
                                         args.seed, args.num_noise_draws)
     columns = {"score": np.zeros(len(batch.rows))}  # CLiD_th needs the calibration rows: computed at the end

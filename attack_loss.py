@@ -39,7 +39,6 @@ import argparse
 import logging
 
 import numpy as np
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
@@ -53,6 +52,7 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     load_attack_model,
     num_train_timesteps,
     score_all,
+    timestep_columns,
     write_scores,
 )
 from mixsyn_utils.cli import run_cli  # one-line errors for bad input
@@ -109,10 +109,7 @@ def score_columns(batch, predictor, args):
                                          args.num_noise_draws)
     else:
         by_timestep = sima_scores(predictor, batch.latents, batch.context, timesteps)
-    columns = {"score": torch.stack([by_timestep[t] for t in timesteps]).mean(0)}
-    if len(timesteps) > 1:
-        columns.update({f"score_t{t}": by_timestep[t] for t in timesteps})
-    return columns
+    return timestep_columns(by_timestep)
 
 
 def choose_sima_timestep(scores, timesteps, mask):

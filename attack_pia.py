@@ -24,18 +24,18 @@ The scores dataset (id, domain, is_member, score[, score_t{t}]) is what `evaluat
 import argparse
 import logging
 
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 # Shared with the other attack scripts (mixsyn_utils/):
-from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, output
+from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, columns
     attack_resolution,
     check_timestep,
     load_attack_data,
     load_attack_model,
     num_train_timesteps,
     score_all,
+    timestep_columns,
     write_scores,
 )
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
@@ -87,10 +87,7 @@ def main(args):
         by_timestep = pia_scores(predictor, batch.latents, batch.context, args.attack_timesteps, lp=args.lp,
                                  normalised=args.method == "pian", guidance_scale=args.guidance_scale,
                                  null_context=null_context)
-        columns = {"score": torch.stack([by_timestep[t] for t in args.attack_timesteps]).mean(0)}
-        if len(args.attack_timesteps) > 1:
-            columns.update({f"score_t{t}": by_timestep[t] for t in args.attack_timesteps})
-        return columns
+        return timestep_columns(by_timestep)
 
     calls_per_image = 1 + len(args.attack_timesteps)
     rows_per_call = 2 if args.guidance_scale != 1.0 else 1

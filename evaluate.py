@@ -241,7 +241,8 @@ def worst_case(privacy):
         block, calibrated = privacy[ranking[0]], privacy[ranking[0]]["calibrated"]
         case = {"model": block["model"], "scores": ranking[0], "attack": block["attack"],
                 "direction": calibrated["direction"], "calibrated_tpr": calibrated["test_tpr"],
-                "calibrated_fpr": calibrated["test_fpr"], "target_fpr": calibrated["target_fpr"], "calibrated_fpr_resolution": calibrated["fpr_resolution"],
+                "calibrated_fpr": calibrated["test_fpr"], "target_fpr": calibrated["target_fpr"],
+                "calibrated_fpr_resolution": calibrated["fpr_resolution"],
                 "target_fpr_measurable": calibrated["target_fpr_measurable"]}
         for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):
             case[key], case[f"{key}_ci"] = block[key], block[f"{key}_ci"]

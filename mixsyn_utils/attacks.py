@@ -277,6 +277,14 @@ class AttackBatch:
         return self.captions([""] * len(self.rows))
 
 
+def timestep_columns(by_timestep):
+    """{t: (B,) score} → `score` = the mean over t, and with several t one `score_t{t}` column each."""
+    columns = {"score": torch.stack(list(by_timestep.values())).mean(0)}
+    if len(by_timestep) > 1:
+        columns.update({f"score_t{t}": values for t, values in by_timestep.items()})
+    return columns
+
+
 def score_all(rows, components, args, resolution, accelerator, score_batch, desc):
     """Score every row in global batches of --batch_size (`ResumableWork` units sharded over processes).
 

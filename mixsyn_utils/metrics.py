@@ -176,7 +176,8 @@ def clid_threshold_score(fit, losses, discrepancies):
     members score LOWER.
     """
     scaled_loss = (np.asarray(losses, dtype=np.float64) - fit["loss_median"]) / fit["loss_iqr"]
-    scaled_discrepancy = (-np.asarray(discrepancies, dtype=np.float64) - fit["discrepancy_median"]) / fit["discrepancy_iqr"]
+    minus_discrepancy = -np.asarray(discrepancies, dtype=np.float64)
+    scaled_discrepancy = (minus_discrepancy - fit["discrepancy_median"]) / fit["discrepancy_iqr"]
     return (1.0 - fit["alpha"]) * scaled_loss + fit["alpha"] * scaled_discrepancy
 
 
