@@ -60,7 +60,7 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     write_scores,
 )
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import NoisePredictor, clid_scores  # ε̂ and CLiD's L and D (equations there)
+from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor, clid_scores  # ε̂, CLiD's L and D, ε
 from mixsyn_utils.flags import (  # flags of every attack; the noise-draw and calibration flags
     add_attack_args,
     add_calibration_arg,
@@ -194,8 +194,7 @@ def main(args):
                  "weak_captions": args.weak_caption, "unet_calls_per_image": calls_per_image,
                  "resolution": resolution, "calibration": calibration_record(rows, mask, args.calibration_fraction,
                                                                               args.seed, fit),
-                 "noise": "diffusion.fixed_noise: derive_seed(seed, SALT_ATTACK_NOISE=13, t, draw), shared by all "
-                          "images and captions"}
+                 "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and captions"}
         dataset = write_scores(scores, "attack_clid.py", "clid", args, extra=extra)
         work.cleanup()
         logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")

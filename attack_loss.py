@@ -56,7 +56,12 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     write_scores,
 )
 from mixsyn_utils.cli import run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import NoisePredictor, loss_attack_scores, sima_scores  # ε̂ and the two scores
+from mixsyn_utils.diffusion import (  # ε̂, the two scores, the noise formula
+    FIXED_NOISE_FORMULA,
+    NoisePredictor,
+    loss_attack_scores,
+    sima_scores,
+)
 from mixsyn_utils.flags import (  # flags of every attack; the noise-draw and calibration flags
     add_attack_args,
     add_calibration_arg,
@@ -152,8 +157,8 @@ def main(args):
 
     if accelerator.is_main_process:
         extra = {"attack_timesteps": timesteps, "unet_calls_per_image": calls_per_image, "resolution": resolution,
-                 "noise": "diffusion.fixed_noise: derive_seed(seed, SALT_ATTACK_NOISE=13, t, draw), shared by all "
-                          "images" if args.method == "loss" else "none (clean z0)"}
+                 "noise": f"{FIXED_NOISE_FORMULA}, shared by all images" if args.method == "loss"
+                          else "none (clean z0)"}
         if args.method == "loss":
             extra["num_noise_draws"] = args.num_noise_draws
         if choose_timestep:

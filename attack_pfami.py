@@ -57,7 +57,7 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, p
     write_scores,
 )
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import NoisePredictor, pfami_fluctuations  # ε̂ and the fluctuation (equations there)
+from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor, pfami_fluctuations  # ε̂, R, ε
 from mixsyn_utils.flags import (  # flags of every attack; the noise-draw flag
     add_attack_args,
     add_noise_draws_arg,
@@ -140,8 +140,7 @@ def main(args):
                  "crop_strengths": args.crop_strengths, "effective_crop_strengths": effective_strengths,
                  "unet_calls_per_image": calls_per_image, "vae_encodes_per_image": 1 + len(args.crop_strengths),
                  "resolution": resolution,
-                 "noise": "diffusion.fixed_noise: derive_seed(seed, SALT_ATTACK_NOISE=13, t, draw), shared by all "
-                          "images and neighbours"}
+                 "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and neighbours"}
         dataset = write_scores(scores, "attack_pfami.py", "pfami", args, extra=extra)
         work.cleanup()
         logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")

@@ -138,6 +138,11 @@ def pia_score(noise_pred, epsilon_0, lp):
     return ((noise_pred - epsilon_0).double().abs() ** lp).flatten(1).sum(1)
 
 
+# The formula of `fixed_noise`, as the attacks record it in their scores' info.
+FIXED_NOISE_FORMULA = (f"torch.randn((1, C, h, w), generator=torch.Generator().manual_seed("
+                       f"derive_seed(seed, {SALT_ATTACK_NOISE}, t, draw)))")
+
+
 def fixed_noise(shape, seed, timestep, draw):
     """Gaussian noise ε (1, *shape), the same for every image: a `torch.Generator` seeded by
     `derive_seed(seed, SALT_ATTACK_NOISE, t, draw)` draws `torch.randn((1, *shape))` (float32, CPU).
