@@ -52,6 +52,11 @@ def privacy_lines(report):
             return f"not measurable at this size ({resolution})"
         return f"{cal['test_tpr']:.3f} at FPR {cal['test_fpr']:.3f}" + (f" ({resolution})" if resolution else "")
 
+    def counts(block):
+        if "num_members" not in block or "num_nonmembers" not in block:
+            return "n/a"
+        return f"{block['num_members']} / {block['num_nonmembers']}"
+
     privacy = report["privacy"]
     worst = [case["scores"] for case in report.get("worst_case") or [] if case.get("scores") in privacy]
     names = worst + [name for case in report.get("worst_case") or [] for name in case.get("ranking", [])
@@ -64,13 +69,13 @@ def privacy_lines(report):
                   f"calibrated TPR@{100 * block['calibrated']['target_fpr']:g}%FPR {calibrated(block)}, threshold and "
                   f"direction fixed on a calibration half and measured on the other; AUC {with_ci(block, 'auc')}; "
                   f"TPR@1%FPR {low_fpr(block, 'tpr_at_1pct_fpr')}; TPR@0.1%FPR {low_fpr(block, 'tpr_at_0.1pct_fpr')}; "
-                  f"{block.get('num_members', '?')} members, {block.get('num_nonmembers', '?')} non-members.", ""]
+                  f"members / non-members: {counts(block)}.", ""]
     lines += ["| scores | attack | members / non-members | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@0.1%FPR [95% CI] | "
               "calibrated TPR (held-out half) | verdict |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
         block = privacy[name]
         lines.append(f"| {name}{' (worst case)' if name in worst else ''} | {block.get('attack', '')} | "
-                     f"{block.get('num_members', '?')} / {block.get('num_nonmembers', '?')} | {with_ci(block, 'auc')} | "
+                     f"{counts(block)} | {with_ci(block, 'auc')} | "
                      f"{low_fpr(block, 'tpr_at_1pct_fpr')} | {low_fpr(block, 'tpr_at_0.1pct_fpr')} | "
                      f"{calibrated(block)} | {block.get('verdict', '')} |")
     if report.get("blind_baseline"):

@@ -126,7 +126,8 @@ def test_model_card_records_base_model_mix_pgd_budget_and_privacy(uninterrupted,
     assert f"base_model: {tiny_victim / 'pipeline'}" in card
     assert "mode = image, ratio = 0.5, seed = 0" in card
     assert "pgd_eps = 0.05" in card
-    assert "| secmi-lora | secmi | 0.613 [0.552, 0.671] | 0.021 [0.004, 0.050] |" in card
+    assert "| secmi-lora | secmi | n/a | 0.613 [0.552, 0.671] | 0.021 [0.004, 0.050] |" in card
+    assert "An audit bounds the risk from the attacks it ran" in card
 
 
 def test_push_to_hub_uploads_the_output_without_checkpoints(uninterrupted, monkeypatch):
