@@ -34,9 +34,9 @@ Deviations from the authors:
 - The noise is one documented draw shared by all images (theirs: one unseeded pool, 3 draws per image).
 - CLiD_vec (the XGBoost variant) is not implemented.
 
-    accelerate launch attack_clid.py \
-      --pretrained_model_name_or_path outputs/victim/pipeline \
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
+    accelerate launch attack_clid.py \\
+      --pretrained_model_name_or_path outputs/victim/pipeline \\
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
       --output_dir outputs/scores/clid
 """
 
@@ -93,7 +93,9 @@ def weak_caption_type(value):
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="CLiD (conditional likelihood discrepancy) membership inference.")
+    parser = argparse.ArgumentParser(
+        description="CLiD (conditional likelihood discrepancy) membership inference.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--attack_timesteps", type=int, nargs="+", default=[440, 450, 460],

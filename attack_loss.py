@@ -27,9 +27,9 @@ unseeded draw per batch of 16; Matsumoto's and SimA's draw per image); z₀ is t
 `--vae_sample`; SimA's t comes from a calibration split, not from the images reported. Captions must be
 present and non-empty (`--null_prompt` is the unconditional variant).
 
-    accelerate launch attack_loss.py --method sima \
-      --pretrained_model_name_or_path outputs/victim/pipeline \
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
+    accelerate launch attack_loss.py --method sima \\
+      --pretrained_model_name_or_path outputs/victim/pipeline \\
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
       --output_dir outputs/scores/sima
 
 The scores dataset (id, domain, is_member, score[, score_t{t}]) is what `evaluate.py` reads.
@@ -81,7 +81,9 @@ DEFAULT_TIMESTEPS = {"loss": [450], "sima": list(range(0, 200, 10))}
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Loss / SimA membership inference on a diffusion model.")
+    parser = argparse.ArgumentParser(
+        description="Loss / SimA membership inference on a diffusion model.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--method", type=str, default="loss", choices=["loss", "sima"],

@@ -31,9 +31,9 @@ Deviations from the authors:
 - on a small image the crop size ⌊λ·R⌋ is coarse (16 px: 15, 14, 14, 13, 13, 12, 12, 12, 11, 11); the dataset
   info records the effective strengths.
 
-    accelerate launch attack_pfami.py \
-      --pretrained_model_name_or_path outputs/victim/pipeline \
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
+    accelerate launch attack_pfami.py \\
+      --pretrained_model_name_or_path outputs/victim/pipeline \\
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
       --output_dir outputs/scores/pfami
 """
 
@@ -73,7 +73,9 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="PFAMI (probabilistic fluctuation) membership inference.")
+    parser = argparse.ArgumentParser(
+        description="PFAMI (probabilistic fluctuation) membership inference.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--attack_timesteps", type=int, nargs="+", default=list(range(0, 500, 50)),

@@ -48,7 +48,9 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="PIA / PIAN membership inference on a diffusion model.")
+    parser = argparse.ArgumentParser(
+        description="PIA / PIAN membership inference on a diffusion model.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--method", type=str, default="pia", choices=["pia", "pian"],

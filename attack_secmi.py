@@ -49,7 +49,9 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="SecMI (t-error) membership inference on a diffusion model.")
+    parser = argparse.ArgumentParser(
+        description="SecMI (t-error) membership inference on a diffusion model.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--t_sec", type=int, default=150,

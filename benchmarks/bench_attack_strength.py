@@ -7,7 +7,7 @@ the project used before (PIA t 200 without guidance, SecMI t_sec 100), then `eva
 sets: its per-attack blocks and its worst case are what this prints. AUC is in the members-lower convention of
 the scores: below 0.5 means members have the LARGER score ("inverted"), which an attacker exploits as well.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_attack_strength.py --victim_dir /tmp/victim \
+    HF_HUB_OFFLINE=1 python benchmarks/bench_attack_strength.py --victim_dir /tmp/victim \\
         --output benchmarks/results/attack_strength.json
 """
 

@@ -321,7 +321,7 @@ def add_noise_draws_arg(group):
 
 def add_calibration_arg(group, attack):
     group.add_argument("--calibration_fraction", type=float, default=0.2,
-                       help=f"Fraction of each (member/non-member, domain) stratum {attack} is fitted on (a seeded "
+                       help=f"Fraction of each (member/non-member, domain) stratum used to fit {attack} (a seeded "
                             "split); those images are left out of the saved scores, so nothing is fitted on the images "
                             "it scores. 0.2 keeps 80%% for the audit.")
     return group
