@@ -3,7 +3,15 @@
 
 For each image, ε₀ = ε̂(z₀, 0) is the model's own noise prediction at t = 0; the image is noised with it,
 z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀, and the score is Σ|ε̂(z_t, t) − ε₀|^p: a member's noise is recovered more
-accurately, so members score LOWER. `--method pian` normalises ε₀ to the scale of N(0, I) first.
+accurately, so members score LOWER. `--method pian` normalises ε₀ to the scale of N(0, I) first. No noise is
+drawn: the score is deterministic given z₀.
+
+Defaults are the authors' Stable Diffusion script (kong13661/PIA `stable_diffusion/stable_attack.py`): every
+t in 10, 20, …, 500, p = 4, and classifier-free guidance 7.5 with the caption and "" on both UNet evaluations
+(1 + 50 calls per image, each of 2 rows). `--guidance_scale 1` is the unguided variant CLiD's and SimA's
+re-runs use. Deviations from the authors' script: ᾱ_t is the model's own schedule (theirs is a linear β
+schedule, not SD's scaled-linear), the latents are not mapped by 2z − 1, and `score` (the mean over t) is ours;
+the authors print a figure per t, which `score_t{t}` holds.
 
     accelerate launch attack_pia.py \
       --pretrained_model_name_or_path outputs/victim/pipeline \
@@ -17,23 +25,23 @@ import argparse
 import logging
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
-import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 # Shared with the other attack scripts (mixsyn_utils/):
-from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, output
+from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, columns
     attack_resolution,
     check_timestep,
     load_attack_data,
     load_attack_model,
     num_train_timesteps,
     score_all,
+    timestep_columns,
     write_scores,
 )
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import alphas_cumprod, pia_scores  # the PIA score (equations in its docstring)
-from mixsyn_utils.flags import add_attack_args, check_attack_args  # model, data and output flags of every attack
+from mixsyn_utils.diffusion import NoisePredictor, pia_scores  # ε̂ of the model, the PIA score (equations there)
+from mixsyn_utils.flags import add_attack_args, check_attack_args, check_attack_timesteps  # flags of every attack
 from mixsyn_utils.models import weight_dtype_of  # --mixed_precision -> dtype of the weights
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
 
@@ -41,26 +49,28 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="PIA / PIAN membership inference on a diffusion model.",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description="PIA / PIAN membership inference on a diffusion model.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
     attack.add_argument("--method", type=str, default="pia", choices=["pia", "pian"],
                         help="pia: ε₀ = ε̂(z₀, 0); pian: ε₀ normalised to E|N(0,1)| (paper's PIAN).")
-    attack.add_argument("--attack_timesteps", type=int, nargs="+", default=[200],
-                        help="Timesteps t in (0, T) to score; several are scored from one ε₀ (columns score_t{t}), "
-                             "`score` is their mean. The paper's best t is around 200 for latent models.")
+    attack.add_argument("--attack_timesteps", type=int, nargs="+", default=list(range(10, 501, 10)),
+                        help="Timesteps t in (0, T) to score, all from one ε₀ (columns score_t{t}; `score` is their "
+                             "mean). Default: the authors' SD sweep 10, 20, …, 500 (1 + 50 UNet calls per image); "
+                             "one t (e.g. 200, their DDPM setting) is a cheap run.")
     attack.add_argument("--lp", type=float, default=4.0,
-                        help="Exponent p of Σ|ε̂ − ε₀|^p; the paper finds p = 4 best.")
+                        help="Exponent p of Σ|ε̂ − ε₀|^p; 4 is the authors' default (their PIA class).")
+    attack.add_argument("--guidance_scale", type=float, default=7.5,
+                        help="Classifier-free guidance w on both UNet evaluations, ε̃ = ε̂(c_∅) + w(ε̂(c) − ε̂(c_∅)) "
+                             "with c_∅ the empty prompt: 7.5 as in the authors' SD script (each UNet call then has "
+                             "2 rows per image); 1 = no guidance, as in CLiD's and SimA's re-runs.")
     args = parser.parse_args(input_args)
     check_attack_args(args)
     if args.lp <= 0:
         raise InputError(f"--lp must be positive, got {args.lp}")
-    if len(set(args.attack_timesteps)) != len(args.attack_timesteps):
-        raise InputError(f"--attack_timesteps lists a timestep twice: {args.attack_timesteps}")
-    for t in args.attack_timesteps:
-        if t <= 0:
-            raise InputError(f"--attack_timesteps must be in (0, T), got {t}")
+    check_attack_timesteps(args.attack_timesteps)
     return args
 
 
@@ -73,25 +83,27 @@ def main(args):
     rows = load_attack_data(args)
     components = load_attack_model(args, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
     resolution = attack_resolution(args, components)
-    alpha_bar = alphas_cumprod(components.noise_scheduler).to(accelerator.device)
+    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
-    def score_batch(latents, context):
-        by_timestep = pia_scores(components.unet, latents, context, alpha_bar, args.attack_timesteps, lp=args.lp,
-                                 normalised=args.method == "pian")
-        columns = {"score": torch.stack([by_timestep[t] for t in args.attack_timesteps]).mean(0)}
-        if len(args.attack_timesteps) > 1:
-            columns.update({f"score_t{t}": by_timestep[t] for t in args.attack_timesteps})
-        return columns
+    def score_batch(batch):
+        null_context = batch.null_context() if args.guidance_scale != 1.0 else None
+        by_timestep = pia_scores(predictor, batch.latents, batch.context, args.attack_timesteps, lp=args.lp,
+                                 normalised=args.method == "pian", guidance_scale=args.guidance_scale,
+                                 null_context=null_context)
+        return timestep_columns(by_timestep)
 
     calls_per_image = 1 + len(args.attack_timesteps)
+    rows_per_call = 2 if args.guidance_scale != 1.0 else 1
     logger.info(f"***** Running {args.method.upper()} *****")
     logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), "
-                f"timesteps = {args.attack_timesteps}, p = {args.lp}, UNet calls per image = {calls_per_image}")
+                f"timesteps = {args.attack_timesteps}, p = {args.lp}, guidance = {args.guidance_scale}, "
+                f"UNet calls per image = {calls_per_image} × {rows_per_call} row(s)")
     logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
     scores, work = score_all(rows, components, args, resolution, accelerator, score_batch, desc=args.method)
 
     if accelerator.is_main_process:
-        extra = {"attack_timesteps": args.attack_timesteps, "lp": args.lp, "unet_calls_per_image": calls_per_image,
+        extra = {"attack_timesteps": args.attack_timesteps, "lp": args.lp, "guidance_scale": args.guidance_scale,
+                 "unet_calls_per_image": calls_per_image, "unet_rows_per_image": calls_per_image * rows_per_call,
                  "resolution": resolution}
         dataset = write_scores(scores, "attack_pia.py", args.method, args, extra=extra)
         work.cleanup()

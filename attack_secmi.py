@@ -7,10 +7,16 @@ is smaller for members (the model's posterior estimates are more consistent on i
 members score LOWER. UNet calls per image: t_sec/k + 1 (the reference inverts further and denoises steps it
 never uses). `--secmi_nn` trains the paper's NN variant on the per-element error maps.
 
+The default `--t_sec 150 --k 10` is the comparison point of the authors' Stable Diffusion code (SecMI-LDM
+`secmi.py`: invert 0 → 140 in steps of 10, step 140 → 150 → 140, compare at 140), caption-conditioned without
+guidance; `--t_sec 100` is the DDPM paper's setting. The error is the sum over latent elements, as theirs.
+No noise is drawn. Deviation: the authors' threshold is the best one on the evaluated images (an oracle);
+here the scores go to `evaluate.py`, which fixes direction and threshold on a calibration half.
+
     accelerate launch attack_secmi.py \
       --pretrained_model_name_or_path outputs/victim/pipeline \
       --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
-      --t_sec 100 --k 10 --output_dir outputs/scores/secmi
+      --output_dir outputs/scores/secmi
 
 The scores dataset (id, domain, is_member, score) is what `evaluate.py` reads.
 """
@@ -35,7 +41,7 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     write_scores,
 )
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import alphas_cumprod, secmi_t_error  # the t-error (equations in its docstring)
+from mixsyn_utils.diffusion import NoisePredictor, secmi_t_error  # ε̂ of the model, the t-error (equations there)
 from mixsyn_utils.flags import add_attack_args, check_attack_args, require_positive  # flags of every attack
 from mixsyn_utils.models import vae_scale_factor, weight_dtype_of  # latent size; --mixed_precision -> dtype
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
@@ -44,13 +50,15 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="SecMI (t-error) membership inference on a diffusion model.",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description="SecMI (t-error) membership inference on a diffusion model.", epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
     attack = parser.add_argument_group("attack")
-    attack.add_argument("--t_sec", type=int, default=100,
-                        help="Timestep of the t-error, in (0, T) and a multiple of --k. The paper uses 100 with "
-                             "k = 10; SecMI-LDM's Stable Diffusion run effectively compares at 140.")
+    attack.add_argument("--t_sec", type=int, default=150,
+                        help="Timestep of the t-error, in (0, T) and a multiple of --k. 150 (with k = 10) is the "
+                             "authors' Stable Diffusion setting (SecMI-LDM: invert to 140, step 140 → 150 → 140); "
+                             "their DDPM paper uses 100. UNet calls per image: t_sec/k + 1.")
     attack.add_argument("--k", type=int, default=10, help="DDIM step size for inversion and the t-error steps.")
     attack.add_argument("--secmi_nn", action="store_true",
                         help="Also train SecMI-NN on |error maps| with separate train/validation/test splits; "
@@ -141,10 +149,10 @@ def main(args):
     rows = load_attack_data(args)
     components = load_attack_model(args, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
     resolution = attack_resolution(args, components)
-    alpha_bar = alphas_cumprod(components.noise_scheduler)
+    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
-    def score_batch(latents, context):
-        t_error, error_map = secmi_t_error(components.unet, latents, context, alpha_bar, args.t_sec, args.k)
+    def score_batch(batch):
+        t_error, error_map = secmi_t_error(predictor, batch.latents, batch.context, args.t_sec, args.k)
         columns = {"score": t_error}
         if args.secmi_nn:  # the NN variant trains on each image's |error| map
             columns["error_map"] = error_map.abs()

@@ -11,7 +11,14 @@ to the Hub), refused unless every scores dataset attacked exactly its weights (t
 
 Scores datasets (from attack_*.py) have columns id, domain, is_member, score[, score_t{t}]. Their info says
 `member_is_lower: true` (scores are errors), so the membership score is −score; the calibrated attack below
-also tries the other direction, because an attacker does not care which way members differ.
+also tries the other direction, because an attacker does not care which way members differ. A dataset may score
+a subset of the images of another (CLiD and SimA leave out the images they calibrate on, SecMI-NN those it
+trains on); each is measured on its own rows.
+
+The worst case of each attacked model is the score set with the largest calibrated TPR at --target_fpr
+(direction and threshold fixed on one half, measured on the other): the privacy figure to publish, since an
+audit bounds the attacks it ran and a model is as leaky as its strongest one. Every TPR at a low FPR x comes
+with the FPR resolution 1/n (n non-members); when x < 1/n it is "not measurable at this size".
 
 results.json schema (version 1):
     {"schema_version": 1,
@@ -21,13 +28,22 @@ results.json schema (version 1):
          "auc", "auc_ci": [lo, hi], "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_0.1pct_fpr",
          "tpr_at_0.1pct_fpr_ci", "balanced_accuracy", "balanced_accuracy_ci",
          "fpr_resolution": 1/num_nonmembers,     # TPR@x with x below this is TPR at FPR = 0
+         "low_fpr_measurable": {"tpr_at_1pct_fpr": 0.01 ≥ fpr_resolution, "tpr_at_0.1pct_fpr": 0.001 ≥ ...},
          "verdict": "leak" | "inverted signal — still a leak" | "no detectable leak[ (AUC < 0.5 ...)]",
          "inverted_signal": auc < 0.5,          # whatever the CI: never read an AUC below 0.5 as protection
          "calibrated": {"direction", "threshold",      # of the raw score column, in its units; null = flag nobody
                         "target_fpr", "calibration_tpr", "test_tpr", "test_fpr", "test_auc",
-                        "num_calibration", "num_test"},
+                        "num_calibration", "num_test", "num_test_members", "num_test_nonmembers",
+                        "fpr_resolution": 1/num_test_nonmembers, "target_fpr_measurable"},
          "reference": null | {"scores_path", "auc": {"delta", "delta_ci"}, "tpr_at_1pct_fpr": {...}, ...},
          "per_timestep_auc": {"score_t200": auc, ...}}},
+     "worst_case": [{                           # one per attacked model (blocks grouped by their "model")
+         "model", "scores": NAME,               # the block an attacker would pick: largest calibrated test TPR
+         "attack", "direction", "calibrated_tpr", "calibrated_fpr", "target_fpr", "calibrated_fpr_resolution",
+         "target_fpr_measurable",               # of the test half the calibrated TPR is measured on
+         "auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_0.1pct_fpr", "tpr_at_0.1pct_fpr_ci",
+         "num_members", "num_nonmembers", "fpr_resolution", "low_fpr_measurable",
+         "ranking": [NAME, ...]}],              # every block of the model, most dangerous first
      "blind_baseline": null | {"auc", "auc_ci", "distribution_shift", "num_folds"},
      "utility": null | {"scorer", "r_precision_top1_x100", "r_precision_per_domain_x100",
                         "brisque_mean", "brisque_direction": "lower is better", "brisque_nan_images",
@@ -71,6 +87,7 @@ from mixsyn_utils.metrics import (  # MIA metrics with CIs, calibrated attack, b
     bootstrap_ci,
     calibrated_attack,
     extraction_metrics,
+    low_fpr_measurable,
     paired_bootstrap_deltas,
     roc_metrics,
 )
@@ -82,6 +99,7 @@ from mixsyn_utils.seeds import SALT_GENERATION, derive_seed  # generation i's se
 from mixsyn_utils.utility import utility_metrics  # R-precision and BRISQUE
 
 METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy")
+LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
 
 
 def parse_args(input_args=None):
@@ -183,13 +201,22 @@ def load_scores(path, score_column):
             "per_timestep": per_timestep}
 
 
-def check_same_rows(all_scores, flag="--scores"):
-    """Every dataset must score the same images with the same labels, or comparisons are meaningless."""
+def check_same_rows(all_scores, flag="--reference_scores"):
+    """Paired datasets must score the same images with the same labels, or their differences are meaningless."""
     first = all_scores[0]
     for other in all_scores[1:]:
         if len(other["ids"]) != len(first["ids"]) or (other["ids"] != first["ids"]).any() \
                 or (other["is_member"] != first["is_member"]).any():
             raise InputError(f"{flag} {other['path']} scores other members/non-members than {first['path']}")
+
+
+def check_rows_within(all_scores, flag="--scores"):
+    """Every dataset must score the images of the largest one, or a subset of them, with the same labels."""
+    largest = max(all_scores, key=lambda scores: len(scores["ids"]))
+    labels = dict(zip(largest["ids"], largest["is_member"]))
+    for other in all_scores:
+        if any(labels.get(image_id) != is_member for image_id, is_member in zip(other["ids"], other["is_member"])):
+            raise InputError(f"{flag} {other['path']} scores other members/non-members than {largest['path']}")
 
 
 def privacy_block(scores, reference, args):
@@ -198,7 +225,8 @@ def privacy_block(scores, reference, args):
     block = {"attack": scores["attack"], "model": scores["model"], "scores_path": scores["path"],
              "score_column": args.score_column, "member_is_lower": scores["member_is_lower"],
              "num_members": int(len(member)), "num_nonmembers": int(len(nonmember)),
-             "fpr_resolution": 1.0 / len(nonmember)}
+             "fpr_resolution": 1.0 / len(nonmember),
+             "low_fpr_measurable": {key: low_fpr_measurable(fpr, len(nonmember)) for key, fpr in LOW_FPRS.items()}}
     for key in METRIC_KEYS:
         block[key], block[f"{key}_ci"] = point[key], intervals[key]
     # An AUC below 0.5 means members are separable with the sign flipped: a leak, never "protected".
@@ -214,6 +242,8 @@ def privacy_block(scores, reference, args):
         calibrated["threshold"] = None if calibrated["threshold"] is None else -calibrated["threshold"]
         calibrated["direction"] = {"higher_is_member": "lower_is_member",
                                    "lower_is_member": "higher_is_member"}[calibrated["direction"]]
+    calibrated["fpr_resolution"] = 1.0 / calibrated["num_test_nonmembers"]
+    calibrated["target_fpr_measurable"] = low_fpr_measurable(args.target_fpr, calibrated["num_test_nonmembers"])
     block["calibrated"] = calibrated
     block["reference"] = None
     if reference is not None:
@@ -225,9 +255,34 @@ def privacy_block(scores, reference, args):
     return block
 
 
+def worst_case(privacy):
+    """Per attacked model (blocks with the same "model"), the block with the largest calibrated test TPR at
+    --target_fpr (ties: the larger test AUC in the calibrated direction): what an attacker choosing among the
+    attacks run would get."""
+    by_model = {}
+    for name, block in privacy.items():
+        by_model.setdefault(json.dumps(block["model"], sort_keys=True), []).append(name)
+    cases = []
+    for names in by_model.values():
+        ranking = sorted(names, key=lambda name: (-privacy[name]["calibrated"]["test_tpr"],
+                                                  -privacy[name]["calibrated"]["test_auc"]))
+        block, calibrated = privacy[ranking[0]], privacy[ranking[0]]["calibrated"]
+        case = {"model": block["model"], "scores": ranking[0], "attack": block["attack"],
+                "direction": calibrated["direction"], "calibrated_tpr": calibrated["test_tpr"],
+                "calibrated_fpr": calibrated["test_fpr"], "target_fpr": calibrated["target_fpr"],
+                "calibrated_fpr_resolution": calibrated["fpr_resolution"],
+                "target_fpr_measurable": calibrated["target_fpr_measurable"]}
+        for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):
+            case[key], case[f"{key}_ci"] = block[key], block[f"{key}_ci"]
+        for key in ("num_members", "num_nonmembers", "fpr_resolution", "low_fpr_measurable"):
+            case[key] = block[key]
+        cases.append(dict(case, ranking=ranking))
+    return cases
+
+
 def blind_baseline(args, members, nonmembers, all_scores):
     if all_scores and "id" in members.column_names:
-        scored_members = set(all_scores[0]["ids"][all_scores[0]["is_member"]])
+        scored_members = set().union(*(scores["ids"][scores["is_member"]] for scores in all_scores))
         if set(map(str, members["id"])) != scored_members:
             raise InputError(f"--member_dataset {args.member_dataset} is not the member set of --scores")
     features = blind_features(list(members["image"]) + list(nonmembers["image"]),
@@ -347,27 +402,64 @@ def fmt(value, ci=None):
     return text if ci is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def low_fpr_cell(block, key):
+    """A TPR at a low FPR with its CI and the FPR resolution 1/n it was measured at, or why it cannot be."""
+    resolution = f"FPR resolution 1/{block['num_nonmembers']} = {block['fpr_resolution']:.4f}"
+    if not block["low_fpr_measurable"][key]:
+        return f"not measurable at this size ({resolution})"
+    return f"{fmt(block[key], block[f'{key}_ci'])} ({resolution})"
+
+
+def calibrated_cell(tpr, fpr, target_fpr, num_test_nonmembers, measurable):
+    """The calibrated attack's test-half TPR / FPR with the resolution of that half."""
+    resolution = f"FPR resolution 1/{num_test_nonmembers} = {1.0 / num_test_nonmembers:.4f}"
+    if not measurable:
+        return f"not measurable at this size (target FPR {target_fpr:g}, {resolution})"
+    return f"{fmt(tpr)} at FPR {fmt(fpr)} ({resolution})"
+
+
+def worst_case_lines(results):
+    lines = ["## Worst case over the attacks run", ""]
+    for case in results["worst_case"]:
+        block = results["privacy"][case["scores"]]
+        lines += [f"**{case['attack']}** (`{case['scores']}`), the strongest of {len(case['ranking'])} attack(s) on "
+                  f"model `{json.dumps(case['model'], sort_keys=True)}`:", "",
+                  f"- calibrated TPR@{100 * case['target_fpr']:g}%FPR ({case['direction']}; threshold and direction "
+                  "fixed on a calibration half, measured on the other): " + calibrated_cell(
+                      case["calibrated_tpr"], case["calibrated_fpr"], case["target_fpr"],
+                      block["calibrated"]["num_test_nonmembers"], case["target_fpr_measurable"]),
+                  f"- AUC {fmt(case['auc'], case['auc_ci'])}",
+                  f"- TPR@1%FPR {low_fpr_cell(case, 'tpr_at_1pct_fpr')}",
+                  f"- TPR@0.1%FPR {low_fpr_cell(case, 'tpr_at_0.1pct_fpr')}",
+                  f"- {case['num_members']} members, {case['num_nonmembers']} non-members",
+                  "- ranking by calibrated TPR: " + " > ".join(case["ranking"]), ""]
+    lines += ["An audit bounds the risk from the attacks it ran, not from every attack: a stronger one may exist.", ""]
+    return lines
+
+
 def render_markdown(results):
     """report.md: one table per section; every number with its 95% CI where it has one."""
     lines = ["# MixSyn evaluation", "", f"Bootstrap resamples: {results['bootstrap']}, seed {results['seed']}; "
              "intervals are 95% percentile CIs (members and non-members resampled separately).", ""]
     if results["privacy"]:
-        lines += ["## Membership inference", "", "| scores | attack | AUC | TPR@1%FPR | TPR@0.1%FPR | balanced acc. | "
-                  "calibrated TPR / FPR (test half) | verdict |", "|---|---|---|---|---|---|---|---|"]
+        lines += worst_case_lines(results)
+        lines += ["## Membership inference", "", "| scores | attack | members / non-members | AUC | TPR@1%FPR | "
+                  "TPR@0.1%FPR | balanced acc. | calibrated TPR (test half) | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, block in results["privacy"].items():
             cal = block["calibrated"]
-            lines.append(f"| {name} | {block['attack']} | {fmt(block['auc'], block['auc_ci'])} | "
-                         f"{fmt(block['tpr_at_1pct_fpr'], block['tpr_at_1pct_fpr_ci'])} | "
-                         f"{fmt(block['tpr_at_0.1pct_fpr'], block['tpr_at_0.1pct_fpr_ci'])} | "
+            calibrated = calibrated_cell(cal["test_tpr"], cal["test_fpr"], cal["target_fpr"],
+                                         cal["num_test_nonmembers"], cal["target_fpr_measurable"])
+            lines.append(f"| {name} | {block['attack']} | {block['num_members']} / {block['num_nonmembers']} | "
+                         f"{fmt(block['auc'], block['auc_ci'])} | {low_fpr_cell(block, 'tpr_at_1pct_fpr')} | "
+                         f"{low_fpr_cell(block, 'tpr_at_0.1pct_fpr')} | "
                          f"{fmt(block['balanced_accuracy'], block['balanced_accuracy_ci'])} | "
-                         f"{fmt(cal['test_tpr'])} / {fmt(cal['test_fpr'])} ({cal['direction']}) | {block['verdict']} |")
+                         f"{calibrated} ({cal['direction']}) | {block['verdict']} |")
         lines += ["", "An AUC below 0.5 is an *inverted signal*: the attacker flips the sign and still separates "
-                  "members — it is a leak, not protection. The calibrated columns choose direction and threshold "
-                  "(FPR ≤ target) on one half, stratified by domain, and measure on the other half.", ""]
+                  "members — it is a leak, not protection. The calibrated column chooses direction and threshold "
+                  "(FPR ≤ target) on one half, stratified by domain, and measures on the other half. A TPR at FPR "
+                  "x below the FPR resolution 1/n (n non-members) would be the TPR at FPR = 0.", ""]
         for name, block in results["privacy"].items():
-            if block["fpr_resolution"] > 0.001:
-                lines.append(f"- {name}: {block['num_nonmembers']} non-members, so the smallest non-zero FPR is "
-                             f"{block['fpr_resolution']:.4f}; TPR@0.1%FPR is the TPR at FPR = 0.")
             if block["reference"]:
                 ref = block["reference"]
                 lines.append(f"- {name} vs reference {ref['scores_path']}: "
@@ -408,9 +500,9 @@ def main(args):
     all_scores = [load_scores(path, args.score_column) for path in args.scores]
     references = [load_scores(path, args.score_column) for path in args.reference_scores or []]
     if all_scores:
-        check_same_rows(all_scores)
+        check_rows_within(all_scores)
     for scores, reference in zip(all_scores, references):
-        check_same_rows([scores, reference], flag="--reference_scores")
+        check_same_rows([scores, reference])
     if args.write_card:  # before any heavy work: the scores must have attacked exactly the folder's weights
         check_report_matches_weights({"privacy": {s["name"]: s for s in all_scores}}, weights_digest(args.write_card),
                                      args.write_card, "--write_card")
@@ -429,12 +521,13 @@ def main(args):
             return None
 
     results = {"schema_version": 1, "bootstrap": args.bootstrap, "seed": args.seed, "confidence": 0.95,
-               "privacy": {}, "blind_baseline": None, "utility": None, "extraction": None}
+               "privacy": {}, "worst_case": [], "blind_baseline": None, "utility": None, "extraction": None}
     names = [scores["name"] for scores in all_scores]
     for index, (scores, reference) in enumerate(zip(all_scores, references or [None] * len(all_scores))):
         name = scores["name"] if names.count(scores["name"]) == 1 else f"{index}_{scores['name']}"
         print(f"Evaluating {scores['path']} ({scores['attack']}, {len(scores['scores'])} images)")
         results["privacy"][name] = privacy_block(scores, reference, args)
+    results["worst_case"] = worst_case(results["privacy"])
     if args.member_dataset is not None:
         results["blind_baseline"] = blind_baseline(args, members, nonmembers, all_scores)
     if generations is not None:

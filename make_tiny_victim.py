@@ -37,7 +37,7 @@ from mixsyn_utils.dataset_io import load_image_dataset  # the saved member / non
 # Pretraining captions use the paper's templates too, so self-synthesis prompts come from the same
 # distribution as the victim's own training captions.
 from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES, draw_prompt
-from mixsyn_utils.diffusion import alphas_cumprod, loss_attack_scores, q_sample  # ᾱ_t, the loss attack, noising
+from mixsyn_utils.diffusion import NoisePredictor, alphas_cumprod, loss_attack_scores, q_sample  # ε̂, ᾱ_t, loss, z_t
 from mixsyn_utils.flags import require_non_negative, require_positive, require_range  # flag ranges
 from mixsyn_utils.images import image_to_tensor  # the shared preprocessing
 from mixsyn_utils.metrics import blind_baseline_auc, blind_features, roc_metrics  # the membership figures
@@ -314,7 +314,7 @@ def build_tiny_victim(args):
 @torch.no_grad()
 def loss_attack_member_scores(components, dataset, timesteps, seed, batch_size=64):
     """Per image −L(x) of `diffusion.loss_attack_scores` averaged over `timesteps` (higher = more member-like)."""
-    alpha_bar = alphas_cumprod(components.noise_scheduler)
+    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
     resolution = native_resolution(components.unet, components.vae)
     scores = []
     for start in range(0, len(dataset), batch_size):
@@ -322,7 +322,7 @@ def loss_attack_member_scores(components, dataset, timesteps, seed, batch_size=6
         pixel_values = torch.stack([image_to_tensor(image, resolution) for image in rows["image"]])
         latents = encode_images_to_latents(components.vae, pixel_values)
         context = encode_prompts(components.text_encoder, tokenize_prompts(components.tokenizer, rows["prompt"]))
-        by_timestep = loss_attack_scores(components.unet, latents, context, alpha_bar, timesteps, seed=seed)
+        by_timestep = loss_attack_scores(predictor, latents, context, timesteps, seed=seed)
         scores.append(-torch.stack([by_timestep[t] for t in timesteps]).mean(0))
     return torch.cat(scores).numpy()
 

@@ -2,7 +2,7 @@
 """Direction and strength of SecMI, PIA and the loss attack on the embedded victim as its training gets longer.
 
 Builds the victim with `make_tiny_victim.py`'s defaults at each `--unet_steps` (same seed, so only the training
-length differs), runs `attack_secmi.py` (t_sec 100, k 10) and `attack_pia.py` (PIA, t 200, p 4) on its members
+length differs), runs `attack_secmi.py` (t_sec 100, k 10) and `attack_pia.py` (PIA, t 200, p 4, no guidance) on its members
 and non-members, and prints each AUC with a stratified bootstrap
 95% CI. AUC is in the members-lower convention of the scores: below 0.5 means members have the LARGER error
 ("inverted"), which an attacker exploits just as well.
@@ -30,7 +30,7 @@ from mixsyn_utils.metrics import bootstrap_ci, roc_metrics  # noqa: E402
 
 ATTACKS = {
     "secmi": (attack_secmi, ["--t_sec", "100", "--k", "10"]),
-    "pia": (attack_pia, ["--method", "pia", "--attack_timesteps", "200", "--lp", "4"]),
+    "pia": (attack_pia, ["--method", "pia", "--attack_timesteps", "200", "--lp", "4", "--guidance_scale", "1"]),
 }
 
 

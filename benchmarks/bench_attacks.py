@@ -1,16 +1,19 @@
 #!/usr/bin/env python
-"""Per-image attack time against the UNet floor, for PIA and SecMI (target ratio ≤ 1.2×).
+"""Per-image attack time against the UNet floor, for every attack at its default setting (target ratio ≤ 1.2×).
 
-floor = the same number of batched UNet forwards (same batch size, same latent shape, same text-context
-shape) on random latents, timed in the same process right after the attack. The attack's time is the
-whole scoring loop (`score_all`: image decoding, VAE, text encoder, UNet, per-batch partial saves).
+floor = the same number of batched UNet forwards (same rows per call: the batch, or twice it with classifier-free
+guidance; same latent shape, same text-context shape) on random latents, timed in the same process right after
+the attack. The attack's time is the whole scoring loop (`score_all`: image decoding, VAE, text encoder, UNet,
+per-batch partial saves). PFAMI also encodes its neighbours with the VAE: its UNet + VAE-encode floor counts
+1 + N encodes per image.
 
     python benchmarks/bench_attacks.py --victim_dir outputs/victim            # the tiny victim
-    python benchmarks/bench_attacks.py --victim_dir outputs/victim --sd_config --num_images 8 --batch_size 4
-        # SD-1.x-size UNet, VAE and text encoder (random weights) at 512 px; on a GPU add --device cuda
+    python benchmarks/bench_attacks.py --victim_dir outputs/victim --sd_config --num_images 8 --batch_size 4 \
+        --attacks pia  # SD-1.x-size UNet, VAE and text encoder (random weights) at 512 px; on a GPU add --device cuda
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -22,8 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import attack_clid  # noqa: E402
+import attack_loss  # noqa: E402
+import attack_pfami  # noqa: E402
+import attack_pia  # noqa: E402
+import attack_secmi  # noqa: E402
 from mixsyn_utils.attacks import attack_resolution, load_attack_data, load_attack_model, score_all  # noqa: E402
-from mixsyn_utils.diffusion import alphas_cumprod, pia_scores, secmi_t_error  # noqa: E402
+from mixsyn_utils.diffusion import NoisePredictor, pia_scores, secmi_t_error  # noqa: E402
+from mixsyn_utils.models import encode_prompts, tokenize_prompts  # noqa: E402
 
 
 def attack_args(victim_dir, output_dir, batch_size):
@@ -42,9 +51,10 @@ def synchronize(device):
 
 
 @torch.no_grad()
-def unet_floor_seconds(unet, num_calls, batch_size, latent_shape, context_shape, device):
+def unet_floor_seconds(unet, num_calls, latent_shape, context, device):
+    """`num_calls` UNet forwards on random latents with the given text context (its rows = the batch)."""
+    batch_size = len(context)
     latents = torch.randn(batch_size, *latent_shape, device=device)
-    context = torch.randn(batch_size, *context_shape, device=device)
     timesteps = torch.full((batch_size,), 100, device=device, dtype=torch.long)
     synchronize(device)
     start = time.perf_counter()
@@ -64,32 +74,67 @@ def vae_floor_seconds(vae, batch_size, resolution, device):
     return time.perf_counter() - start
 
 
-def measure(name, rows, components, args, score_batch, calls_per_image, device, encodes=True):
-    """Per-image time of `score_all` against the UNet floor, and against UNet + VAE-encoder floor."""
+class UNetTimer:
+    """Seconds spent inside the UNet's forward calls during a run (forward pre-hook to forward hook)."""
+
+    def __init__(self, unet, device):
+        self.seconds, self.device, self._start = 0.0, device, None
+        self.handles = [unet.register_forward_pre_hook(self._enter), unet.register_forward_hook(self._leave)]
+
+    def _enter(self, module, inputs):
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _leave(self, module, inputs, output):
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def measure(name, rows, components, args, score_batch, calls_per_image, device, encodes=1, rows_per_call=1):
+    """Per-image time of `score_all` against the UNet floor, and against the UNet + `encodes` VAE-encodes floor.
+
+    Also the UNet's own time inside the run: on a machine shared with other jobs the load drifts between the
+    run and the separately timed floor; attack time / in-run UNet time is measured over the same seconds.
+    """
     resolution = attack_resolution(args, components)
     with tempfile.TemporaryDirectory() as scratch:
         args.output_dir = str(Path(scratch) / name)
+        timer = UNetTimer(components.unet, device)
         synchronize(device)
         start = time.perf_counter()
         _, work = score_all(rows, components, args, resolution, None, score_batch, desc=name)
         synchronize(device)
         attack_seconds = time.perf_counter() - start
+        timer.remove()
         work.cleanup()
     latent_shape = (components.unet.config.in_channels, *([components.unet.config.sample_size] * 2))
-    context_shape = (components.tokenizer.model_max_length, components.text_encoder.config.hidden_size)
-    # Full batches only in the floor too: same number of forwards of the same sizes as the attack.
+    # Full batches only in the floor too: same number of forwards of the same sizes as the attack. The context is
+    # the text encoder's: random N(0, 1) contexts made the CPU UNet 5-16% slower than real ones (alternating runs).
     floor = vae_floor = 0.0
     for start in range(0, len(rows), args.batch_size):
-        size = min(args.batch_size, len(rows) - start)
-        floor += unet_floor_seconds(components.unet, calls_per_image, size, latent_shape, context_shape, device)
-        vae_floor += vae_floor_seconds(components.vae, size, resolution, device)
+        batch = rows[start : start + args.batch_size]
+        with torch.no_grad():
+            context = encode_prompts(components.text_encoder, tokenize_prompts(
+                components.tokenizer, [row["caption"] for row in batch] + [""] * len(batch) * (rows_per_call - 1)))
+        floor += unet_floor_seconds(components.unet, calls_per_image, latent_shape, context, device)
+        size = len(batch)
+        vae_floor += encodes * vae_floor_seconds(components.vae, size, resolution, device) if encodes else 0.0
     per_image, floor_per_image, vae_per_image = (value / len(rows) for value in (attack_seconds, floor, vae_floor))
-    line = (f"{name:18s} {len(rows)} images: {per_image * 1e3:9.2f} ms/image; UNet floor {floor_per_image * 1e3:9.2f} "
-            f"ms/image, ratio {per_image / floor_per_image:.3f}x")
-    if encodes:  # z₀ computed here, not read from the latents cache
-        line += (f"; UNet + VAE-encode floor {(floor_per_image + vae_per_image) * 1e3:9.2f} ms/image, "
+    line = (f"{name:18s} {len(rows)} images, {calls_per_image} calls × {rows_per_call} row(s): "
+            f"{per_image * 1e3:9.2f} ms/image; UNet floor {floor_per_image * 1e3:9.2f} ms/image, "
+            f"ratio {per_image / floor_per_image:.3f}x; in-run UNet {timer.seconds / len(rows) * 1e3:9.2f} ms/image, "
+            f"ratio {attack_seconds / timer.seconds:.3f}x")
+    if encodes:  # z₀ (and PFAMI's neighbours) encoded here, not read from the latents cache
+        line += (f"; UNet + {encodes} VAE-encode floor {(floor_per_image + vae_per_image) * 1e3:9.2f} ms/image, "
                  f"ratio {per_image / (floor_per_image + vae_per_image):.3f}x")
     print(line)
+    return {"ms_per_image": per_image * 1e3, "unet_floor_ms": floor_per_image * 1e3,
+            "ratio": per_image / floor_per_image, "unet_floor_and_encodes_ms": (floor_per_image + vae_per_image) * 1e3,
+            "in_run_unet_ms": timer.seconds / len(rows) * 1e3, "in_run_ratio": attack_seconds / timer.seconds}
 
 
 def build_sd_victim(victim_dir):
@@ -109,18 +154,54 @@ def build_sd_victim(victim_dir):
     return pipeline
 
 
+def default_args(script, victim_dir, *flags):
+    """A script's own defaults for its attack flags (the figures below are the defaults' cost)."""
+    return script.parse_args(["--pretrained_model_name_or_path", str(Path(victim_dir) / "pipeline"),
+                              "--member_dataset", "unused", "--nonmember_dataset", "unused",
+                              "--output_dir", "unused", *flags])
+
+
+def attacks_at_defaults(components, victim_dir, resolution, device):
+    """{name: (score_batch, UNet calls per image, rows per call, VAE encodes per image)} of every attack with its
+    script's defaults, scoring through the scripts' own column functions."""
+    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
+    predictor = NoisePredictor(predictor.unet, predictor.alpha_bar.to(device), predictor.prediction_type)
+    pia = default_args(attack_pia, victim_dir)
+    secmi = default_args(attack_secmi, victim_dir)
+    loss, sima = (default_args(attack_loss, victim_dir, "--method", method) for method in ("loss", "sima"))
+    clid, pfami = default_args(attack_clid, victim_dir), default_args(attack_pfami, victim_dir)
+
+    def pia_batch(batch, guidance_scale):
+        return {"score": pia_scores(predictor, batch.latents, batch.context, pia.attack_timesteps, pia.lp,
+                                    guidance_scale=guidance_scale, null_context=batch.null_context())[10]}
+
+    return {
+        "pia (w 7.5)": (lambda batch: pia_batch(batch, pia.guidance_scale), 1 + len(pia.attack_timesteps), 2, 1),
+        "pia (w 1)": (lambda batch: pia_batch(batch, 1.0), 1 + len(pia.attack_timesteps), 1, 1),
+        "secmi": (lambda batch: {"score": secmi_t_error(predictor, batch.latents, batch.context, secmi.t_sec,
+                                                        secmi.k)[0]}, secmi.t_sec // secmi.k + 1, 1, 1),
+        "loss": (lambda batch: attack_loss.score_columns(batch, predictor, loss), len(attack_loss.timesteps_of(loss)),
+                 1, 1),
+        "sima": (lambda batch: attack_loss.score_columns(batch, predictor, sima), len(attack_loss.timesteps_of(sima)),
+                 1, 1),
+        "clid": (lambda batch: attack_clid.clid_raw_columns(batch, components, predictor, clid),
+                 (1 + len(clid.weak_caption)) * len(clid.attack_timesteps), 1, 1),
+        "pfami": (lambda batch: attack_pfami.pfami_columns(batch, components, predictor, pfami, resolution),
+                  (1 + len(pfami.crop_strengths)) * len(pfami.attack_timesteps), 1, 1 + len(pfami.crop_strengths)),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--victim_dir", type=str, required=True, help="A make_tiny_victim.py output folder.")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--t_sec", type=int, default=100)
-    parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--num_images", type=int, default=None, help="Score only this many images.")
     parser.add_argument("--sd_config", action="store_true",
                         help="Swap in SD-1.x-size UNet, VAE and text encoder (random weights), attacked at 512 px.")
-    parser.add_argument("--attacks", nargs="+", default=["pia", "secmi"], choices=["pia", "secmi"],
-                        help="Attacks to time (SecMI costs t_sec/k + 1 UNet calls per image).")
+    parser.add_argument("--attacks", nargs="+", default=None,
+                        help="Attacks to time (names as printed; default: all). Their cost is their scripts' defaults.")
+    parser.add_argument("--output", type=str, default=None, help="Also write the figures as JSON here.")
     cli = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as scratch:
@@ -135,21 +216,25 @@ def main():
         input_pass = (time.perf_counter() - start) / len(all_rows)
         rows = all_rows[: cli.num_images]
         components = load_attack_model(args, torch.device(cli.device))
-        alpha_bar = alphas_cumprod(components.noise_scheduler).to(cli.device)
-        pia = lambda latents, context: {"score": pia_scores(components.unet, latents, context, alpha_bar, [200])[200]}  # noqa: E731
-        secmi = lambda latents, context: {"score": secmi_t_error(components.unet, latents, context, alpha_bar,  # noqa: E731
-                                                                 cli.t_sec, cli.k)[0]}
+        resolution = attack_resolution(args, components)
+        attacks = attacks_at_defaults(components, cli.victim_dir, resolution, cli.device)
+        attacks = {name: attacks[name] for name in attacks if cli.attacks is None or name.split()[0] in cli.attacks
+                   or name in cli.attacks}
         print(f"input checks (decode + hash every image once, before scoring; second call): {input_pass * 1e3:.2f} ms/image")
-        attacks = {"pia": (pia, 2), "secmi": (secmi, cli.t_sec // cli.k + 1)}
-        attacks = {name: attacks[name] for name in cli.attacks}
-        measure("warmup", rows[: cli.batch_size], components, args, pia, 2, cli.device)
-        for name, (score_batch, calls) in attacks.items():
-            measure(name, rows, components, args, score_batch, calls, cli.device)
+        warmup = attacks_at_defaults(components, cli.victim_dir, resolution, cli.device)["loss"]
+        measure("warmup", rows[: cli.batch_size], components, args, warmup[0], warmup[1], cli.device)
+        figures = {}
+        for name, (score_batch, calls, rows_per_call, encodes) in attacks.items():
+            figures[name] = measure(name, rows, components, args, score_batch, calls, cli.device, encodes,
+                                    rows_per_call)
         # With --latents_cache_dir, a second attacked model sharing the VAE encoder reads z₀ from the cache.
         args.latents_cache_dir = str(Path(scratch) / "latents")
-        measure("fill cache", rows, components, args, pia, 2, cli.device)
-        for name, (score_batch, calls) in attacks.items():
-            measure(f"{name} (cached z0)", rows, components, args, score_batch, calls, cli.device, encodes=False)
+        measure("fill cache", rows, components, args, warmup[0], warmup[1], cli.device)
+        for name, (score_batch, calls, rows_per_call, encodes) in attacks.items():
+            figures[f"{name} (cached z0)"] = measure(f"{name} (cached z0)", rows, components, args, score_batch,
+                                                     calls, cli.device, encodes - 1, rows_per_call)
+    if cli.output:
+        Path(cli.output).write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

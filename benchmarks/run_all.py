@@ -25,6 +25,8 @@ def commands(victim_dir):
         "pgd": ["bench_pgd.py", "--resolution", "64", "--batch_size", "2", "--steps", "2"],
         "training": ["bench_training.py", *victim],
         "attacks": ["bench_attacks.py", *victim],
+        "attack_strength": ["bench_attack_strength.py", "--output", str(BENCH_DIR / "results" / "attack_strength.json"),
+                            *victim],
         "evaluate": ["bench_evaluate.py"],
         "reliability": ["bench_reliability.py"],
     }

@@ -1,19 +1,22 @@
 """Plumbing every attack script shares: input checks, encoding, sharded resumable scoring, the scores dataset.
 
 The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_args`. An attack script gives
-`score_all` a function `score_batch(latents, context) -> {column: (B,) float64 array}`; everything else is here:
+`score_all` a function `score_batch(batch: AttackBatch) -> {column: (B,) float64 array}`; everything else is here:
 
 - members and non-members are scored together, in fixed global batches of `--batch_size`, so a batch's
   scores do not depend on how many processes run (`ResumableWork` units: a killed run resumes);
 - each image is encoded by the VAE once (and with `--latents_cache_dir` once for every model sharing the VAE
   encoder), each unique caption by the text encoder once (per process);
 - the scores dataset has columns `id, domain, is_member, score[, score_t{t}...]` and its info records
-  the attack, the flags, the model and library versions, and `member_is_lower: true`.
+  the attack, the flags, the model and library versions, and `member_is_lower: true`;
+- an attack that fits something on labelled rows (CLiD's α, SimA's t) fits it on a seeded calibration split
+  (`calibration_rows`) and saves the scores of the other rows only.
 """
 
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,7 @@ from .dataset_io import (
     with_provenance,
 )
 from .images import image_to_tensor
-from .metrics import roc_metrics
+from .metrics import calibration_split, roc_metrics
 from .models import (
     components_from_pipeline,
     encode_images_to_latents,
@@ -43,16 +46,21 @@ from .models import (
 )
 from .placeholders import load_token_map, rewrite_caption
 from .resumable import ResumableWork, input_fingerprint, run_signature
-from .seeds import derive_seed
+from .seeds import SALT_ATTACK_CALIBRATION, derive_seed
 
 # Bumped whenever image preprocessing or the latent encoding changes, so older cached z₀ are not reused.
 LATENT_CACHE_VERSION = 1
+# Fewest calibration images per class an attack may fit on: below 10 × 10 pairs, one pair moves the calibration
+# AUC by more than 0.01, the size of the differences α or t are chosen by.
+MIN_CALIBRATION_PER_CLASS = 10
 
 
-def check_timestep(value, num_train_timesteps, flag):
-    """An attack timestep must lie strictly inside (0, T)."""
-    if not 0 < value < num_train_timesteps:
-        raise InputError(f"{flag} must be in (0, {num_train_timesteps}), got {value}")
+def check_timestep(value, num_train_timesteps, flag, allow_zero=False):
+    """An attack timestep must lie inside (0, T), or [0, T) for attacks that noise z₀ at t = 0 too."""
+    low = 0 if allow_zero else 1
+    if not low <= value < num_train_timesteps:
+        interval = f"[0, {num_train_timesteps})" if allow_zero else f"(0, {num_train_timesteps})"
+        raise InputError(f"{flag} must be in {interval}, got {value}")
 
 
 def num_train_timesteps(args):
@@ -100,7 +108,7 @@ def load_attack_data(args):
         rgb_images = decoded_images(dataset, "image", f"{flag} {path}")
         for index, (row, rgb) in enumerate(zip(dataset.remove_columns("image"), rgb_images)):
             domain = str(row.get("domain", "") or "")
-            caption = "" if args.null_prompt else row[args.caption_column]
+            caption = "" if args.null_prompt else str(row[args.caption_column])
             if token_map is not None:
                 caption = rewrite_caption(caption, domain, token_map)
             rows.append({"id": str(row["id"]) if "id" in row else f"{prefix}-{index:06d}", "domain": domain,
@@ -162,16 +170,26 @@ def batch_images(rows):
     return images
 
 
+def batch_pixel_values(rows, resolution):
+    """The rows' images as one (B, 3, H, W) float32 tensor in [-1, 1] (`image_to_tensor`)."""
+    return torch.stack([image_to_tensor(image, resolution) for image in batch_images(rows)])
+
+
 @torch.no_grad()
-def encode_batch_latents(vae, rows, resolution, sample, seed, first_index):
-    """z₀ of a batch (`encode_images_to_latents`): the posterior mode, or with `sample` one draw per image from a
-    generator seeded by `derive_seed(seed, global index)`, so a draw does not depend on its batch or process.
+def encode_pixel_latents(vae, pixel_values, sample, seed, first_index):
+    """z₀ of a batch of pixels (`encode_images_to_latents`): the posterior mode, or with `sample` one draw per
+    image from a generator seeded by `derive_seed(seed, global index)`, so a draw does not depend on its batch
+    or process.
     """
-    pixel_values = torch.stack([image_to_tensor(image, resolution) for image in batch_images(rows)])
-    generators = [torch.Generator().manual_seed(derive_seed(seed, first_index + i)) for i in range(len(rows))]
+    generators = [torch.Generator().manual_seed(derive_seed(seed, first_index + i)) for i in range(len(pixel_values))]
     latents = encode_images_to_latents(vae, pixel_values, sample=sample, generator=generators if sample else None)
     # Contiguous, as when read back from the latents cache: the UNet's kernels differ by layout in the last bits.
     return latents.contiguous()
+
+
+def encode_batch_latents(vae, rows, resolution, sample, seed, first_index):
+    """z₀ of a batch of rows: `encode_pixel_latents` of their `batch_pixel_values`."""
+    return encode_pixel_latents(vae, batch_pixel_values(rows, resolution), sample, seed, first_index)
 
 
 def vae_encoder_digest(vae):
@@ -253,10 +271,33 @@ def scores_to_dataset(batch, scores):
     return Dataset.from_dict(columns, features=Features(features))
 
 
+@dataclass
+class AttackBatch:
+    """One global batch as an attack sees it."""
+
+    rows: list                  # the rows of `load_attack_data` (id, domain, is_member, caption, source)
+    first_index: int            # global index of rows[0], which seeds per-image draws
+    latents: torch.Tensor       # z₀ (B, C, h, w)
+    context: torch.Tensor       # c, the text embedding of each row's caption (B, L, D)
+    captions: CaptionCache      # embeddings of any other prompt (the empty prompt, weakened captions)
+
+    def null_context(self):
+        """c_∅: the empty prompt's embedding for every row, what classifier-free guidance subtracts."""
+        return self.captions([""] * len(self.rows))
+
+
+def timestep_columns(by_timestep):
+    """{t: (B,) score} → `score` = the mean over t, and with several t one `score_t{t}` column each."""
+    columns = {"score": torch.stack(list(by_timestep.values())).mean(0)}
+    if len(by_timestep) > 1:
+        columns.update({f"score_t{t}": values for t, values in by_timestep.items()})
+    return columns
+
+
 def score_all(rows, components, args, resolution, accelerator, score_batch, desc):
     """Score every row in global batches of --batch_size (`ResumableWork` units sharded over processes).
 
-    `score_batch(latents, context) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
+    `score_batch(batch: AttackBatch) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
     Returns (scores dataset on the main process / None elsewhere, the `ResumableWork` to clean up once saved).
     """
     work = ResumableWork(args.output_dir, run_signature(args, attack_inputs(args)), accelerator,
@@ -273,7 +314,8 @@ def score_all(rows, components, args, resolution, accelerator, score_batch, desc
         batch = rows[start : start + args.batch_size]
         latents = batch_latents(components, batch, args, resolution, start, latent_cache)
         with torch.no_grad():
-            scores = score_batch(latents, captions([row["caption"] for row in batch]))
+            scores = score_batch(AttackBatch(batch, start, latents, captions([row["caption"] for row in batch]),
+                                             captions))
         return scores_to_dataset(batch, scores)
 
     return work.run(num_batches, score_unit, desc=desc), work
@@ -293,6 +335,31 @@ def attack_inputs(args):
     return {"member_dataset": input_fingerprint(args.member_dataset, repo_type="dataset"),
             "nonmember_dataset": input_fingerprint(args.nonmember_dataset, repo_type="dataset"),
             **model_fingerprints(args)}
+def calibration_rows(rows, fraction, seed, attack):
+    """Boolean mask of the rows an attack fits on; it saves the scores of the other rows only.
+
+    `metrics.calibration_split` of the rows' (is_member, domain) with `fraction` and the seed
+    `derive_seed(seed, SALT_ATTACK_CALIBRATION)`, so it is not the half `evaluate.py` calibrates on with the
+    same --seed. Raises `InputError` naming the number needed when a class gets fewer than
+    `MIN_CALIBRATION_PER_CLASS` calibration images (checked before any image is scored).
+    """
+    is_member = np.asarray([row["is_member"] for row in rows], dtype=bool)
+    mask = calibration_split(is_member, [row["domain"] for row in rows], derive_seed(seed, SALT_ATTACK_CALIBRATION),
+                             fraction)
+    members, nonmembers = int((mask & is_member).sum()), int((mask & ~is_member).sum())
+    if min(members, nonmembers) < MIN_CALIBRATION_PER_CLASS:
+        raise InputError(f"--calibration_fraction {fraction} gives {members} member and {nonmembers} non-member "
+                         f"calibration images; {attack} needs at least {MIN_CALIBRATION_PER_CLASS} of each (raise "
+                         "--calibration_fraction or score more images)")
+    return mask
+
+
+def calibration_record(rows, mask, fraction, seed, fit):
+    """The dataset-info record of a calibration split: how it was drawn, its size and ids, what was fitted."""
+    is_member = np.asarray([row["is_member"] for row in rows], dtype=bool)
+    return {"fraction": fraction, "seed": f"derive_seed({seed}, SALT_ATTACK_CALIBRATION={SALT_ATTACK_CALIBRATION})",
+            "num_members": int((mask & is_member).sum()), "num_nonmembers": int((mask & ~is_member).sum()),
+            "ids": [row["id"] for row, calibrating in zip(rows, mask) if calibrating], **fit}
 
 
 def model_record(args):
@@ -317,5 +384,3 @@ def write_scores(dataset, script, attack, args, extra=None):
         metrics = roc_metrics(-values[is_member], -values[~is_member])
         print(f"{attack} {column}: AUC {metrics['auc']:.4f}  TPR@1%FPR {metrics['tpr_at_1pct_fpr']:.4f}")
     return dataset
-
-

@@ -452,3 +452,32 @@ def check_attack_args(args):
     check_resolution(args.resolution)
     if args.null_prompt and args.textual_inversion:
         raise InputError("--null_prompt ignores captions, so --textual_inversion placeholders would never be used")
+
+
+def check_attack_timesteps(timesteps, allow_zero=False, flag="--attack_timesteps"):
+    """Distinct timesteps, each > 0 (≥ 0 with `allow_zero`); the upper bound T is checked against the model."""
+    if len(set(timesteps)) != len(timesteps):
+        raise InputError(f"{flag} lists a timestep twice: {timesteps}")
+    for t in timesteps:
+        if t < 0 or (t == 0 and not allow_zero):
+            raise InputError(f"{flag} must be in {'[0' if allow_zero else '(0'}, T), got {t}")
+
+
+def add_noise_draws_arg(group):
+    group.add_argument("--num_noise_draws", type=int, default=1,
+                       help="Noise draws ε_j per timestep, each `diffusion.fixed_noise(seed, t, j)` shared by every "
+                            "image; the authors use one. More draws average out the noise at that many UNet calls.")
+    return group
+
+
+def add_calibration_arg(group, attack):
+    group.add_argument("--calibration_fraction", type=float, default=0.2,
+                       help=f"Fraction of each (member/non-member, domain) stratum used to fit {attack} (a seeded "
+                            "split); those images are left out of the saved scores, so nothing is fitted on the images "
+                            "it scores. 0.2 keeps 80%% for the audit.")
+    return group
+
+
+def check_calibration_fraction(args):
+    if not 0 < args.calibration_fraction < 1:
+        raise InputError(f"--calibration_fraction must be in (0, 1), got {args.calibration_fraction}")

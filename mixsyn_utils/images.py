@@ -111,3 +111,17 @@ def pil_to_tensor(image):
 def image_to_tensor(image, resolution, center_crop=True):
     """PIL image -> float32 tensor (3, H, W) in [-1, 1] after `resize_and_crop`."""
     return pil_to_tensor(resize_and_crop(image, resolution, center_crop))
+
+
+def center_crop_zoom(pixel_values, strength):
+    """x_λ = Resize_R(CenterCrop_⌊λR⌋(x)): PFAMI's neighbour of each square image in a (B, 3, R, R) batch.
+
+    The central ⌊λ·R⌋ × ⌊λ·R⌋ pixels (top-left corner at round((R − ⌊λR⌋) / 2), as torchvision's `CenterCrop`)
+    resized back to R × R, bilinear with `align_corners=False` (torchvision's `Resize` on tensors; an upscale,
+    so antialiasing changes nothing). On a small image ⌊λR⌋ is coarse: the effective strength is ⌊λR⌋ / R.
+    """
+    size = pixel_values.shape[-1]
+    crop = int(size * strength)
+    top = int(round((size - crop) / 2.0))
+    cropped = pixel_values[..., top : top + crop, top : top + crop]
+    return torch.nn.functional.interpolate(cropped, size=(size, size), mode="bilinear", align_corners=False)

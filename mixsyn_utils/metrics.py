@@ -4,8 +4,11 @@ Each quantity lives in one function with its formula in the docstring:
 
 - `roc_metrics`               AUC, TPR at FPR ≤ 1% / 0.1%, best balanced accuracy (in-sample)
 - `bootstrap_ci`              stratified percentile bootstrap CIs of `roc_metrics`
-- `calibration_split`         seeded half split, stratified by (class, domain)
+- `low_fpr_measurable`        whether a TPR at FPR ≤ x can be measured with n non-members (x ≥ 1/n)
+- `calibration_split`         seeded split (half by default), stratified by (class, domain)
 - `calibrated_attack`         direction + threshold chosen on a calibration half, TPR/FPR measured on the test half
+- `most_separating`           the candidate score (a timestep, a weight) with the best calibration AUC
+- `clid_threshold_fit/score`  CLiD_th: robust-scaled loss and discrepancy mixed by α, fitted on calibration rows
 - `paired_bootstrap_deltas`   model − reference differences with a paired bootstrap CI
 - `blind_baseline_auc`        a model-free classifier (5-fold CV logistic regression) and its AUC CI
 - `tiled_l2_distances`        Carlini et al. (2023) tiled ℓ2: max over tiles of the RMS pixel distance
@@ -72,8 +75,17 @@ def bootstrap_ci(member_scores, nonmember_scores, num_resamples=1000, seed=0, co
     return {key: _percentile_interval(values, confidence) for key, values in samples.items()}
 
 
-def calibration_split(is_member, domains, seed=0):
-    """Boolean mask of the calibration half: within every (is_member, domain) stratum, a seeded ⌈n/2⌉ of rows."""
+def low_fpr_measurable(fpr, num_nonmembers):
+    """TPR at FPR ≤ x is measurable with n non-members iff x ≥ 1/n (below, it is the TPR at FPR = 0)."""
+    return fpr * num_nonmembers >= 1.0
+
+
+def calibration_split(is_member, domains, seed=0, fraction=0.5):
+    """Boolean mask of the calibration rows: within every (is_member, domain) stratum, a seeded ⌈fraction·n⌉.
+
+    rng = numpy `default_rng(seed)`; strata in the order (member, then non-member) × sorted domains; each takes
+    the first ⌈fraction·n⌉ rows of `rng.permutation(its row indices)`.
+    """
     is_member = np.asarray(is_member, dtype=bool)
     domains = np.asarray(domains).astype(str)
     rng = np.random.default_rng(seed)
@@ -81,7 +93,8 @@ def calibration_split(is_member, domains, seed=0):
     for label in (True, False):
         for domain in np.unique(domains):
             rows = np.flatnonzero((is_member == label) & (domains == domain))
-            calibration[rng.permutation(rows)[: (len(rows) + 1) // 2]] = True
+            # ⌈fraction·n⌉ without float noise (0.3·10 is 3.0000000000000004 in binary)
+            calibration[rng.permutation(rows)[: int(np.ceil(round(fraction * len(rows), 9)))]] = True
     return calibration
 
 
@@ -130,7 +143,61 @@ def calibrated_attack(scores, is_member, domains, target_fpr=0.01, seed=0):
         "test_auc": roc_metrics(direction * scores[test & is_member], direction * scores[test & ~is_member])["auc"],
         "num_calibration": int(calibration.sum()),
         "num_test": int(test.sum()),
+        "num_test_members": int((test & is_member).sum()),
+        "num_test_nonmembers": int((test & ~is_member).sum()),
     }
+
+
+def most_separating(candidate_scores, is_member):
+    """argmax_k AUC_k over candidate score arrays {k: s_k} with members LOWER (the first k of a tie).
+
+    AUC_k = P(s_k(non-member) > s_k(member)) + ½ P(tie) (`roc_metrics` of −s_k). Fit on calibration rows only:
+    choosing on the rows that are then reported would be the oracle choice the attack papers make.
+    Returns (k, {k: AUC_k}).
+    """
+    is_member = np.asarray(is_member, dtype=bool)
+    aucs = {key: roc_metrics(-np.asarray(values)[is_member], -np.asarray(values)[~is_member])["auc"]
+            for key, values in candidate_scores.items()}
+    best = max(aucs, key=lambda key: (aucs[key], -list(aucs).index(key)))
+    return best, aucs
+
+
+def _robust_centre_and_scale(values):
+    """(median, IQR) of `values`, an IQR of 0 replaced by 1: sklearn's `RobustScaler()` defaults."""
+    low, median, high = np.percentile(np.asarray(values, dtype=np.float64), [25.0, 50.0, 75.0])
+    return float(median), float(high - low) if high > low else 1.0
+
+
+def clid_threshold_score(fit, losses, discrepancies):
+    """CLiD_th score (Zhai et al. 2024, Eq. 16): s = (1 − α) · (L − m_L) / q_L + α · (−D − m_D) / q_D.
+
+    L = the caption's loss, D = the mean conditional likelihood discrepancy, (m, q) = the median and IQR of
+    L and of −D on the calibration rows, α from `clid_threshold_fit`. Members have a low L and a high D:
+    members score LOWER.
+    """
+    scaled_loss = (np.asarray(losses, dtype=np.float64) - fit["loss_median"]) / fit["loss_iqr"]
+    minus_discrepancy = -np.asarray(discrepancies, dtype=np.float64)
+    scaled_discrepancy = (minus_discrepancy - fit["discrepancy_median"]) / fit["discrepancy_iqr"]
+    return (1.0 - fit["alpha"]) * scaled_loss + fit["alpha"] * scaled_discrepancy
+
+
+CLID_ALPHAS = tuple(round(0.1 * step, 1) for step in range(11))  # the authors' grid, cal_clid_th.py
+
+
+def clid_threshold_fit(losses, discrepancies, is_member):
+    """CLiD_th's scalers and α from calibration rows (the authors' `cal_clid_th.py`, fitted there on a shadow model).
+
+    (m_L, q_L), (m_D, q_D) = median and IQR of L and of −D (sklearn's `RobustScaler`); α = `most_separating`
+    over `CLID_ALPHAS` of `clid_threshold_score`. Returns {alpha, loss_median, loss_iqr, discrepancy_median,
+    discrepancy_iqr, calibration_auc}.
+    """
+    loss_median, loss_iqr = _robust_centre_and_scale(losses)
+    discrepancy_median, discrepancy_iqr = _robust_centre_and_scale(-np.asarray(discrepancies, dtype=np.float64))
+    fit = {"loss_median": loss_median, "loss_iqr": loss_iqr, "discrepancy_median": discrepancy_median,
+           "discrepancy_iqr": discrepancy_iqr}
+    candidates = {alpha: clid_threshold_score(dict(fit, alpha=alpha), losses, discrepancies) for alpha in CLID_ALPHAS}
+    alpha, aucs = most_separating(candidates, is_member)
+    return dict(fit, alpha=alpha, calibration_auc=aucs[alpha])
 
 
 def paired_bootstrap_deltas(member_scores, nonmember_scores, reference_member_scores, reference_nonmember_scores,

@@ -50,22 +50,62 @@ def read_privacy_report(path):
 
 
 def privacy_lines(report):
-    """Model-card table of the measured membership-inference risk: value [95% CI] per metric."""
+    """Model-card section of the measured membership-inference risk: the worst case first, then every attack run
+    (value [95% CI] per metric, member/non-member counts, FPR resolution), the blind baseline, and what an
+    audit can and cannot say."""
     def with_ci(block, key):
         value, interval = block.get(key), block.get(f"{key}_ci")
         if value is None:
             return "n/a"
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
-    lines = ["## Measured membership-inference risk (evaluate.py)", "",
-             "| scores | attack | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@0.1%FPR [95% CI] | verdict |",
-             "|---|---|---|---|---|---|"]
-    for name, block in report["privacy"].items():
-        lines.append(f"| {name} | {block.get('attack', '')} | {with_ci(block, 'auc')} | "
-                     f"{with_ci(block, 'tpr_at_1pct_fpr')} | {with_ci(block, 'tpr_at_0.1pct_fpr')} | "
-                     f"{block.get('verdict', '')} |")
+    def low_fpr(block, key):
+        if "num_nonmembers" not in block:
+            return with_ci(block, key)
+        resolution = f"FPR resolution 1/{block['num_nonmembers']}"
+        if not block.get("low_fpr_measurable", {}).get(key, True):
+            return f"not measurable at this size ({resolution})"
+        return f"{with_ci(block, key)} ({resolution})"
+
+    def calibrated(block):
+        cal = block.get("calibrated") or {}
+        if "test_tpr" not in cal:
+            return "n/a"
+        resolution = f"FPR resolution 1/{cal['num_test_nonmembers']}" if "num_test_nonmembers" in cal else ""
+        if not cal.get("target_fpr_measurable", True):
+            return f"not measurable at this size ({resolution})"
+        return f"{cal['test_tpr']:.3f} at FPR {cal['test_fpr']:.3f}" + (f" ({resolution})" if resolution else "")
+
+    def counts(block):
+        if "num_members" not in block or "num_nonmembers" not in block:
+            return "n/a"
+        return f"{block['num_members']} / {block['num_nonmembers']}"
+
+    privacy = report["privacy"]
+    worst = [case["scores"] for case in report.get("worst_case") or [] if case.get("scores") in privacy]
+    names = worst + [name for case in report.get("worst_case") or [] for name in case.get("ranking", [])
+                     if name in privacy and name not in worst]
+    names += [name for name in privacy if name not in names]
+    lines = ["## Measured membership-inference risk (evaluate.py)", ""]
+    for name in worst:
+        block = privacy[name]
+        lines += [f"**Worst case over the {len(names)} attack(s) run: {block.get('attack', '')} (`{name}`)**: "
+                  f"calibrated TPR@{100 * block['calibrated']['target_fpr']:g}%FPR {calibrated(block)}, threshold and "
+                  f"direction fixed on a calibration half and measured on the other; AUC {with_ci(block, 'auc')}; "
+                  f"TPR@1%FPR {low_fpr(block, 'tpr_at_1pct_fpr')}; TPR@0.1%FPR {low_fpr(block, 'tpr_at_0.1pct_fpr')}; "
+                  f"members / non-members: {counts(block)}.", ""]
+    lines += ["| scores | attack | members / non-members | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@0.1%FPR [95% CI] | "
+              "calibrated TPR (held-out half) | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        block = privacy[name]
+        lines.append(f"| {name}{' (worst case)' if name in worst else ''} | {block.get('attack', '')} | "
+                     f"{counts(block)} | {with_ci(block, 'auc')} | "
+                     f"{low_fpr(block, 'tpr_at_1pct_fpr')} | {low_fpr(block, 'tpr_at_0.1pct_fpr')} | "
+                     f"{calibrated(block)} | {block.get('verdict', '')} |")
     if report.get("blind_baseline"):
         lines += ["", f"Blind baseline (never sees the model): AUC {with_ci(report['blind_baseline'], 'auc')}."]
+    lines += ["", "An audit bounds the risk from the attacks it ran, listed above, not from every attack: an attack "
+              "not run here, or not yet known, may do better."]
     return lines
 
 

@@ -11,7 +11,8 @@ SALT_GENERATION = 11            # evaluate.py: the sampler seed of generation i 
 SALT_MIX_TIES = 0               # Mixup-I: the order in which domains receive a rounded-up image
 SALT_MIX_SELECTION = 1          # Mixup-I: the permutation that picks a domain's perturbed images
 SALT_ATTACK_NOISE = 13          # attacks: the Gaussian noise ε of draw j at timestep t
-SALT_CAPTION = 17               # training: which caption (of a list, or of textual inversion's templates) item i gets
+SALT_ATTACK_CALIBRATION = 17    # attacks that fit on labelled rows (CLiD, SimA's t): which rows calibrate
+SALT_CAPTION = 19               # training: which caption (of a list, or of textual inversion's templates) item i gets
 # Training crops: instance image i uses key i, its paired class image key CLASS_IMAGE_KEY_OFFSET + i, so the
 # two never share a crop/flip stream (no dataset holds 10⁹ images).
 CLASS_IMAGE_KEY_OFFSET = 10**9

@@ -1,7 +1,8 @@
-"""Specification of the attack scripts: SecMI, PIA and PIAN on member / non-member images.
+"""Specification of the attack scripts: SecMI, PIA, PIAN, loss, SimA, CLiD and PFAMI on member / non-member images.
 
 Their maths is checked against a float64 reference in test_diffusion.py; here: UNet calls per image (forward
-hook), the scores dataset contract with evaluate.py, distribution, resume, bad input, captions and z₀ options.
+hook), v-prediction models, calibration splits, the scores dataset contract with evaluate.py, distribution,
+resume, bad input, captions and z₀ options.
 """
 
 import json
@@ -11,9 +12,12 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from attack_fixtures import K, PIA_TIMESTEPS, T_SEC, common_argv, members_lower_auc, run_attack
+from attack_fixtures import ATTACK_RUNS, PIA_TIMESTEPS, as_velocity_model, common_argv, members_lower_auc, run_attack
 from conftest import launch
 
+import attack_clid
+import attack_loss
+import attack_pfami
 import attack_pia
 import attack_secmi
 import make_tiny_victim
@@ -24,16 +28,108 @@ from mixsyn_utils.cli import InputError
 from mixsyn_utils.models import load_model_variant
 
 
+def calibration_of(dataset):
+    return json.loads(dataset.info.description).get("calibration")
+
+
 # ----------------------------------------------------------------------------------------------
 # Work done: exact UNet calls per image
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method,calls_per_image", [
-    ("pia", 1 + len(PIA_TIMESTEPS)), ("pian", 1 + len(PIA_TIMESTEPS)), ("secmi", T_SEC // K + 1),
+@pytest.mark.parametrize("name", list(ATTACK_RUNS))
+def test_unet_rows_per_image(attack_runs, name):
+    """Every image (calibration images too) costs exactly the documented UNet rows, guidance rows included."""
+    dataset, unet_samples = attack_runs[name]
+    calibration = calibration_of(dataset)
+    num_images = len(dataset) + (len(calibration["ids"]) if calibration else 0)
+    assert unet_samples == ATTACK_RUNS[name][2] * num_images
+
+
+# ----------------------------------------------------------------------------------------------
+# v-prediction: ε̂ is derived from the UNet output by the scheduler's prediction_type
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(ATTACK_RUNS))
+def test_v_prediction_model_gives_the_epsilon_models_scores(attack_runs, tiny_victim, tmp_path, name):
+    """Every score column to 1e-3 relative, plus 1e-4 of the column's largest value: CLiD's D (a difference of
+    losses equal to 4-6 digits here) moves by float32 rounding when ε̂ goes through v."""
+    script, flags, _ = ATTACK_RUNS[name]
+    expected, _ = attack_runs[name]
+    velocity, _ = run_attack(script, common_argv(tiny_victim, tmp_path / name, *flags, "--batch_size", 24),
+                             model_wrapper=as_velocity_model)
+    assert velocity["id"] == expected["id"]
+    for column in [c for c in expected.column_names if expected.features[c].dtype == "float64"]:
+        np.testing.assert_allclose(velocity[column], expected[column], rtol=1e-3,
+                                   atol=1e-4 * np.abs(expected[column]).max(), err_msg=column)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration splits: nothing is fitted on the images that are scored
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["clid", "sima"])
+def test_calibration_split_is_disjoint_from_scored_images_and_reproducible(attack_runs, tiny_victim, name):
+    from mixsyn_utils.metrics import calibration_split
+    from mixsyn_utils.seeds import SALT_ATTACK_CALIBRATION, derive_seed
+
+    dataset, _ = attack_runs[name]
+    calibration = calibration_of(dataset)
+    rows = [row for split in ("members", "nonmembers")
+            for row in datasets.load_from_disk(str(tiny_victim / split)).select_columns(["id", "domain"])]
+    is_member = np.arange(len(rows)) < len(rows) // 2
+    mask = calibration_split(is_member, [row["domain"] for row in rows], derive_seed(0, SALT_ATTACK_CALIBRATION), 0.2)
+    assert not set(calibration["ids"]) & set(dataset["id"])
+    assert sorted(calibration["ids"] + list(dataset["id"])) == sorted(row["id"] for row in rows)
+    assert calibration["ids"] == [row["id"] for row, calibrating in zip(rows, mask) if calibrating]
+    assert calibration["num_members"] == calibration["num_nonmembers"] == 10
+
+
+def test_clid_alpha_and_scalers_are_those_fitted_on_calibration_rows():
+    """clid_threshold_fit = sklearn's RobustScaler on (L, −D) + the α of {0, 0.1, …, 1} with the best AUC."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import RobustScaler
+
+    from mixsyn_utils.metrics import clid_threshold_fit, clid_threshold_score
+
+    rng = np.random.default_rng(0)
+    is_member = np.arange(60) < 30
+    losses = rng.normal(1.0, 0.3, 60) - 0.1 * is_member
+    discrepancies = rng.normal(0.1, 0.05, 60) + 0.04 * is_member
+    fit = clid_threshold_fit(losses, discrepancies, is_member)
+    scaled = RobustScaler().fit_transform(np.stack([losses, -discrepancies], 1))
+    aucs = [roc_auc_score(~is_member, (1 - alpha) * scaled[:, 0] + alpha * scaled[:, 1])
+            for alpha in np.round(np.arange(11) * 0.1, 1)]
+    assert fit["alpha"] == round(0.1 * int(np.argmax(aucs)), 1) and 0 < fit["alpha"] < 1
+    np.testing.assert_allclose(clid_threshold_score(fit, losses, discrepancies),
+                               (1 - fit["alpha"]) * scaled[:, 0] + fit["alpha"] * scaled[:, 1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("script,flags", [
+    (attack_clid, []), (attack_loss, ["--method", "sima", "--attack_timesteps", 0, 10]),
 ])
-def test_unet_calls_per_image(attack_runs, method, calls_per_image):
-    dataset, unet_samples = attack_runs[method]
-    assert unet_samples == calls_per_image * len(dataset)
+def test_calibration_split_smaller_than_needed_is_refused(tiny_victim, tmp_path, script, flags):
+    two_domains = {}
+    for split in ("members", "nonmembers"):  # 4 + 4 images in each of 2 domains: 2 + 2 calibration images
+        dataset = datasets.load_from_disk(str(tiny_victim / split))
+        two_domains[split] = tmp_path / split
+        dataset.filter(lambda row: row["domain"] in ("zero", "one")).save_to_disk(str(two_domains[split]))
+    argv = common_argv(tiny_victim, tmp_path / "out", *flags) + [
+        "--member_dataset", two_domains["members"], "--nonmember_dataset", two_domains["nonmembers"]]
+    with pytest.raises(InputError, match="gives 2 member and 2 non-member calibration images; .* needs at least 10 "
+                                         "of each") as error:
+        script.main(script.parse_args([str(a) for a in argv]))
+    assert "\n" not in str(error.value)
+
+
+def test_clid_weakened_captions_cut_the_rarest_words_first(tiny_victim):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_victim / "pipeline"), subfolder="tokenizer")
+    assert tokenizer("<|endoftext|>", add_special_tokens=False).input_ids == [tokenizer.eos_token_id]
+    caption = "a photo of the seven"
+    assert attack_clid.weakened_caption(caption, "null", tokenizer) == ""
+    assert attack_clid.weakened_caption(caption, 0.3, tokenizer) == "a <|endoftext|> of the <|endoftext|>"
+    assert attack_clid.weakened_caption(caption, 0.7, tokenizer) == "a " + " ".join(["<|endoftext|>"] * 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +206,8 @@ def test_killed_run_resumes_without_recomputing_finished_batches(tiny_victim, tm
         attack_pia.main(attack_pia.parse_args(argv))
     monkeypatch.undo()
     resumed, unet_samples = run_attack(attack_pia, argv)
-    assert unet_samples == 2 * (len(resumed) - 2 * 16)  # the two finished batches are not recomputed
+    # (1 + 1) calls × 2 guidance rows per image; the two finished batches are not recomputed
+    assert unet_samples == 4 * (len(resumed) - 2 * 16)
     assert resumed["score"] == reference["score"]
     assert not (tmp_path / "scores.partial").exists()
 
@@ -172,6 +269,36 @@ def test_missing_caption_column_is_refused(tiny_victim, tmp_path):
     argv = common_argv(tiny_victim, tmp_path / "out", "--caption_column", "text")
     with pytest.raises(InputError, match="no column 'text'"):
         attack_pia.main(attack_pia.parse_args(argv))
+
+
+@pytest.mark.parametrize("script,flags", [
+    (attack_clid, []), (attack_loss, ["--method", "loss"]), (attack_loss, ["--method", "sima"]), (attack_pfami, []),
+])
+def test_empty_caption_is_refused_by_every_caption_conditioned_attack(tiny_victim, tmp_path, script, flags):
+    nonmembers = [dict(row) for row in datasets.load_from_disk(str(tiny_victim / "nonmembers"))]
+    nonmembers[3]["prompt"] = "  "
+    path = tmp_path / "nonmembers"
+    datasets.Dataset.from_list(nonmembers).cast_column("image", datasets.Image()).save_to_disk(str(path))
+    argv = common_argv(tiny_victim, tmp_path / "out", *flags) + ["--nonmember_dataset", str(path)]
+    row_id = nonmembers[3]["id"]
+    with pytest.raises(InputError, match=f"--nonmember_dataset {path} row id {row_id}: column 'prompt' is empty") as error:
+        script.main(script.parse_args(argv))
+    assert "\n" not in str(error.value)
+
+
+def test_clid_without_captions_is_refused(tiny_victim, tmp_path):
+    with pytest.raises(InputError, match="--null_prompt leaves CLiD no caption"):
+        attack_clid.parse_args(common_argv(tiny_victim, tmp_path / "out", "--null_prompt"))
+
+
+def test_unknown_prediction_type_of_the_attacked_model_is_refused(tiny_victim, tmp_path):
+    def flow_model(components):
+        components.noise_scheduler.register_to_config(prediction_type="flow")
+        return components
+
+    with pytest.raises(InputError, match="prediction_type 'flow'; the attacks handle") as error:
+        run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "out"), model_wrapper=flow_model)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("script,flags,flag", [
@@ -282,8 +409,9 @@ def test_vae_sample_draws_mean_plus_std_noise_seeded_per_image(tiny_victim):
 
 
 def test_vae_sample_scores_do_not_depend_on_batch_size_but_on_seed(tiny_victim, tmp_path):
-    def scores(name, *flags):
-        dataset, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / name, "--attack_timesteps", 100, *flags))
+    def scores(name, *flags):  # unguided: guidance 7.5 multiplies the float32 rounding that differs by batch shape
+        dataset, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / name, "--attack_timesteps", 100,
+                                                        "--guidance_scale", 1, *flags))
         return np.asarray(dataset["score"])
 
     by_16 = scores("b16", "--vae_sample", "--batch_size", 16)
@@ -300,12 +428,13 @@ def test_latents_cache_is_reused_across_models_with_the_same_vae(tiny_victim, tm
     monkeypatch.setattr(attacks_module, "encode_batch_latents",
                         lambda vae, rows, *a, **k: encoded.append(len(rows)) or original_encode(vae, rows, *a, **k))
     cache = ["--latents_cache_dir", tmp_path / "cache", "--batch_size", 16]
-    uncached, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "plain", "--batch_size", 16))
-    first, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "first", *cache))
+    one_t = ["--attack_timesteps", 100, "--guidance_scale", 1]  # two UNet calls per image: the cache is under test
+    uncached, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "plain", *one_t, "--batch_size", 16))
+    first, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "first", *one_t, *cache))
     assert sum(encoded) == 2 * len(first)  # the plain run and the cold cached run encode every image
     # Another attack on another model sharing the VAE encoder (here: the same model) encodes nothing.
     secmi, _ = run_attack(attack_secmi, common_argv(tiny_victim, tmp_path / "secmi", "--t_sec", 20, "--k", 10, *cache))
-    second, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "second", *cache))
+    second, _ = run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "second", *one_t, *cache))
     assert sum(encoded) == 2 * len(first)
     assert uncached["score"] == first["score"] == second["score"]
     # A different VAE encoder (e.g. DreamBooth with --trainable_modules vae_encoder) misses the cache.
@@ -315,7 +444,7 @@ def test_latents_cache_is_reused_across_models_with_the_same_vae(tiny_victim, tm
     with torch.no_grad():
         vae.encoder.conv_in.bias.add_(0.01)
     vae.save_pretrained(str(changed / "vae"))
-    run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "changed", *cache,
+    run_attack(attack_pia, common_argv(tiny_victim, tmp_path / "changed", *one_t, *cache,
                                        "--pretrained_model_name_or_path", changed))
     assert sum(encoded) == 3 * len(first)
 

@@ -65,6 +65,63 @@ def test_evaluate_reports_reference_delta(tmp_path):
     assert results["privacy"]["after"]["reference"]["auc"]["delta_ci"][1] < 0
 
 
+def test_worst_case_is_the_attack_with_the_largest_calibrated_tpr(tmp_path):
+    weak = write_scores(tmp_path / "weak", *[-s for s in gaussian_scores(1, 0.5)], attack="pia")
+    strong = write_scores(tmp_path / "strong", *gaussian_scores(2, 3.0), attack="clid")  # inverted, still a leak
+    output_dir = tmp_path / "eval"
+    results = run_evaluate(["--scores", str(weak), str(strong), "--output_dir", str(output_dir), "--bootstrap", "50"])
+    (case,) = results["worst_case"]
+    strong_block = results["privacy"]["strong"]
+    assert case["scores"] == "strong" and case["attack"] == "clid" and case["ranking"] == ["strong", "weak"]
+    assert case["calibrated_tpr"] == strong_block["calibrated"]["test_tpr"] > \
+        results["privacy"]["weak"]["calibrated"]["test_tpr"]
+    assert case["auc"] == strong_block["auc"] and case["tpr_at_0.1pct_fpr_ci"] == strong_block["tpr_at_0.1pct_fpr_ci"]
+    assert json.loads((output_dir / "results.json").read_text())["worst_case"] == results["worst_case"]
+    report = (output_dir / "report.md").read_text()
+    assert report.index("## Worst case") < report.index("## Membership inference")
+    assert "**clid** (`strong`)" in report and "not from every attack" in report
+
+
+def test_low_fpr_figures_state_their_resolution_and_when_they_cannot_be_measured(tmp_path):
+    scores = write_scores(tmp_path / "pia", *[-s for s in gaussian_scores(3, 2.0)])  # 200 non-members
+    results = run_evaluate(["--scores", str(scores), "--output_dir", str(tmp_path / "eval"), "--bootstrap", "20"])
+    block = results["privacy"]["pia"]
+    assert block["fpr_resolution"] == 1 / 200
+    assert block["low_fpr_measurable"] == {"tpr_at_1pct_fpr": True, "tpr_at_0.1pct_fpr": False}
+    assert block["calibrated"]["fpr_resolution"] == 1 / 100 and block["calibrated"]["target_fpr_measurable"]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "TPR@0.1%FPR not measurable at this size (FPR resolution 1/200 = 0.0050)" in report
+    assert f"TPR@1%FPR {block['tpr_at_1pct_fpr']:.3f} [" in report and "(FPR resolution 1/200 = 0.0050)" in report
+
+
+def test_scores_of_a_subset_of_the_images_are_evaluated_on_their_own_rows(tmp_path):
+    member_scores, nonmember_scores = gaussian_scores(5, 1.0)
+    full = write_scores(tmp_path / "full", member_scores, nonmember_scores)
+    subset = write_scores(tmp_path / "subset", member_scores[:150], nonmember_scores[:160], attack="clid")
+    results = run_evaluate(["--scores", str(full), str(subset), "--output_dir", str(tmp_path / "eval"),
+                            "--bootstrap", "20"])
+    assert (results["privacy"]["subset"]["num_members"], results["privacy"]["subset"]["num_nonmembers"]) == (150, 160)
+    others = write_scores(tmp_path / "others", member_scores[:150], nonmember_scores[:160], id_prefix="other-")
+    with pytest.raises(InputError, match="others scores other members/non-members"):
+        run_evaluate(["--scores", str(full), str(others), "--output_dir", str(tmp_path / "eval2")])
+
+
+def test_model_card_lists_the_worst_case_first_every_attack_counts_and_the_audits_limit(tmp_path):
+    from mixsyn_utils.model_card import privacy_lines
+
+    weak = write_scores(tmp_path / "weak", *[-s for s in gaussian_scores(1, 0.5)], attack="pia")
+    strong = write_scores(tmp_path / "strong", *[-s for s in gaussian_scores(2, 3.0)], attack="clid")
+    results = run_evaluate(["--scores", str(weak), str(strong), "--output_dir", str(tmp_path / "eval"),
+                            "--bootstrap", "20"])
+    results["blind_baseline"] = {"auc": 0.49, "auc_ci": [0.43, 0.55]}
+    card = "\n".join(privacy_lines(results))
+    assert card.index("Worst case over the 2 attack(s) run: clid (`strong`)") < card.index("| strong (worst case) |") \
+        < card.index("| weak |")
+    assert "| 200 / 200 |" in card and "TPR@0.1%FPR not measurable at this size (FPR resolution 1/200)" in card
+    assert "Blind baseline (never sees the model): AUC 0.490 [0.430, 0.550]" in card
+    assert "An audit bounds the risk from the attacks it ran" in card and "not from every attack" in card
+
+
 def test_evaluate_rejects_scores_of_different_member_sets(tmp_path):
     first = write_scores(tmp_path / "a", *gaussian_scores(0, 1.0, 20))
     second = write_scores(tmp_path / "b", *gaussian_scores(0, 1.0, 20), id_prefix="other-")

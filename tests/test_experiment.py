@@ -1,4 +1,4 @@
-"""Issue 7: the experiment runner (run_experiment.py) — caching, dry run, and the quick end-to-end study."""
+"""The experiment runner (run_experiment.py): caching, dry run, and the quick end-to-end study."""
 
 import json
 import math
