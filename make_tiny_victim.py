@@ -37,6 +37,7 @@ from mixsyn_utils.dataset_io import load_image_dataset  # the saved member / non
 # Pretraining captions use the paper's templates too, so self-synthesis prompts come from the same
 # distribution as the victim's own training captions.
 from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES, draw_prompt
+from mixsyn_utils.dreambooth import denoising_loss, prediction_target  # ε or v target, Min-SNR-γ weighting
 from mixsyn_utils.diffusion import NoisePredictor, alphas_cumprod, loss_attack_scores, q_sample  # ε̂, ᾱ_t, loss, z_t
 from mixsyn_utils.flags import require_non_negative, require_positive, require_range  # flag ranges
 from mixsyn_utils.images import image_to_tensor  # the shared preprocessing
@@ -52,6 +53,9 @@ from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibl
 from mixsyn_utils.seeds import derive_seed  # the build's random streams
 from mixsyn_utils.utility import train_domain_classifier  # the offline R-precision scorer
 
+# One rule for z₀ everywhere; the narrow posterior makes its two forms agree (victim_info.json: the ratio).
+LATENT_RULE = ("UNet pretraining, every fine-tune and PGD train on VAE posterior samples z0 = s(mu + sigma n); "
+               "attacks score the mode s mu; the posterior is narrow (mean sigma / std of mu reported)")
 DOMAIN_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RESOLUTION = 16
 
@@ -65,10 +69,12 @@ def parse_args(input_args=None):
     parser.add_argument("--nonmembers_per_domain", type=int, default=25, help="Held-out images per digit class.")
     parser.add_argument("--vae_steps", type=int, default=400, help="VAE pretraining steps (run first).")
     parser.add_argument(
-        "--unet_steps", type=int, default=600,
-        help="UNet pretraining steps. Membership signal grows with them (see README for the measured curve).",
+        "--unet_steps", type=int, default=700,
+        help="UNet pretraining steps. Membership signal and prompt conditioning grow with them (README: the "
+             "measured curve).",
     )
-    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size for both stages.")
+    parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size of UNet pretraining.")
+    parser.add_argument("--vae_batch_size", type=int, default=32, help="Batch size of VAE pretraining.")
     parser.add_argument("--learning_rate", type=float, default=5e-4, help="AdamW lr, cosine decay, both stages.")
     parser.add_argument(
         "--ema_decay", type=float, default=0.999,
@@ -78,12 +84,34 @@ def parse_args(input_args=None):
                         help="Fraction of UNet steps trained on the empty prompt (SD used 0.1); needed for guidance.")
     parser.add_argument("--rprecision_steps", type=int, default=400,
                         help="Training steps of the offline R-precision domain classifier saved in DIR/rprecision_model.")
+    parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "v_prediction"],
+                        help="UNet target: ε, or v = √ᾱ_t ε − √(1−ᾱ_t) z₀ (as SD-2.x); written into the scheduler "
+                             "config that every script reads.")
+    parser.add_argument("--vae_logvar_init", type=float, default=-10.0,
+                        help="Initial posterior log-variance of the VAE (the logvar half of quant_conv: weights 0, "
+                             "bias this value). Keeps the posterior narrow, as SD's VAE is, so that a posterior "
+                             "sample (pretraining, fine-tuning, PGD) and the mode (attacks) differ by ≪ the latent "
+                             "spread; victim_info.json reports the ratio.")
+    parser.add_argument("--text_encoder_lr", type=float, default=5e-4,
+                        help="The CLIP text encoder trains jointly with the UNet at this lr (0 = frozen random "
+                             "encoder: the UNet then learns an unconditional model and ignores the prompt).")
+    parser.add_argument("--cross_attention_dim", type=int, default=64,
+                        help="Width of the CLIP text encoder = the UNet's cross_attention_dim.")
+    parser.add_argument("--attention_heads", type=int, default=2,
+                        help="Attention heads of the UNet's transformer blocks (diffusers' attention_head_dim).")
+    parser.add_argument("--snr_gamma", type=float, default=1.0,
+                        help="Min-SNR-γ weighting of the UNet pretraining loss (Hang et al. 2023); <= 0 = plain "
+                             "MSE as SD-1.x. Weighting towards high-noise steps is what makes the prompt matter "
+                             "within the step budget (README: measured curves).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
     parser.add_argument("--skip_report", action="store_true", help="Do not compute the membership figures at the end.")
     args = parser.parse_args(input_args)
-    require_positive(args, "members_per_domain", "nonmembers_per_domain", "train_batch_size", "rprecision_steps",
-                     "learning_rate")
-    require_non_negative(args, "vae_steps", "unet_steps", "seed")
+    require_positive(args, "members_per_domain", "nonmembers_per_domain", "train_batch_size", "vae_batch_size",
+                     "rprecision_steps", "learning_rate", "cross_attention_dim", "attention_heads")
+    require_non_negative(args, "vae_steps", "unet_steps", "seed", "text_encoder_lr")
+    if args.cross_attention_dim % 4:
+        raise InputError(f"--cross_attention_dim must be a multiple of 4 (the text encoder's 4 heads), "
+                         f"got {args.cross_attention_dim}")
     for flag in ("caption_dropout", "ema_decay"):
         require_range(args, flag, 0, 1, include_high=False)
     return args
@@ -165,8 +193,9 @@ def rows_to_tensor(rows):
 # Model: the SD-1.x architecture at toy size
 # ----------------------------------------------------------------------------------------------
 
-def build_models(seed):
-    """VAE (16 px -> 8x8x4 latents), cross-attention UNet, CLIP text encoder; weights from `seed`."""
+def build_models(seed, cross_attention_dim=64, attention_heads=2, vae_logvar_init=-10.0):
+    """VAE (16 px -> 8x8x4 latents), cross-attention UNet (cross attention at both levels and the mid block),
+    CLIP text encoder of width `cross_attention_dim`; weights from `seed`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -177,21 +206,29 @@ def build_models(seed):
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
     )
+    # quant_conv maps the encoder output to (mean, logvar): a constant, very negative logvar at the start gives
+    # a narrow posterior (σ = e^{init/2}) that the reconstruction loss has no reason to widen.
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0.0
+        vae.quant_conv.bias[channels:] = float(vae_logvar_init)
     unet = UNet2DConditionModel(
         sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_heads, norm_num_groups=32,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=49408, hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
+        num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     ))
     return vae, unet, text_encoder
 
 
 def cosine_optimizer(parameters, learning_rate, steps):
+    """AdamW + warm-up and cosine decay; `parameters` may be param groups with their own lr."""
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
@@ -204,7 +241,7 @@ def pretrain_vae(vae, pixel_values, args):
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 1))
     vae.train()
     for _ in tqdm(range(args.vae_steps), desc="VAE pretraining"):
-        batch = pixel_values[torch.randint(len(pixel_values), (args.train_batch_size,), generator=generator)]
+        batch = pixel_values[torch.randint(len(pixel_values), (args.vae_batch_size,), generator=generator)]
         posterior = vae.encode(batch).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         loss = F.mse_loss(reconstruction, batch) + 1e-6 * posterior.kl().mean()
@@ -220,25 +257,52 @@ def pretrain_vae(vae, pixel_values, args):
     return float(loss.detach()) if args.vae_steps else float("nan")
 
 
-def pretrain_unet(unet, latents, text_embeddings, empty_embedding, noise_scheduler, args):
-    """Epsilon-prediction pretraining on member latents; returns the EMA copy (the saved model)."""
-    optimizer, scheduler = cosine_optimizer(unet.parameters(), args.learning_rate, args.unet_steps)
-    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+@torch.no_grad()
+def posterior_statistics(vae, pixel_values):
+    """Scaled posterior mean μ and std σ per image, and the ratio mean(σ) / std(μ) (how far a sample can move)."""
+    posterior = vae.encode(pixel_values).latent_dist
+    scale = vae.config.scaling_factor
+    mean, std = posterior.mean * scale, posterior.std * scale
+    return mean, std, float(std.mean() / mean.std())
+
+
+def pretrain_unet(unet, text_encoder, latent_mean, latent_std, prompt_index, prompt_ids, noise_scheduler, args):
+    """Pretraining on member latents (target ε or v); returns the EMA copies of the UNet and text encoder.
+
+    z₀ = μ + σ·n, a fresh posterior sample every step, as SD was trained and as every fine-tune and PGD here
+    encode. `prompt_ids` holds each distinct member caption and, last, the empty prompt; image i's caption is
+    `prompt_ids[prompt_index[i]]`. With `--text_encoder_lr > 0` the text encoder trains jointly (its own lr).
+    """
+    train_text = args.text_encoder_lr > 0
+    groups = [{"params": list(unet.parameters()), "lr": args.learning_rate}]
+    if train_text:
+        text_encoder.requires_grad_(True).train()
+        groups.append({"params": list(text_encoder.parameters()), "lr": args.text_encoder_lr})
+    optimizer, scheduler = cosine_optimizer(groups, args.learning_rate, args.unet_steps)
+    models = [unet, text_encoder] if train_text else [unet]
+    ema_models = [copy.deepcopy(model).requires_grad_(False) for model in models]
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 2))
     num_timesteps = noise_scheduler.config.num_train_timesteps
     alpha_bar = alphas_cumprod(noise_scheduler)
+    empty_index = len(prompt_ids) - 1
+    snr_gamma = args.snr_gamma if args.snr_gamma > 0 else None
+    with torch.no_grad():
+        frozen_embeddings = None if train_text else encode_prompts(text_encoder, prompt_ids)
     unet.train()
     for step in tqdm(range(args.unet_steps), desc="UNet pretraining"):
-        rows = torch.randint(len(latents), (args.train_batch_size,), generator=generator)
-        noise = torch.randn(latents[rows].shape, generator=generator)
+        rows = torch.randint(len(latent_mean), (args.train_batch_size,), generator=generator)
+        latents = latent_mean[rows] + latent_std[rows] * torch.randn(latent_mean[rows].shape, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, num_timesteps, (len(rows),), generator=generator)
-        noisy_latents = q_sample(latents[rows], noise, timesteps, alpha_bar)
+        noisy_latents = q_sample(latents, noise, timesteps, alpha_bar)
         # Caption dropout, as in SD's training: the empty prompt's embedding is what classifier-free guidance
         # subtracts at sampling time, so the model must have seen it.
         drop = torch.rand(len(rows), generator=generator) < args.caption_dropout
-        context = torch.where(drop.view(-1, 1, 1), empty_embedding, text_embeddings[rows])
-        prediction = unet(noisy_latents, timesteps, context).sample
-        loss = F.mse_loss(prediction, noise)
+        captions = torch.where(drop, torch.full_like(rows, empty_index), prompt_index[rows])
+        embeddings = encode_prompts(text_encoder, prompt_ids) if train_text else frozen_embeddings
+        prediction = unet(noisy_latents, timesteps, embeddings[captions]).sample
+        loss = denoising_loss(prediction, prediction_target(noise_scheduler, latents, noise, timesteps), timesteps,
+                              noise_scheduler, snr_gamma)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -247,9 +311,12 @@ def pretrain_unet(unet, latents, text_embeddings, empty_embedding, noise_schedul
         # random initial weights after 1500 steps and the samples would be noise.
         decay = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema_param, param in zip(ema_unet.parameters(), unet.parameters()):
-                ema_param.lerp_(param, 1.0 - decay)
-    return ema_unet.eval()
+            for ema_model, model in zip(ema_models, models):
+                for ema_param, param in zip(ema_model.parameters(), model.parameters()):
+                    ema_param.lerp_(param, 1.0 - decay)
+    ema_unet = ema_models[0].eval()
+    ema_text_encoder = (ema_models[1] if train_text else text_encoder).requires_grad_(False).eval()
+    return ema_unet, ema_text_encoder
 
 
 def build_tiny_victim(args):
@@ -262,14 +329,15 @@ def build_tiny_victim(args):
     work_dir = temp_sibling(args.output_dir)
     try:
         tokenizer = write_clip_tokenizer(work_dir / "_tokenizer")
-        vae, unet, text_encoder = build_models(args.seed)
+        vae, unet, text_encoder = build_models(args.seed, args.cross_attention_dim, args.attention_heads,
+                                               args.vae_logvar_init)
         text_encoder.requires_grad_(False).eval()
         # SD-1.4's scheduler config (scaled_linear β 0.00085–0.012, 1000 steps); training reads it as DDPM.
         scheduler_config = dict(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
             skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
         )
-        pndm = PNDMScheduler(**scheduler_config)
+        pndm = PNDMScheduler(**scheduler_config, prediction_type=args.prediction_type)
         pndm.register_to_config(clip_sample=False)  # as in SD-1.x's scheduler_config.json, read by DDPM/DDIM
         noise_scheduler = DDPMScheduler.from_config(pndm.config)
 
@@ -277,12 +345,14 @@ def build_tiny_victim(args):
         member_pixels = rows_to_tensor(members)
         vae_loss = pretrain_vae(vae, member_pixels, args)
         vae.requires_grad_(False)
-        with torch.no_grad():
-            latents = encode_images_to_latents(vae, member_pixels)
-            text_embeddings = encode_prompts(text_encoder, tokenize_prompts(tokenizer, [r["prompt"] for r in members]))
-            empty_embedding = encode_prompts(text_encoder, tokenize_prompts(tokenizer, [""]))
+        latent_mean, latent_std, posterior_ratio = posterior_statistics(vae, member_pixels)
+        distinct_prompts = sorted({row["prompt"] for row in members})
+        prompt_index = torch.tensor([distinct_prompts.index(row["prompt"]) for row in members])
+        prompt_ids = tokenize_prompts(tokenizer, distinct_prompts + [""])
         vae_seconds = time.time() - start
-        unet = pretrain_unet(unet, latents, text_embeddings, empty_embedding, noise_scheduler, args)
+        unet, text_encoder = pretrain_unet(unet, text_encoder, latent_mean, latent_std, prompt_index, prompt_ids,
+                                           noise_scheduler, args)
+        unet_seconds = time.time() - start - vae_seconds
 
         pipeline = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=pndm,
@@ -301,8 +371,11 @@ def build_tiny_victim(args):
         # The offline R-precision scorer (no pretrained CLIP here): a domain classifier on the real digits.
         classifier = train_domain_classifier([Dataset.from_list(members), Dataset.from_list(nonmembers)],
                                              work_dir / "rprecision_model", seed=args.seed, steps=args.rprecision_steps)
-        figures = {"seed": args.seed, "rprecision_heldout_accuracy": classifier["heldout_accuracy_80_20"], "vae_final_loss": vae_loss, "vae_seconds": round(vae_seconds, 1),
-                   "unet_steps": args.unet_steps, "build_seconds": round(time.time() - start, 1)}
+        figures = {"seed": args.seed, "rprecision_heldout_accuracy": classifier["heldout_accuracy_80_20"],
+                   "vae_final_loss": vae_loss, "posterior_std_over_latent_std": posterior_ratio,
+                   "latent_rule": LATENT_RULE, "prediction_type": args.prediction_type,
+                   "unet_steps": args.unet_steps, "vae_seconds": round(vae_seconds, 1),
+                   "unet_seconds": round(unet_seconds, 1), "build_seconds": round(time.time() - start, 1)}
         (work_dir / "victim_info.json").write_text(json.dumps(figures, indent=2))
         atomic_replace_dir(work_dir, args.output_dir)
     finally:

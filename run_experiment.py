@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""The main job: one command reproduces the MixSyn study (Tables 1-5, Figure 4, extraction) end to end.
+"""The main job: one command runs the MixSyn study end to end and answers each of the paper's claims.
 
-It chains the real scripts — victim → generate_synthetic.py → perturb_antidreambooth.py → the three training
-scripts at every configured mixup setting → attack_secmi.py + attack_pia.py on every model → evaluate.py —
-exchanging datasets on disk, then writes `<output_dir>/report/REPORT.md`, `figure4.png` and `summary.json`.
+It chains the real scripts — victim → generate_synthetic.py → perturb_antidreambooth.py → the training scripts at
+every strength, setting and training seed → every attack script on every model → evaluate.py — exchanging datasets
+on disk, then writes `<output_dir>/report/`: REPORT.md (Tables 1–5, the claims and their verdicts, extraction),
+dose_response.png, figure4.png and summary.json (every number the report prints). In two phases: the default
+fine-tuning strength of the tables is chosen from phase 1's utility by the config's rule, then phase 2 trains what
+depends on it (Figure 4's other ratios, Table 5, the extraction runs).
+
 Every stage is cached by its inputs (a changed flag reruns that stage and what depends on it), and a killed run
-resumes. One-process stages run in-process; `--num_processes N` (N > 1) sends the sharded stages
-(generation, perturbation, training, attacks) through `accelerate launch`.
+resumes. `--workers N` runs independent stages in N one-thread worker processes (the models of this study are
+small: two one-thread workers use two cores better than one two-thread process); `--num_processes N` (N > 1)
+instead sends the sharded stages through `accelerate launch` (GPUs).
 
     python run_experiment.py --config configs/tiny_digits.toml --output_dir outputs/demo
     python run_experiment.py --config configs/sd14_celeb40.toml --output_dir runs/sd14 --dry_run
@@ -20,9 +25,9 @@ from pathlib import Path
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from study.plan import load_config, load_results, plan_stages  # the config, its models and stages
-from study.report import write_report  # Tables 1-5, Figure 4, the claim-by-claim verdicts
-from study.runner import run_stages  # cached stages, in-process or through accelerate launch
+from study.plan import load_config, plan_phase1, plan_phase2  # the config, its models and stages
+from study.report import choose_default_strength, write_report  # the tables' strength; the report and verdicts
+from study.runner import run_stages  # cached stages, in order, in workers, or through accelerate launch
 
 # Measured per-stage costs on one A100-class GPU for SD-1.x at 512 px, used only by --dry_run's estimate.
 # Basis: public diffusers figures (SD-1.5 UNet fwd+bwd ≈ 0.25 s per image at fp16; 50-step sampling ≈ 2.5 s per
@@ -42,19 +47,25 @@ def parse_args(input_args=None):
                         help="Run no stage: rewrite the report from the results already under --output_dir.")
     parser.add_argument("--num_processes", type=int, default=1,
                         help="Processes for the sharded stages (accelerate launch --multi_gpu when > 1).")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="Stages run at once in one-thread worker processes (default: the config's "
+                             "[experiment] workers, else 1). Each stage's numbers are the same whatever the value "
+                             "as long as it is > 1 (one thread each).")
     parser.add_argument("--results_dir", type=str, default=None,
                         help="Also copy the report (REPORT.md, figure4.png, summary.json) here, e.g. results/.")
     args = parser.parse_args(input_args)
     if args.num_processes < 1:
         raise InputError(f"--num_processes must be >= 1, got {args.num_processes}")
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be >= 1, got {args.workers}")
     load_config(args.config, quick=args.quick)  # a bad config fails here, in one line
     return args
 
 
 def gpu_hours_estimate(config, stages):
-    """Rough GPU-hours of a plan from the per-operation costs above (counts of images, steps and forwards)."""
-    flags = config["stages"]
-    num_domains = config["experiment"].get("num_domains", 10)
+    """Rough GPU-hours of a plan from the per-operation costs above (counts of images, steps and UNet calls)."""
+    flags, experiment = config["stages"], config["experiment"]
+    num_domains = experiment.get("num_domains", 10)
     images = flags["synthetic"]["num_images_per_domain"] * num_domains
     seconds = images * GPU_SECONDS["sample_image"] * flags["synthetic"].get("num_inference_steps", 50) / 50
     perturb = flags["perturb"]
@@ -63,43 +74,59 @@ def gpu_hours_estimate(config, stages):
     train_stages = [s for s in stages if s.name.startswith("train:")]
     seconds += sum(s.flags.get("max_train_steps", 400) * s.flags.get("train_batch_size", 1) for s in train_stages) \
         * GPU_SECONDS["train_step_per_image"]
-    num_scored = config["experiment"].get("num_member_images", 1000) * 2
-    secmi_calls = flags["secmi"]["t_sec"] // flags["secmi"]["k"] + 1
-    pia_calls = 1 + len(flags["pia"].get("attack_timesteps", [200]))
-    seconds += (len(train_stages) + 1) * num_scored * (secmi_calls + pia_calls) * GPU_SECONDS["attack_unet_forward"]
+    num_scored = experiment.get("num_member_images", 1000) * 2
+    calls = sum(ATTACK_UNET_CALLS.get(attack, 20) for attack in experiment["attacks"])
+    seconds += (len(train_stages) + 1) * num_scored * calls * GPU_SECONDS["attack_unet_forward"]
     seconds += (len(train_stages) + 1) * flags["evaluate"].get("num_images_per_prompt", 4) * num_domains * 2 \
         * GPU_SECONDS["sample_image"]
     return seconds / 3600
 
 
+# UNet calls per image of each attack at its default flags (the attack scripts' docstrings), for the estimate.
+ATTACK_UNET_CALLS = {"secmi": 16, "pia": 102, "loss": 1, "sima": 20, "clid": 15, "pfami": 110}
+
+
+def copy_report(report_dir, results_dir):
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("REPORT.md", "figure4.png", "dose_response.png", "summary.json", "timings.json"):
+        if (report_dir / name).exists():
+            shutil.copy2(report_dir / name, results_dir / name)
+
+
 def main(args):
     config, output_dir = load_config(args.config, quick=args.quick), Path(args.output_dir)
-    stages, models = plan_stages(config, output_dir)
-    for stage in stages:
+    workers = args.workers or config["experiment"].get("workers", 1)
+    stages, models = plan_phase1(config, output_dir)
+    placeholder = config["strength"]["levels"][0]["name"]  # phase 2's stages are checked at some strength
+    phase2_stages, _ = plan_phase2(config, output_dir, placeholder)
+    for stage in stages + phase2_stages:
         if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":
             stage.num_processes = args.num_processes
-    print(f"MixSyn study '{config['experiment']['name']}': {len(stages)} stages, {len(models)} fine-tuned models")
+    print(f"MixSyn study '{config['experiment']['name']}': phase 1 {len(stages)} stages ({len(models)} fine-tuned "
+          f"models), phase 2 {len(phase2_stages)} stages at the strength phase 1 chooses")
     if args.dry_run:
-        run_stages(stages, output_dir / "logs", dry_run=True)
-        print(f"Estimated cost: {gpu_hours_estimate(config, stages):.1f} GPU-hours (A100-class; see GPU_SECONDS)")
+        run_stages(stages + phase2_stages, output_dir / "logs", dry_run=True)
+        print(f"Estimated cost: {gpu_hours_estimate(config, stages + phase2_stages):.1f} GPU-hours "
+              "(A100-class; see GPU_SECONDS)")
         return None
-    start = time.time()
-    timings = {} if args.report_only else run_stages(stages, output_dir / "logs")
-    results = load_results(output_dir, models)
-    elapsed_seconds = time.time() - start
-    if args.report_only:  # the stages' own run time, as recorded when they ran
-        timings_path = output_dir / "report" / "timings.json"
-        elapsed_seconds = sum(json.loads(timings_path.read_text()).values()) if timings_path.is_file() else None
-    summary = write_report(config, models, results, output_dir / "report", elapsed_seconds=elapsed_seconds)
+    start, timings_path = time.time(), output_dir / "report" / "timings.json"
+    # Every stage's run time as recorded when it ran (a resumed or re-reported study keeps the earlier ones).
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     if not args.report_only:
-        (output_dir / "report" / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        timings.update(run_stages(stages, output_dir / "logs", workers=workers))
+    strength = choose_default_strength(config, output_dir, list(models.values()))
+    print(f"Default strength: {strength['level']} ({strength['rule']})")
+    phase2_stages, phase2_models = plan_phase2(config, output_dir, strength["level"])
+    if not args.report_only:
+        # Phase 1's stages come along (all cached) because phase 2's depend on them.
+        timings.update(run_stages(stages + phase2_stages, output_dir / "logs", workers=workers))
+        timings_path.parent.mkdir(parents=True, exist_ok=True)
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+    summary = write_report(config, output_dir, list(models.values()) + list(phase2_models.values()), strength,
+                           output_dir / "report", stage_seconds=sum(timings.values()), workers=workers)
     print(f"Report: {output_dir / 'report' / 'REPORT.md'} ({time.time() - start:.0f} s)")
     if args.results_dir:
-        results_dir = Path(args.results_dir)
-        results_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("REPORT.md", "figure4.png", "summary.json", "timings.json"):
-            if (output_dir / "report" / name).exists():
-                shutil.copy2(output_dir / "report" / name, results_dir / name)
+        copy_report(output_dir / "report", Path(args.results_dir))
     return summary
 
 

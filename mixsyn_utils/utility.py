@@ -238,9 +238,12 @@ def utility_metrics(generations, rprecision_model=None, clip_model="ViT-B-32", c
 
     R-precision uses CLIP when `clip_pretrained` is given, else the offline domain classifier, else none;
     the block names the scorer used. BRISQUE: lower is better; images where it is undefined are counted.
+    Per-image values are kept (`r_precision_hits`, `brisque_scores`, in the generations' order, with their
+    `ids`), so a study can resample images for its confidence intervals.
     """
     images, domains = list(generations["image"]), np.asarray(generations["domain"]).astype(str)
-    block = {"num_images": len(images), "scorer": None, "r_precision_top1_x100": None}
+    block = {"num_images": len(images), "scorer": None, "r_precision_top1_x100": None,
+             "ids": [str(i) for i in generations["id"]] if "id" in generations.column_names else None}
     if clip_pretrained is not None:
         hits = clip_r_precision_hits(images, list(generations["prompt"]), list(domains), sorted(set(domains)),
                                      clip_model, clip_pretrained)
@@ -252,9 +255,11 @@ def utility_metrics(generations, rprecision_model=None, clip_model="ViT-B-32", c
         block["r_precision_top1_x100"] = 100.0 * float(hits.mean())
         block["r_precision_per_domain_x100"] = {domain: 100.0 * float(hits[domains == domain].mean())
                                                 for domain in sorted(set(domains))}
+        block["r_precision_hits"] = [int(hit) for hit in hits]
     if with_brisque:
         scores = brisque_scores(images)
         block.update(brisque_mean=float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
                      brisque_direction="lower is better (the paper's 'BRIS ↑' column is this value)",
-                     brisque_nan_images=int(np.isnan(scores).sum()))
+                     brisque_nan_images=int(np.isnan(scores).sum()),
+                     brisque_scores=[None if np.isnan(score) else float(score) for score in scores])
     return block

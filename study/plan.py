@@ -1,8 +1,16 @@
-"""The MixSyn study: which models a config asks for, the stages that make and score them, and the report.
+"""The MixSyn study's plan: which models a config asks for, and the stages that make, attack and evaluate them.
 
-Model names: `pretrained`, and `<method>-<setting>` where setting is `clean` (ratio 0), `perturbed` (ratio 1;
-Mixup-I and Mixup-P coincide there) or `<mode>-<ratio>` (e.g. `image-0.5`, `pixel-0.3`). Table 5's component
-ablation adds `dreambooth[<modules>]-<setting>`.
+A model is (method, setting, strength, seed). A *setting* is one training set the paper compares, named in the
+config's [settings]: `clean` (ratio 0), `perturbed` (ratio 1), `image-0.5` (Mixup-I) and the two readings of
+Mixup-P (`pixel-0.3-block`, `pixel-0.3-random`). A *strength* is a level of DreamBooth's fine-tuning strength
+(updates × learning rate, the dose-response axis); the other methods train at their configured strength. A
+*cell* is a model up to its training seed; the paper's comparisons are between cells.
+
+The study runs in two phases, because the default strength of Tables 1–5 is chosen from measured utility by the
+config's rule (written before any leakage was looked at):
+1. the victim, self-synthesis, perturbation, the pre-trained model, DreamBooth at every strength × dose setting ×
+   training seed, and the other methods' table cells × training seeds;
+2. at the chosen strength: Figure 4's other ratios, Table 5's components, and the extraction runs.
 """
 
 import copy
@@ -21,12 +29,18 @@ METHOD_SCRIPTS = {
 }
 METHOD_TITLES = {"pretrained": "Pre-trained", "dreambooth": "DreamBooth", "textual_inversion": "Textual Inversion",
                  "lora": "LoRA", "dreambooth_lora": "DreamBooth+LoRA"}
-ATTACKS = {"secmi": "attack_secmi.py", "pia": "attack_pia.py"}
+ATTACK_SCRIPTS = {"secmi": "attack_secmi.py", "pia": "attack_pia.py", "loss": "attack_loss.py",
+                  "sima": "attack_loss.py", "clid": "attack_clid.py", "pfami": "attack_pfami.py"}
+ATTACK_TITLES = {"secmi": "SecMI", "pia": "PIA", "loss": "Loss", "sima": "SimA", "clid": "CLiD", "pfami": "PFAMI"}
+PRETRAINED = "pretrained"
 
 
 @dataclass
 class Stage:
-    """One script call: `script` with `flags` (dict flag -> value; lists expand, True is a bare switch)."""
+    """One script call: `script` with `flags` (dict flag -> value; lists expand, True is a bare switch).
+
+    `exclusive`: the stage runs alone with every core (everything after it waits for it anyway).
+    """
 
     name: str
     script: str
@@ -34,6 +48,7 @@ class Stage:
     output: str
     depends_on: list = field(default_factory=list)
     num_processes: int = 1
+    exclusive: bool = False
 
     def argv(self):
         argv = []
@@ -47,6 +62,33 @@ class Stage:
         return argv
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """One fine-tuned model of the study."""
+
+    method: str
+    setting: str
+    mode: str
+    ratio: float
+    pattern: str
+    seed: int
+    strength: str = None  # a level of [strength] (DreamBooth), None for the other methods' own strength
+    trainable_modules: tuple = None  # Table 5's component ablation (DreamBooth only)
+
+    @property
+    def cell(self):
+        method = self.method if self.trainable_modules is None else f"dreambooth[{'+'.join(self.trainable_modules)}]"
+        return f"{method}-{self.setting}" + (f"-{self.strength}" if self.strength else "")
+
+    @property
+    def name(self):
+        return f"{self.cell}-seed{self.seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The config
+# ----------------------------------------------------------------------------------------------
+
 def _merge(base, override):
     merged = copy.deepcopy(base)
     for key, value in override.items():
@@ -54,8 +96,14 @@ def _merge(base, override):
     return merged
 
 
+def setting_of(config, name):
+    """(mode, ratio, pattern) of a named setting of [settings]."""
+    entry = config["settings"][name]
+    return entry["mode"], float(entry["ratio"]), entry.get("pattern", "random")
+
+
 def load_config(path, quick=False):
-    """Read a TOML config; with `quick`, apply its [quick] overrides (fewer methods, tables, steps)."""
+    """Read a TOML config and check its sections; with `quick`, merge its [quick] overrides into it."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--config {path} does not exist")
@@ -63,138 +111,287 @@ def load_config(path, quick=False):
         config = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise InputError(f"--config {path} is not valid TOML ({error})") from error
-    for section in ("experiment", "tables", "stages"):
+    overrides = config.pop("quick", {})
+    if quick:  # [quick] values replace the config's; its `drop` list removes whole sections (dotted names)
+        for dotted in overrides.pop("drop", []):
+            *parents, last = dotted.split(".")
+            section = config
+            for parent in parents:
+                section = section.get(parent, {})
+            section.pop(last, None)
+        config = _merge(config, overrides)
+    for section in ("experiment", "settings", "strength", "tables", "stages"):
         if section not in config:
             raise InputError(f"--config {path} has no [{section}] table")
-    unknown = sorted(set(config["experiment"].get("methods", [])) - set(METHOD_SCRIPTS))
+    experiment = config["experiment"]
+    unknown = sorted(set(experiment.get("methods", [])) - set(METHOD_SCRIPTS))
     if unknown:
         raise InputError(f"--config {path}: unknown method {unknown[0]!r} (choose from {', '.join(METHOD_SCRIPTS)})")
-    if quick:
-        overrides = config.get("quick", {})
-        config["stages"] = _merge(config["stages"], overrides.get("stages", {}))
-        config["experiment"]["methods"] = overrides.get("methods", config["experiment"]["methods"])
-        if "tables" in overrides:
-            config["tables"] = {name: config["tables"][name] for name in overrides["tables"]}
-        if overrides.get("table5") is False:
-            config.pop("table5", None)
-        if "figure4" in config:
-            config["figure4"]["ratios"] = overrides.get("figure4_ratios", config["figure4"]["ratios"])
-            config["figure4"]["modes"] = overrides.get("figure4_modes", config["figure4"]["modes"])
+    unknown = sorted(set(experiment.get("attacks", [])) - set(ATTACK_SCRIPTS))
+    if unknown:
+        raise InputError(f"--config {path}: unknown attack {unknown[0]!r} (choose from {', '.join(ATTACK_SCRIPTS)})")
+    for name, entry in config["settings"].items():
+        if entry.get("mode") not in ("image", "pixel") or not 0.0 <= float(entry.get("ratio", -1)) <= 1.0:
+            raise InputError(f"--config {path}: setting {name!r} needs mode 'image' or 'pixel' and a ratio in [0, 1]")
+    named = {table["setting"] for table in config["tables"].values()} | set(config["strength"]["settings"])
+    missing = sorted(named - set(config["settings"]))
+    if missing:
+        raise InputError(f"--config {path}: setting {missing[0]!r} is used but not defined in [settings]")
+    levels = config["strength"]["levels"]
+    if len({level["name"] for level in levels}) != len(levels) or not levels:
+        raise InputError(f"--config {path}: [strength] levels need distinct names")
+    if not experiment.get("training_seeds"):
+        raise InputError(f"--config {path}: [experiment] training_seeds is empty")
     return config
 
 
-def setting_name(mode, ratio):
-    """Canonical name of a mixup setting; ratio 0 and 1 are the same set whatever the mode."""
-    if ratio == 0:
-        return "clean", "image", 0.0
-    if ratio == 1:
-        return "perturbed", "image", 1.0
-    return f"{mode}-{ratio:g}", mode, float(ratio)
+# ----------------------------------------------------------------------------------------------
+# Which models
+# ----------------------------------------------------------------------------------------------
 
-
-def planned_models(config):
-    """{model name: {method, mixup_mode, mixup_ratio, trainable_modules}} in a stable order, deduplicated."""
-    models = {}
-
-    def add(method, mode, ratio, trainable_modules=None):
-        setting, mode, ratio = setting_name(mode, ratio)
-        name = f"{method}-{setting}" if trainable_modules is None else f"dreambooth[{'+'.join(trainable_modules)}]-{setting}"
-        models.setdefault(name, {"method": method, "mixup_mode": mode, "mixup_ratio": ratio,
-                                 "trainable_modules": trainable_modules})
-        return name
-
-    for table in config["tables"].values():
-        for method in config["experiment"]["methods"]:
-            add(method, table["mixup_mode"], table["mixup_ratio"])
-    if "table5" in config:
-        for modules in config["table5"]["rows"].values():
-            add("dreambooth", config["table5"]["mixup_mode"], config["table5"]["mixup_ratio"], list(modules))
-    if "figure4" in config:
-        for mode in config["figure4"]["modes"]:
-            for ratio in config["figure4"]["ratios"]:
-                add(config["figure4"]["method"], mode, ratio)
+def phase1_models(config):
+    """The dose-response grid (DreamBooth, every strength × dose setting × seed) and the other methods' table cells."""
+    seeds, models = config["experiment"]["training_seeds"], []
+    for level in config["strength"]["levels"]:
+        for setting in config["strength"]["settings"]:
+            models += [ModelSpec("dreambooth", setting, *setting_of(config, setting), seed, strength=level["name"])
+                       for seed in seeds]
+    table_settings = list(dict.fromkeys(table["setting"] for table in config["tables"].values()))
+    for method in config["experiment"]["methods"]:
+        if method == "dreambooth":
+            continue  # its table cells are the dose grid's cells at the default strength
+        for setting in table_settings:
+            models += [ModelSpec(method, setting, *setting_of(config, setting), seed) for seed in seeds]
     return models
 
 
-def model_flags(name, spec, experiment, out):
-    """The flags that load model `name` in the attack and evaluation scripts."""
-    pretrained = {"pretrained_model_name_or_path": str(out / experiment["pretrained_model_name_or_path"])
-                  if experiment.get("build_victim") else experiment["pretrained_model_name_or_path"]}
+def figure4_setting_name(mode, pattern, ratio):
+    """The setting name of a Figure 4 point: the named setting when one matches, else `<mode>[-pattern]-<ratio>`."""
+    if ratio == 0:
+        return "clean"
+    if ratio == 1:
+        return "perturbed"
+    return f"{mode}-{ratio:g}" if mode == "image" else f"pixel-{ratio:g}-{pattern}"
+
+
+def figure4_points(config):
+    """[(curve label, ratio, setting name, mode, pattern)] of Figure 4: every curve × ratio."""
+    points = []
+    for curve in config["figure4"]["curves"]:
+        for ratio in curve.get("ratios", config["figure4"]["ratios"]):
+            setting = figure4_setting_name(curve["mode"], curve.get("pattern", "random"), float(ratio))
+            points.append((curve["label"], float(ratio), setting, curve["mode"], curve.get("pattern", "random")))
+    return points
+
+
+def phase2_models(config, default_strength):
+    """At the chosen strength: Figure 4's settings not in the dose grid, and Table 5's component ablation."""
+    dose_settings = set(config["strength"]["settings"])
+    models = []
+    if "figure4" in config:
+        seeded = set(config["figure4"].get("seeded_settings", []))
+        for _, ratio, setting, mode, pattern in figure4_points(config):
+            if setting not in dose_settings:
+                seeds = config["experiment"]["training_seeds"] if setting in seeded else config["figure4"]["training_seeds"]
+                models += [ModelSpec("dreambooth", setting, mode, ratio, pattern, seed, strength=default_strength)
+                           for seed in seeds]
+    if "table5" in config:
+        mode, ratio, pattern = setting_of(config, config["table5"]["setting"])
+        for modules in config["table5"]["rows"].values():
+            models += [ModelSpec("dreambooth", config["table5"]["setting"], mode, ratio, pattern, seed,
+                                 strength=default_strength, trainable_modules=table5_modules(modules))
+                       for seed in config["table5"]["training_seeds"]]
+    return list(dict.fromkeys(models))
+
+
+def table5_modules(modules):
+    """A Table 5 row's `trainable_modules`; None for UNet + text encoder, which is the study's DreamBooth (Eq. 6),
+    so that row is the same model as DreamBooth's cell of the same setting."""
+    return None if sorted(modules) == ["text_encoder", "unet"] else tuple(modules)
+
+
+def extraction_models(config, default_strength):
+    """The pre-trained model and the DreamBooth cells of [extraction] settings at the chosen strength (first seed)."""
+    seed = config["experiment"]["training_seeds"][0]
+    names = [PRETRAINED]
+    for setting in config.get("extraction", {}).get("settings", []):
+        names.append(ModelSpec("dreambooth", setting, *setting_of(config, setting), seed, strength=default_strength).name)
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# The stages
+# ----------------------------------------------------------------------------------------------
+
+class Paths:
+    """Where every stage of a study under `output_dir` reads and writes."""
+
+    def __init__(self, config, output_dir):
+        self.out, self.experiment = Path(output_dir), config["experiment"]
+
+    def input(self, key):
+        """A path of [experiment]: inside the output folder when the study builds its own victim."""
+        value = self.experiment[key]
+        return str(self.out / value) if self.experiment.get("build_victim") else value
+
+    def model(self, name):
+        return self.out / "models" / name
+
+    def scores(self, name, attack):
+        return self.out / "scores" / f"{name}-{attack}"
+
+    def evaluation(self, name):
+        return self.out / "eval" / name
+
+    def extraction(self, name):
+        return self.out / "extraction" / name
+
+
+def model_flags(spec, paths):
+    """The flags that load a model in the attack and evaluation scripts (None: the pre-trained model)."""
+    pretrained = {"pretrained_model_name_or_path": paths.input("pretrained_model_name_or_path")}
     if spec is None:
         return pretrained
-    if spec["method"] == "dreambooth":  # a full pipeline (UNet, text encoder, VAE may all be fine-tuned)
-        return {"pretrained_model_name_or_path": str(out / "models" / name)}
-    if spec["method"] in ("lora", "dreambooth_lora"):
-        return dict(pretrained, lora_weights=str(out / "models" / name))
-    return dict(pretrained, textual_inversion=str(out / "models" / name))
+    if spec.method == "dreambooth":  # a full pipeline (UNet, text encoder, VAE may all be fine-tuned)
+        return {"pretrained_model_name_or_path": str(paths.model(spec.name))}
+    if spec.method in ("lora", "dreambooth_lora"):
+        return dict(pretrained, lora_weights=str(paths.model(spec.name)))
+    return dict(pretrained, textual_inversion=str(paths.model(spec.name)))
 
 
-def plan_stages(config, output_dir):
-    """Every stage of the study, in dependency order."""
-    out, experiment, stage_flags = Path(output_dir), config["experiment"], config["stages"]
-    local = (lambda key: str(out / experiment[key])) if experiment.get("build_victim") else (lambda key: experiment[key])
-    pretrained = model_flags("pretrained", None, experiment, out)
-    stages = []
-    if experiment.get("build_victim"):
+def preparation_stages(config, paths):
+    """Victim (when built here), self-synthesis and the Anti-DreamBooth perturbation: every model waits for them."""
+    stage_flags, out, stages = config["stages"], paths.out, []
+    pretrained = model_flags(None, paths)
+    if paths.experiment.get("build_victim"):
         stages.append(Stage("victim", "make_tiny_victim.py", dict(stage_flags.get("victim", {}),
-                            output_dir=str(out / "victim"), overwrite=True), str(out / "victim")))
-    base = ["victim"] if experiment.get("build_victim") else []
+                            output_dir=str(out / "victim"), overwrite=True), str(out / "victim"), exclusive=True))
+    base = ["victim"] if paths.experiment.get("build_victim") else []
     stages.append(Stage("synthetic", "generate_synthetic.py", dict(
-        stage_flags["synthetic"], **pretrained, domains_file=local("domains_file"),
-        output_dir=str(out / "synthetic"), overwrite=True), str(out / "synthetic"), base))
+        stage_flags["synthetic"], **pretrained, domains_file=paths.input("domains_file"),
+        output_dir=str(out / "synthetic"), overwrite=True), str(out / "synthetic"), base, exclusive=True))
     stages.append(Stage("perturbed", "perturb_antidreambooth.py", dict(
         stage_flags["perturb"], **pretrained, dataset_name=str(out / "synthetic"),
-        class_data_dir=str(out / "class_images" / "perturb"), output_dir=str(out / "perturbed"), overwrite=True),
-        str(out / "perturbed"), base + ["synthetic"]))
+        class_data_dir=str(out / "class_images"), output_dir=str(out / "perturbed"), overwrite=True),
+        str(out / "perturbed"), base + ["synthetic"], exclusive=True))
+    return stages
 
-    models = planned_models(config)
-    for name, spec in models.items():
-        flags = dict(stage_flags.get("train", {}), **stage_flags.get(f"train_{spec['method']}", {}), **pretrained,
-                     dataset_name=str(out / "synthetic"), mixup_mode=spec["mixup_mode"],
-                     mixup_ratio=spec["mixup_ratio"], mixup_seed=experiment.get("seed", 0),
-                     output_dir=str(out / "models" / name), overwrite=True)
-        if spec["mixup_ratio"] > 0:
-            flags["perturbed_dataset_name"] = str(out / "perturbed")
-        if flags.get("with_prior_preservation"):
-            flags["class_data_dir"] = str(out / "class_images" / "train")
-        if spec["trainable_modules"] is not None:
-            flags["trainable_modules"] = spec["trainable_modules"]
-        stages.append(Stage(f"train:{name}", METHOD_SCRIPTS[spec["method"]], flags, str(out / "models" / name),
-                            base + ["synthetic", "perturbed"]))
 
-    data_flags = {"member_dataset": local("member_dataset"), "nonmember_dataset": local("nonmember_dataset")}
-    for name in ["pretrained", *models]:
-        spec = models.get(name)
-        upstream = base + ([f"train:{name}"] if spec else [])
-        for attack, script in ATTACKS.items():
-            stages.append(Stage(f"{attack}:{name}", script, dict(
-                stage_flags.get(attack, {}), **model_flags(name, spec, experiment, out), **data_flags,
-                # Most models share the pretrained VAE encoder: each image is encoded once for all of them.
-                latents_cache_dir=str(out / "latents_cache"),
-                output_dir=str(out / "scores" / f"{name}-{attack}"), overwrite=True),
-                str(out / "scores" / f"{name}-{attack}"), upstream))
-        evaluate_flags = dict(stage_flags.get("evaluate", {}), **model_flags(name, spec, experiment, out),
-                              **data_flags, scores=[str(out / "scores" / f"{name}-{a}") for a in ATTACKS],
-                              generate=True, domains_file=local("domains_file"),
-                              output_dir=str(out / "eval" / name), overwrite=True)
-        if experiment.get("rprecision_model"):
-            evaluate_flags["rprecision_model"] = local("rprecision_model")
-        if experiment.get("clip_pretrained"):
-            evaluate_flags["clip_pretrained"] = experiment["clip_pretrained"]
-        upstream_scores = [f"{a}:{name}" for a in ATTACKS]
-        if spec is not None:
-            evaluate_flags["reference_scores"] = [str(out / "scores" / f"pretrained-{a}") for a in ATTACKS]
-            upstream_scores += [f"{a}:pretrained" for a in ATTACKS]
-        stages.append(Stage(f"evaluate:{name}", "evaluate.py", evaluate_flags, str(out / "eval" / name),
-                            upstream + upstream_scores))
+def training_stage(config, spec, paths):
+    """The training stage of one model: the method's flags, its strength level, the setting's mix, the seed."""
+    stage_flags, out = config["stages"], paths.out
+    flags = dict(stage_flags.get("train", {}), **stage_flags.get(f"train_{spec.method}", {}))
+    if spec.strength is not None:
+        level = next(level for level in config["strength"]["levels"] if level["name"] == spec.strength)
+        flags.update({key: value for key, value in level.items() if key != "name"})
+    flags.update(model_flags(None, paths), dataset_name=str(out / "synthetic"), mixup_mode=spec.mode,
+                 mixup_ratio=spec.ratio, mixup_pattern=spec.pattern, mixup_seed=paths.experiment.get("seed", 0),
+                 seed=spec.seed, output_dir=str(paths.model(spec.name)), overwrite=True)
+    if spec.ratio > 0:
+        flags["perturbed_dataset_name"] = str(out / "perturbed")
+    if flags.get("with_prior_preservation"):
+        # The perturbation stage (which runs first, alone) made them: training stages that run at the same time
+        # only read the folder. Same prompt and model, so the same images (the folder's record checks it).
+        flags["class_data_dir"] = str(out / "class_images")
+    if spec.trainable_modules is not None:
+        flags["trainable_modules"] = list(spec.trainable_modules)
+        flags.pop("train_text_encoder", None)  # the row says exactly what trains
+    depends = (["victim"] if paths.experiment.get("build_victim") else []) + ["synthetic", "perturbed"]
+    return Stage(f"train:{spec.name}", METHOD_SCRIPTS[spec.method], flags, str(paths.model(spec.name)), depends)
+
+
+def attack_flags(config, attack):
+    """The flags of one attack: its stage flags, and `--method sima` for SimA (attack_loss.py's other method)."""
+    flags = dict(config["stages"].get(attack, {}))
+    if attack in ("loss", "sima"):
+        flags["method"] = attack
+    return flags
+
+
+def model_stages(config, spec, paths, with_training=True):
+    """Train (unless pre-trained), every attack, and evaluate.py (per-model results.json, utility)."""
+    stage_flags, experiment = config["stages"], paths.experiment
+    name = PRETRAINED if spec is None else spec.name
+    stages = [training_stage(config, spec, paths)] if spec is not None and with_training else []
+    upstream = (["victim"] if experiment.get("build_victim") else []) + ([f"train:{name}"] if spec else [])
+    data_flags = {"member_dataset": paths.input("member_dataset"), "nonmember_dataset": paths.input("nonmember_dataset")}
+    attacks = experiment["attacks"]
+    for attack in attacks:
+        stages.append(Stage(f"{attack}:{name}", ATTACK_SCRIPTS[attack], dict(
+            attack_flags(config, attack), **model_flags(spec, paths), **data_flags,
+            # Most models share the pretrained VAE encoder: each image is encoded once for all of them.
+            latents_cache_dir=str(paths.out / "latents_cache"),
+            output_dir=str(paths.scores(name, attack)), overwrite=True), str(paths.scores(name, attack)), upstream))
+    evaluate_flags = dict(stage_flags.get("evaluate", {}), **model_flags(spec, paths), **data_flags,
+                          scores=[str(paths.scores(name, attack)) for attack in attacks], generate=True,
+                          domains_file=paths.input("domains_file"), output_dir=str(paths.evaluation(name)),
+                          overwrite=True)
+    if experiment.get("rprecision_model"):
+        evaluate_flags["rprecision_model"] = paths.input("rprecision_model")
+    if experiment.get("clip_pretrained"):
+        evaluate_flags["clip_pretrained"] = experiment["clip_pretrained"]
+    stages.append(Stage(f"evaluate:{name}", "evaluate.py", evaluate_flags, str(paths.evaluation(name)),
+                        upstream + [f"{attack}:{name}" for attack in attacks]))
+    return stages
+
+
+def extraction_stage(config, name, spec, paths):
+    """evaluate.py --generate with [extraction]'s generations per prompt: (k, ℓ2, δ)-eidetic extraction."""
+    extraction = config["extraction"]
+    flags = dict(config["stages"].get("evaluate", {}), **model_flags(spec, paths),
+                 member_dataset=paths.input("member_dataset"), nonmember_dataset=paths.input("nonmember_dataset"),
+                 generate=True, domains_file=paths.input("domains_file"), no_brisque=True,
+                 num_images_per_prompt=1, num_extraction_samples=extraction["generations_per_prompt"],
+                 num_inference_steps=extraction.get("num_inference_steps",
+                                                    config["stages"].get("evaluate", {}).get("num_inference_steps")),
+                 extraction_k=extraction.get("k", 10), extraction_delta=extraction.get("delta", 0.1),
+                 output_dir=str(paths.extraction(name)), overwrite=True)
+    upstream = (["victim"] if paths.experiment.get("build_victim") else []) + ([f"train:{name}"] if spec else [])
+    return Stage(f"extraction:{name}", "evaluate.py", flags, str(paths.extraction(name)), upstream)
+
+
+def plan_phase1(config, output_dir):
+    """(stages, {name: ModelSpec}) of phase 1: preparation, the pre-trained model, the dose grid, the method cells."""
+    paths = Paths(config, output_dir)
+    models = {spec.name: spec for spec in phase1_models(config)}
+    stages = preparation_stages(config, paths) + model_stages(config, None, paths)
+    for spec in models.values():
+        stages += model_stages(config, spec, paths)
     return stages, models
 
 
-def load_results(output_dir, models):
-    """{model name: results.json dict} for the pre-trained model and every planned model that was evaluated."""
+def plan_phase2(config, output_dir, default_strength):
+    """(stages, {name: ModelSpec}) of phase 2 at `default_strength`: Figure 4, Table 5, extraction."""
+    paths = Paths(config, output_dir)
+    models = {spec.name: spec for spec in phase2_models(config, default_strength)}
+    stages = []
+    for spec in models.values():
+        stages += model_stages(config, spec, paths)
+    if "extraction" in config:
+        known = {spec.name: spec for spec in phase1_models(config)}
+        for name in extraction_models(config, default_strength):
+            stages.append(extraction_stage(config, name, known.get(name), paths))
+    return stages, models
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading back what the stages wrote
+# ----------------------------------------------------------------------------------------------
+
+def load_results(output_dir, names):
+    """{model name: evaluate.py results.json} for every name whose evaluation exists."""
     results = {}
-    for name in ["pretrained", *models]:
+    for name in names:
         path = Path(output_dir) / "eval" / name / "results.json"
         if path.is_file():
             results[name] = json.loads(path.read_text())
+    return results
+
+
+def load_extractions(output_dir, names):
+    results = {}
+    for name in names:
+        path = Path(output_dir) / "extraction" / name / "results.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text()).get("extraction")
     return results

@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 # The scripts a study runs; one-process stages call their `main(parse_args(argv))` in this process.
+import attack_clid
+import attack_loss
+import attack_pfami
 import attack_pia
 import attack_secmi
 import evaluate
@@ -31,7 +34,7 @@ from mixsyn_utils.cli import InputError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {f"{module.__name__}.py": module for module in (
     make_tiny_victim, generate_synthetic, perturb_antidreambooth, train_dreambooth_mixsyn, train_lora_mixsyn,
-    train_textual_inversion_mixsyn, attack_secmi, attack_pia, evaluate)}
+    train_textual_inversion_mixsyn, attack_secmi, attack_pia, attack_loss, attack_clid, attack_pfami, evaluate)}
 
 
 def _source_digest(script):
@@ -113,29 +116,144 @@ def check_stage_flags(stage):
         raise InputError(f"stage {stage.name}: {lines[-1] if lines else 'flags rejected'}") from None
 
 
-def run_stages(stages, log_dir, dry_run=False, print_fn=print):
-    """Check every stage's flags, then run `stages` in order, skipping those whose outputs already match their key.
+def _record_done(stage, key, seconds, log_dir):
+    record = {"key": key, "script": stage.script, "argv": stage.argv(), "seconds": seconds}
+    _record_path(stage, log_dir).write_text(json.dumps(record, indent=2))
 
-    Returns {name: seconds}.
+
+def _init_worker():
+    """A pool worker computes with one thread: two one-thread workers use two cores better than one two-thread
+    process on models this small, and a stage's numbers do not depend on which worker ran it."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_in_worker(script, argv, log_path):
+    """Run one stage in a pool worker, its console output into the stage's log; returns the seconds it took.
+
+    The output is redirected at the file-descriptor level, so loggers and progress bars created by earlier
+    stages of this worker write there too.
+    """
+    start = time.time()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log_path, "w") as log_file:
+        os.dup2(log_file.fileno(), 1)
+        os.dup2(log_file.fileno(), 2)
+        try:
+            run_script_in_process(SCRIPTS[script], argv)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for descriptor in saved:
+                os.close(descriptor)
+    return round(time.time() - start, 1)
+
+
+def run_stages(stages, log_dir, dry_run=False, print_fn=print, workers=1):
+    """Check every stage's flags, then run the stages whose outputs do not already match their key. Returns
+    {name: seconds}.
+
+    workers = 1: in order, in this process. workers > 1: a stage marked `exclusive` (the victim, self-synthesis,
+    perturbation: everything waits for them) runs alone here with every core; the others run as soon as the
+    stages they depend on are done, each in one of `workers` one-thread worker processes (`_init_worker`).
     """
     for stage in stages:
         check_stage_flags(stage)
-    keys, timings = {}, {}
-    start = time.time()
-    for number, stage in enumerate(stages, 1):
+    keys = {}
+    for stage in stages:
         keys[stage.name] = stage_key(stage, keys)
-        header = f"[{number}/{len(stages)}] {stage.name} ({stage.script})"
-        if dry_run:
-            print_fn(f"{header}\n    {' '.join(stage.argv())}")
-            continue
-        if is_cached(stage, keys[stage.name], log_dir):
-            print_fn(f"{header}: cached")
-            continue
-        print_fn(f"{header}: running (elapsed {time.time() - start:.0f} s)")
+    if dry_run:
+        for number, stage in enumerate(stages, 1):
+            print_fn(f"[{number}/{len(stages)}] {stage.name} ({stage.script})\n    {' '.join(stage.argv())}")
+        return {}
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    remaining = [stage for stage in stages if not is_cached(stage, keys[stage.name], log_dir)]
+    if len(remaining) < len(stages):
+        print_fn(f"{len(stages) - len(remaining)} of {len(stages)} stages cached (finished with the same inputs)")
+    if workers <= 1 or sum(not stage.exclusive for stage in remaining) <= 1:
+        return _run_in_order(remaining, keys, log_dir, print_fn)
+    return _run_in_pool(remaining, keys, log_dir, print_fn, workers)
+
+
+def _run_in_order(stages, keys, log_dir, print_fn):
+    timings, start = {}, time.time()
+    for number, stage in enumerate(stages, 1):
+        print_fn(f"[{number}/{len(stages)}] {stage.name} ({stage.script}): running (elapsed {time.time() - start:.0f} s)")
         stage_start = time.time()
         run_stage(stage, log_dir)
         timings[stage.name] = round(time.time() - stage_start, 1)
-        record = {"key": keys[stage.name], "script": stage.script, "argv": stage.argv(), "seconds": timings[stage.name]}
-        _record_path(stage, log_dir).write_text(json.dumps(record, indent=2))
-        print_fn(f"{header}: done in {timings[stage.name]} s")
+        _record_done(stage, keys[stage.name], timings[stage.name], log_dir)
+        print_fn(f"[{number}/{len(stages)}] {stage.name}: done in {timings[stage.name]} s")
     return timings
+
+
+def _run_in_pool(stages, keys, log_dir, print_fn, workers):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    timings, start, total = {}, time.time(), len(stages)
+    remaining, running = list(stages), {}
+    waiting_for = {stage.name for stage in stages}
+
+    def ready(stage):
+        return not any(name in waiting_for for name in stage.depends_on)
+
+    def finished(stage, seconds):
+        timings[stage.name] = seconds
+        waiting_for.discard(stage.name)
+        _record_done(stage, keys[stage.name], seconds, log_dir)
+        print_fn(f"[{len(timings)}/{total}] {stage.name}: done in {seconds} s (elapsed {time.time() - start:.0f} s)")
+
+    # One OpenMP thread per worker from its start: several processes spinning two threads each on two cores
+    # were measured 30× slower than one (OpenMP's busy waiting). Workers start on demand, so the variable stays
+    # set while the pool lives; this process's own thread count was fixed when it started.
+    previous_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker) as pool:
+            _schedule(pool, remaining, running, ready, finished, log_dir, workers)
+    finally:
+        if previous_threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous_threads
+    return timings
+
+
+def _schedule(pool, remaining, running, ready, finished, log_dir, workers):
+    """Submit the ready stages to the pool's free workers; an exclusive stage runs here once the pool is idle."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    while remaining or running:
+        runnable = [stage for stage in remaining if ready(stage)]
+        exclusive = [stage for stage in runnable if stage.exclusive or stage.num_processes > 1]
+        if exclusive and not running:  # alone, with every core
+            stage = exclusive[0]
+            remaining.remove(stage)
+            stage_start = time.time()
+            run_stage(stage, log_dir)
+            finished(stage, round(time.time() - stage_start, 1))
+            continue
+        for stage in runnable:
+            if len(running) >= workers or stage in exclusive:
+                continue
+            remaining.remove(stage)
+            log_path = _record_path(stage, log_dir).with_suffix("").with_suffix(".log")
+            running[pool.submit(_run_in_worker, stage.script, stage.argv(), str(log_path))] = stage
+        if not running:
+            raise RuntimeError(f"stages wait for stages that never run: {[s.name for s in remaining][:3]}")
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            stage = running.pop(future)
+            try:
+                seconds = future.result()
+            except Exception as error:
+                log_path = _record_path(stage, log_dir).with_suffix("").with_suffix(".log")
+                raise RuntimeError(f"stage {stage.name} failed ({error}); log {log_path}") from error
+            finished(stage, seconds)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -54,8 +55,49 @@ def test_victim_build_is_deterministic(tmp_path):
     for name in ("a", "b"):
         make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / name), "--seed", "5", *argv]))
     make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / "c"), "--seed", "6", *argv]))
-    for module in ("unet", "vae"):
-        weights = [load_file(str(tmp_path / name / "pipeline" / module / "diffusion_pytorch_model.safetensors"))
+    for module, file in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                         ("text_encoder", "model")):
+        weights = [load_file(str(tmp_path / name / "pipeline" / module / f"{file}.safetensors"))
                    for name in ("a", "b", "c")]
         assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
         assert not all(torch.equal(weights[0][key], weights[2][key]) for key in weights[0])
+
+
+def test_victim_posterior_is_narrow_so_samples_and_modes_agree(tiny_victim):
+    """The one latent rule: training on posterior samples, attacks on the mode, a posterior σ ≪ the latent spread
+    (the fast victim too), recomputed here from the saved VAE."""
+    info = json.loads((tiny_victim / "victim_info.json").read_text())
+    components = load_components(str(tiny_victim / "pipeline"))
+    members = load_image_dataset(str(tiny_victim / "members"), required_columns=("image",))
+    pixels = make_tiny_victim.rows_to_tensor(list(members))
+    with torch.no_grad():
+        posterior = components.vae.encode(pixels).latent_dist
+    scale = components.vae.config.scaling_factor
+    ratio = float((posterior.std * scale).double().mean() / (posterior.mean * scale).double().std())
+    assert ratio == pytest.approx(info["posterior_std_over_latent_std"], rel=1e-4)
+    assert ratio <= 0.1
+
+
+def test_victim_text_encoder_is_trained_with_the_unet(tmp_path):
+    argv = ["--members_per_domain", "2", "--nonmembers_per_domain", "2", "--vae_steps", "2", "--unet_steps", "3",
+            "--train_batch_size", "8", "--rprecision_steps", "2", "--skip_report", "--seed", "1"]
+    make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / "trained"), *argv]))
+    make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / "frozen"), *argv,
+                                                       "--text_encoder_lr", "0"]))
+    trained, frozen = (load_file(str(tmp_path / name / "pipeline" / "text_encoder" / "model.safetensors"))
+                       for name in ("trained", "frozen"))
+    _, _, initial = make_tiny_victim.build_models(1)
+    initial = initial.state_dict()
+    suffix = "encoder.layers.0.mlp.fc1.weight"  # saved and in-memory key prefixes differ across versions
+    saved_key = next(key for key in trained if key.endswith(suffix))
+    assert torch.equal(frozen[saved_key], initial[suffix])  # frozen: the random initial encoder
+    assert not torch.equal(trained[saved_key], initial[suffix])  # trained jointly (EMA of the trained weights)
+
+
+def test_victim_v_prediction_is_written_into_the_scheduler(tmp_path):
+    argv = ["--members_per_domain", "2", "--nonmembers_per_domain", "2", "--vae_steps", "2", "--unet_steps", "2",
+            "--train_batch_size", "8", "--rprecision_steps", "2", "--skip_report", "--prediction_type", "v_prediction"]
+    make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / "v"), *argv]))
+    components = load_components(str(tmp_path / "v" / "pipeline"))
+    assert components.noise_scheduler.config.prediction_type == "v_prediction"
+    assert json.loads((tmp_path / "v" / "victim_info.json").read_text())["prediction_type"] == "v_prediction"
