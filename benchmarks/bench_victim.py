@@ -15,8 +15,8 @@ per victim (AUC convention: > 0.5 means members have the lower error / score):
 - loss attack (`make_tiny_victim.victim_membership_figures`: mean denoising MSE at t ∈ {50, 100, 200, 300}, fixed
   noise) AUC with 95% bootstrap CI for attack seeds 0/1/2 (target [0.65, 0.85]); the blind baseline;
 - per-timestep loss-attack AUC at t = 0, 25, …, 500 (attack seed 0), plotted;
-- SecMI and PIA run as the scripts with their defaults: AUC, CI, direction, and what they read at t = 0
-  (‖ε̂(z₀, 0, c)‖ of members vs non-members).
+- SecMI and PIA run as the scripts with their defaults, and PIA / PIAN unguided at t = 200: AUC, CI, direction,
+  and what they read at t = 0 (‖ε̂(z₀, 0, c)‖ of members vs non-members).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/bench_victim.py --seeds 0 1 2 \\
         --output benchmarks/results/victim.json
@@ -164,9 +164,13 @@ def secmi_pia_directions(victim_dir, predictor, member, nonmember, work_dir):
               "--member_dataset", str(Path(victim_dir) / "members"),
               "--nonmember_dataset", str(Path(victim_dir) / "nonmembers")]
     figures = {}
-    for name, module in (("secmi", attack_secmi), ("pia", attack_pia)):
+    unguided = ["--attack_timesteps", "200", "--guidance_scale", "1"]
+    for name, module, extra in (("secmi", attack_secmi, []), ("pia", attack_pia, []),
+                                # what the inversion depends on: PIA's ε₀ = ε̂(z₀, 0) as it is, or normalised (PIAN)
+                                ("pia_unguided_t200", attack_pia, unguided),
+                                ("pian_unguided_t200", attack_pia, unguided + ["--method", "pian"])):
         output_dir = Path(work_dir) / name
-        module.main(module.parse_args(common + ["--output_dir", str(output_dir)]))
+        module.main(module.parse_args(common + extra + ["--output_dir", str(output_dir)]))
         scores = load_from_disk(str(output_dir))
         score = np.asarray(scores["score"], dtype=np.float64)
         is_member = np.asarray(scores["is_member"], dtype=bool)

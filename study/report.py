@@ -286,14 +286,20 @@ def claim_results(config, numbers, premise, default_strength):
               "membership_signal": (f"the pre-trained model's worst-case AUC {fmt(premise['membership_signal']['worst_case_auc'])} "
                                     "does not exclude 0.5: there is no leakage to lower")}
     results = []
+    # DreamBooth's claims at the default strength first (the tables' verdict), then at every other strength of
+    # the dose-response (where fine-tuning moves the model more, the claims get their strongest test).
+    levels = [default_strength] + [level["name"] for level in config["strength"]["levels"]
+                                   if level["name"] != default_strength]
     for key, title, setting_a, setting_b, metric, sign, premise_keys in CLAIMS:
-        for method in config["experiment"]["methods"]:
-            cell_a = table_cell(config, method, setting_a, default_strength)
-            cell_b = PRETRAINED if setting_b is None else table_cell(config, method, setting_b, default_strength)
+        for method, strength in [(m, level) for m in config["experiment"]["methods"]
+                                 for level in (levels if m == "dreambooth" else [None])]:
+            cell_a = table_cell(config, method, setting_a, strength)
+            cell_b = PRETRAINED if setting_b is None else table_cell(config, method, setting_b, strength)
             if cell_a not in numbers.cells or cell_b not in numbers.cells:
                 continue
             failure = next((failed[p] for p in premise_keys if not premise[p]["holds"]), None)
             entry = {"claim": key, "title": title, "method": method, "a": cell_a, "b": cell_b,
+                     "strength": strength, "default_strength": strength in (None, default_strength),
                      "seeds_a": numbers.seeds(cell_a), "seeds_b": numbers.seeds(cell_b)}
             if metric == "leakage":
                 entry["delta_auc"] = numbers.delta(cell_a, cell_b, "auc:worst")
@@ -320,7 +326,9 @@ def claims_markdown(claims):
              "Leakage = the worst case over the attacks run (`statistics.py`: direction and threshold fixed on a "
              "calibration half, measured on the other half). The verdict is read from ΔAUC; Δ(calibrated "
              "TPR@1%FPR) has its own verdict beside it. Words: supported, contradicted, no detectable difference "
-             "(the CI includes 0), not testable here (premise named).", ""]
+             "(the CI includes 0), not testable here (premise named). The first row of each method is the tables' "
+             "(default) strength; DreamBooth's other rows are the same claim at the dose-response's other "
+             "strengths.", ""]
     current = None
     for entry in claims:
         if entry["claim"] != current:
@@ -332,11 +340,13 @@ def claims_markdown(claims):
             else:
                 lines += ["| Method | A vs B (seeds) | ΔR-precision (points) | verdict |", "|---|---|---|---|"]
         pair = f"{entry['a']} ({entry['seeds_a']}) vs {entry['b']} ({entry['seeds_b']})"
+        method = METHOD_TITLES[entry["method"]] + ("" if entry["default_strength"] else
+                                                    f", strength {entry['strength']} (dose-response)")
         if "delta_auc" in entry:
-            lines.append(f"| {METHOD_TITLES[entry['method']]} | {pair} | {fmt_delta(entry['delta_auc'])} | "
+            lines.append(f"| {method} | {pair} | {fmt_delta(entry['delta_auc'])} | "
                          f"{entry['verdict']} | {fmt_delta(entry['delta_tpr'])} | {entry['verdict_tpr']} |")
         else:
-            lines.append(f"| {METHOD_TITLES[entry['method']]} | {pair} | {fmt_delta(entry['delta_rprecision'], 1)} | "
+            lines.append(f"| {method} | {pair} | {fmt_delta(entry['delta_rprecision'], 1)} | "
                          f"{entry['verdict']} |")
     return "\n".join(lines)
 
@@ -347,6 +357,8 @@ def per_attack_markdown(claims, attacks):
              "|---|---|" + "---|" * len(attacks)]
     for entry in claims:
         if "per_attack" not in entry:
+            continue
+        if not entry["default_strength"]:
             continue
         cells = [f"{fmt_delta(entry['per_attack'][a])} {entry['per_attack'][a]['verdict']}" for a in attacks]
         lines.append(f"| {entry['claim']} | {METHOD_TITLES[entry['method']]} | " + " | ".join(cells) + " |")
@@ -501,9 +513,14 @@ def write_report(config, output_dir, specs, strength, report_dir, stage_seconds=
                   ""]
     if "table5" in config:
         seed_list = config["table5"]["training_seeds"]
-        rows = [(label, ModelSpec("dreambooth", config["table5"]["setting"], "", 0.0, "", 0, strength=default,
-                                  trainable_modules=table5_modules(modules)).cell)
-                for label, modules in config["table5"]["rows"].items()]
+        rows = []
+        for label, modules in config["table5"]["rows"].items():
+            rows.append((label, ModelSpec("dreambooth", config["table5"]["setting"], "", 0.0, "", 0, strength=default,
+                                          trainable_modules=table5_modules(modules)).cell))
+            if list(modules) == ["vae_encoder"]:
+                # Both encoders: its own (the row above) and the public VAE, through which the attacked model
+                # is exactly the pre-trained one (sampling never runs the encoder; UNet and text encoder untouched).
+                rows.append((f"{label}, attacked through the public VAE", PRETRAINED))
         lines += [leakage_table(config["table5"]["title"], rows, numbers, config["table5"].get("note", "")),
                   "", attack_table(rows, numbers), "", f"Seeds per row: {len(seed_list)}.", ""]
     if "figure4" in config:
