@@ -43,7 +43,7 @@ from mixsyn_utils.diffusion import NoisePredictor, loss_attack_scores, predicted
 from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES  # noqa: E402
 from mixsyn_utils.images import image_to_tensor  # noqa: E402
 from mixsyn_utils.metrics import bootstrap_ci, roc_metrics  # noqa: E402
-from mixsyn_utils.models import encode_images_to_latents, encode_prompts, load_components, tokenize_prompts  # noqa: E402
+from mixsyn_utils.models import encode_prompts, load_components, tokenize_prompts  # noqa: E402
 from mixsyn_utils.utility import classifier_r_precision_hits  # noqa: E402
 
 EFFECT_TIMESTEPS = (100, 500, 900)

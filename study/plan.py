@@ -223,6 +223,11 @@ def extraction_models(config, default_strength):
 # The stages
 # ----------------------------------------------------------------------------------------------
 
+def scores_dir(output_dir, name, attack):
+    """Where `attack`'s scores of model `name` are written (and read back by the report)."""
+    return Path(output_dir) / "scores" / f"{name}-{attack}"
+
+
 class Paths:
     """Where every stage of a study under `output_dir` reads and writes."""
 
@@ -238,7 +243,7 @@ class Paths:
         return self.out / "models" / name
 
     def scores(self, name, attack):
-        return self.out / "scores" / f"{name}-{attack}"
+        return scores_dir(self.out, name, attack)
 
     def evaluation(self, name):
         return self.out / "eval" / name
@@ -377,16 +382,6 @@ def plan_phase2(config, output_dir, default_strength):
 # ----------------------------------------------------------------------------------------------
 # Reading back what the stages wrote
 # ----------------------------------------------------------------------------------------------
-
-def load_results(output_dir, names):
-    """{model name: evaluate.py results.json} for every name whose evaluation exists."""
-    results = {}
-    for name in names:
-        path = Path(output_dir) / "eval" / name / "results.json"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
-    return results
-
 
 def load_extractions(output_dir, names):
     results = {}

@@ -21,6 +21,7 @@ from .plan import (
     PRETRAINED,
     ModelSpec,
     extraction_models,
+    scores_dir,
     table5_modules,
     figure4_points,
 )
@@ -43,14 +44,10 @@ CONDITIONING_MULTIPLE = 2.0
 # Reading what the stages wrote
 # ----------------------------------------------------------------------------------------------
 
-def scores_path(output_dir, name, attack):
-    return Path(output_dir) / "scores" / f"{name}-{attack}"
-
-
 def study_rows(output_dir, attacks):
     """(ids, is_member, domains) of the images every attack of the pre-trained model scored (CLiD and SimA leave
     out their own calibration rows), sorted by id: the rows every comparison is made on."""
-    loaded = [evaluate.load_scores(scores_path(output_dir, PRETRAINED, attack), "score") for attack in attacks]
+    loaded = [evaluate.load_scores(scores_dir(output_dir, PRETRAINED, attack), "score") for attack in attacks]
     common = set(loaded[0]["ids"]).intersection(*(set(scores["ids"]) for scores in loaded[1:]))
     first = loaded[0]
     keep = np.isin(first["ids"], sorted(common))
@@ -61,11 +58,11 @@ def load_leakage(output_dir, names, attacks, ids, is_member, calibration):
     """{model name: ModelLeakage} over the study's rows; a model whose scores are missing is left out."""
     leakage = {}
     for name in names:
-        if not all(scores_path(output_dir, name, attack).is_dir() for attack in attacks):
+        if not all(scores_dir(output_dir, name, attack).is_dir() for attack in attacks):
             continue
         scores = {}
         for attack in attacks:
-            loaded = evaluate.load_scores(scores_path(output_dir, name, attack), "score")
+            loaded = evaluate.load_scores(scores_dir(output_dir, name, attack), "score")
             position = {image_id: i for i, image_id in enumerate(loaded["ids"])}
             scores[attack] = loaded["scores"][[position[image_id] for image_id in ids]]
         leakage[name] = ModelLeakage(scores, is_member, calibration)
