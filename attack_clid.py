@@ -47,33 +47,41 @@ import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that 
 import numpy as np
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers.utils import check_min_version
 
 # Shared with the other attack scripts (mixsyn_utils/):
-from mixsyn_utils.attacks import (  # members/non-members, the attacked model, scoring, calibration split, output
-    attack_resolution,
-    calibration_record,
-    calibration_rows,
-    check_timestep,
-    load_attack_data,
-    load_attack_model,
-    num_train_timesteps,
-    score_all,
-    write_scores,
-)
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor, clid_scores  # ε̂, CLiD's L and D, ε
-from mixsyn_utils.flags import (  # flags of every attack; the noise-draw and calibration flags
+from mixsyn_utils.attack_flags import (  # flags of every attack
     add_attack_args,
     add_calibration_arg,
     add_noise_draws_arg,
     check_attack_args,
     check_attack_timesteps,
     check_calibration_fraction,
-    require_positive,
 )
+from mixsyn_utils.attack_scores import clid_scores  # CLiD's L and D
+from mixsyn_utils.attacks import (  # members/non-members, the attacked model, scoring, calibration split, output
+    AttackedModel,
+    attack_inputs,
+    calibration_record,
+    calibration_rows,
+    check_timestep,
+    load_attack_data,
+    load_attack_model,
+    model_record,
+    num_train_timesteps,
+    score_all,
+)
+from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
+from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.metrics import clid_threshold_fit, clid_threshold_score  # CLiD_th's α and robust scalers
-from mixsyn_utils.models import weight_dtype_of  # --mixed_precision -> dtype
+from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
+from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
+
+# Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
+check_min_version("0.42.0")
 
 logger = get_logger(__name__)
 
@@ -172,11 +180,14 @@ def main(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for t in args.attack_timesteps:
-        check_timestep(t, num_train_timesteps(args), "--attack_timesteps", allow_zero=True)
-    rows = load_attack_data(args)
+        check_timestep(t, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--attack_timesteps", allow_zero=True)
+    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                          args.lora_weights, args.textual_inversion)
+    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                            args.textual_inversion)
     mask = calibration_rows(rows, args.calibration_fraction, args.seed, "CLiD")
-    components = load_attack_model(args, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = attack_resolution(args, components)
+    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+    resolution = args.resolution or native_resolution(components.unet, components.vae)
     predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
     def score_batch(batch):
@@ -188,7 +199,11 @@ def main(args):
                 f"calibration), timesteps = {args.attack_timesteps}, weakened captions = {args.weak_caption}, "
                 f"UNet calls per image = {calls_per_image}")
     logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    scores, work = score_all(rows, components, args, resolution, accelerator, score_batch, desc="clid")
+    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+    scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                             signature=signature, resolution=resolution, batch_size=args.batch_size,
+                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                             overwrite=args.overwrite, desc="clid")
 
     if accelerator.is_main_process:
         scores, fits = clid_threshold_columns(scores, args.attack_timesteps, mask)
@@ -198,7 +213,10 @@ def main(args):
                  "resolution": resolution, "calibration": calibration_record(rows, mask, args.calibration_fraction,
                                                                               args.seed, fit),
                  "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and captions"}
-        dataset = write_scores(scores, "attack_clid.py", "clid", args, extra=extra)
+        dataset = write_scores(scores, args.output_dir, script="attack_clid.py", attack="clid",
+                               flags=flag_values(args), model=model_record(model), extra=extra,
+                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                               hub_token=args.hub_token)
         work.cleanup()
         logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
     accelerator.wait_for_everyone()

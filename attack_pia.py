@@ -27,23 +27,36 @@ import logging
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers.utils import check_min_version
 
 # Shared with the other attack scripts (mixsyn_utils/):
+from mixsyn_utils.attack_flags import (  # flags of every attack
+    add_attack_args,
+    check_attack_args,
+    check_attack_timesteps,
+)
+from mixsyn_utils.attack_scores import pia_scores  # the PIA score (equations there)
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, columns
-    attack_resolution,
+    AttackedModel,
+    attack_inputs,
     check_timestep,
     load_attack_data,
     load_attack_model,
+    model_record,
     num_train_timesteps,
     score_all,
     timestep_columns,
-    write_scores,
 )
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import NoisePredictor, pia_scores  # ε̂ of the model, the PIA score (equations there)
-from mixsyn_utils.flags import add_attack_args, check_attack_args, check_attack_timesteps  # flags of every attack
-from mixsyn_utils.models import weight_dtype_of  # --mixed_precision -> dtype of the weights
+from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
+from mixsyn_utils.flags import flag_values  # flags written out; range checks
+from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
+from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
+
+# Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
+check_min_version("0.42.0")
 
 logger = get_logger(__name__)
 
@@ -79,10 +92,13 @@ def main(args):
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for t in args.attack_timesteps:
-        check_timestep(t, num_train_timesteps(args), "--attack_timesteps")
-    rows = load_attack_data(args)
-    components = load_attack_model(args, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = attack_resolution(args, components)
+        check_timestep(t, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--attack_timesteps")
+    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                          args.lora_weights, args.textual_inversion)
+    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                            args.textual_inversion)
+    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+    resolution = args.resolution or native_resolution(components.unet, components.vae)
     predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
     def score_batch(batch):
@@ -99,13 +115,20 @@ def main(args):
                 f"timesteps = {args.attack_timesteps}, p = {args.lp}, guidance = {args.guidance_scale}, "
                 f"UNet calls per image = {calls_per_image} × {rows_per_call} row(s)")
     logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    scores, work = score_all(rows, components, args, resolution, accelerator, score_batch, desc=args.method)
+    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+    scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                             signature=signature, resolution=resolution, batch_size=args.batch_size,
+                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                             overwrite=args.overwrite, desc=args.method)
 
     if accelerator.is_main_process:
         extra = {"attack_timesteps": args.attack_timesteps, "lp": args.lp, "guidance_scale": args.guidance_scale,
                  "unet_calls_per_image": calls_per_image, "unet_rows_per_image": calls_per_image * rows_per_call,
                  "resolution": resolution}
-        dataset = write_scores(scores, "attack_pia.py", args.method, args, extra=extra)
+        dataset = write_scores(scores, args.output_dir, script="attack_pia.py", attack=args.method,
+                               flags=flag_values(args), model=model_record(model), extra=extra,
+                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                               hub_token=args.hub_token)
         work.cleanup()
         logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
     accelerator.wait_for_everyone()

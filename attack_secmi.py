@@ -29,22 +29,31 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers.utils import check_min_version
 
 # Shared with the other attack scripts (mixsyn_utils/):
+from mixsyn_utils.attack_flags import add_attack_args, check_attack_args  # flags of every attack
+from mixsyn_utils.attack_scores import secmi_t_error  # the t-error (equations there)
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, output
-    attack_resolution,
+    AttackedModel,
+    attack_inputs,
     check_timestep,
     load_attack_data,
     load_attack_model,
+    model_record,
     num_train_timesteps,
     score_all,
-    write_scores,
 )
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.diffusion import NoisePredictor, secmi_t_error  # ε̂ of the model, the t-error (equations there)
-from mixsyn_utils.flags import add_attack_args, check_attack_args, require_positive  # flags of every attack
-from mixsyn_utils.models import vae_scale_factor, weight_dtype_of  # latent size; --mixed_precision -> dtype
+from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
+from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
+from mixsyn_utils.models import native_resolution, vae_scale_factor, weight_dtype_of  # sizes; --mixed_precision -> dtype
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
+from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
+
+# Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
+check_min_version("0.42.0")
 
 logger = get_logger(__name__)
 
@@ -145,10 +154,13 @@ def main(args):
     check_output_dir(args.output_dir, args.overwrite)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    check_timestep(args.t_sec, num_train_timesteps(args), "--t_sec")
-    rows = load_attack_data(args)
-    components = load_attack_model(args, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = attack_resolution(args, components)
+    check_timestep(args.t_sec, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--t_sec")
+    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                          args.lora_weights, args.textual_inversion)
+    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                            args.textual_inversion)
+    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+    resolution = args.resolution or native_resolution(components.unet, components.vae)
     predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
     def score_batch(batch):
@@ -163,7 +175,11 @@ def main(args):
     logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), t_sec = {args.t_sec}, "
                 f"k = {args.k}, UNet calls per image = {calls_per_image}")
     logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    dataset, work = score_all(rows, components, args, resolution, accelerator, score_batch, desc="secmi")
+    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+    dataset, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                             signature=signature, resolution=resolution, batch_size=args.batch_size,
+                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                             overwrite=args.overwrite, desc="secmi")
 
     if accelerator.is_main_process:
         extra = {"t_sec": args.t_sec, "k": args.k, "unet_calls_per_image": calls_per_image, "resolution": resolution}
@@ -171,7 +187,11 @@ def main(args):
             latent_side = resolution // vae_scale_factor(components.vae)
             latent_shape = (components.unet.config.in_channels, latent_side, latent_side)
             dataset, extra["nn"] = secmi_nn_scores(dataset, latent_shape, args)
-        dataset = write_scores(dataset, "attack_secmi.py", "secmi_nn" if args.secmi_nn else "secmi", args, extra=extra)
+        attack = "secmi_nn" if args.secmi_nn else "secmi"
+        dataset = write_scores(dataset, args.output_dir, script="attack_secmi.py", attack=attack,
+                               flags=flag_values(args), model=model_record(model), extra=extra,
+                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                               hub_token=args.hub_token)
         work.cleanup()
         logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
     accelerator.wait_for_everyone()

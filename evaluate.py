@@ -60,6 +60,7 @@ from pathlib import Path
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 import numpy as np
+from diffusers.utils import check_min_version
 
 # Shared with the other scripts (mixsyn_utils/):
 from mixsyn_utils.brisque import is_installed as brisque_is_installed  # offline BRISQUE model present?
@@ -68,35 +69,45 @@ from mixsyn_utils.dataset_io import (  # datasets in and out, images and caption
     check_images_decode,
     check_text_column,
     load_image_dataset,
-    read_provenance,
     save_dataset,
 )
 from mixsyn_utils.domains import load_domains  # domains and prompt templates to sample
-from mixsyn_utils.flags import (  # shared flags and their range checks
-    add_card_publish_args,
+from mixsyn_utils.flags import (  # shared flags and their range checks, written out by flag_values
+    add_hub_token_arg,
     add_model_variant_args,
     add_pretrained_model_args,
+    flag_values,
     require_non_negative,
     require_positive,
     require_range,
 )
-from mixsyn_utils.metrics import (  # MIA metrics with CIs, calibrated attack, blind baseline, extraction
+from mixsyn_utils.audit_statistics import (  # CIs, calibrated attack, paired deltas, blind baseline
     BLIND_BASELINE_FOLDS,
     blind_baseline_auc,
     blind_features,
     bootstrap_ci,
     calibrated_attack,
-    extraction_metrics,
-    low_fpr_measurable,
     paired_bootstrap_deltas,
-    roc_metrics,
 )
-from mixsyn_utils.model_card import check_report_matches_weights, publish_privacy_card  # the card's privacy numbers
-from mixsyn_utils.models import weights_digest  # sha256 of a fine-tuned folder's weights
+from mixsyn_utils.extraction import extraction_metrics  # (k, ℓ2, δ)-eidetic memorization
+from mixsyn_utils.metrics import low_fpr_measurable, roc_metrics  # ROC figures and their FPR resolution
+from mixsyn_utils.evaluation_report import render_markdown  # report.md
+from mixsyn_utils.model_card import (  # the card's privacy numbers, tied to the weights they were measured on
+    check_report_matches_weights,
+    push_to_hub,
+    write_model_card,
+)
+from mixsyn_utils.resumable import weights_digest  # sha256 of a folder's weights
+from mixsyn_utils.variants import load_model_variant, model_fingerprints  # the sampled model
 from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
+from mixsyn_utils.placeholders import load_token_map, rewrite_caption  # textual-inversion placeholders in prompts
 from mixsyn_utils.resumable import ResumableWork, run_signature  # sampling batches saved; a resume has the same inputs
+from mixsyn_utils.scores import load_scores  # a scores dataset as arrays
 from mixsyn_utils.seeds import SALT_GENERATION, derive_seed  # generation i's seed, independent of batch and process
 from mixsyn_utils.utility import utility_metrics  # R-precision and BRISQUE
+
+# Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
+check_min_version("0.42.0")
 
 METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy")
 LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
@@ -142,7 +153,14 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0, help="Seeds bootstraps, the calibration split and sampling.")
     parser.add_argument("--output_dir", type=str, required=True, help="Where results.json, report.md, PNGs go.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
-    add_card_publish_args(parser)
+    publish = parser.add_argument_group("publish (attach the privacy numbers to a trained model's card)")
+    publish.add_argument("--write_card", type=str, default=None,
+                         help="Output folder of a MixSyn training script: rewrite its README.md with these privacy "
+                              "numbers; refused unless every --scores dataset attacked exactly the weights in it "
+                              "(the attacks record their sha256).")
+    publish.add_argument("--push_to_hub", action="store_true", help="Then upload that folder to the Hub.")
+    publish.add_argument("--hub_model_id", type=str, default=None, help="Hub repo id; default: the folder name.")
+    add_hub_token_arg(publish)
     args = parser.parse_args(input_args)
 
     if not args.scores and not (args.generate or args.generations):
@@ -176,29 +194,6 @@ def parse_args(input_args=None):
         raise InputError("--generate/--generations: no metric to compute (give --rprecision_model, "
                          "--clip_pretrained, --member_dataset, or drop --no_brisque)")
     return args
-
-
-def load_scores(path, score_column):
-    """A scores dataset as arrays; membership score = −score when the info says member_is_lower (the default)."""
-    dataset = load_image_dataset(path, required_columns=("id", "domain", "is_member", score_column))
-    info = read_provenance(dataset)
-    raw = np.asarray(dataset[score_column], dtype=np.float64)
-    is_member = np.asarray(dataset["is_member"], dtype=bool)
-    if not np.isfinite(raw).all():
-        raise InputError(f"--scores {path}: column {score_column} has {int((~np.isfinite(raw)).sum())} NaN/inf values")
-    if is_member.all() or not is_member.any():
-        raise InputError(f"--scores {path} has only {'members' if is_member.all() else 'non-members'}; need both")
-    if len(set(dataset["id"])) != len(dataset):
-        raise InputError(f"--scores {path}: ids are not unique, so rows cannot be paired across datasets")
-    member_is_lower = bool(info.get("member_is_lower", True))
-    order = np.argsort(np.asarray(dataset["id"]), kind="stable")  # rows aligned by id across datasets
-    per_timestep = {column: np.asarray(dataset[column], dtype=np.float64)[order] * (-1 if member_is_lower else 1)
-                    for column in dataset.column_names if column.startswith("score_t")}
-    return {"path": str(path), "name": Path(path).name, "attack": info.get("attack", "unknown"),
-            "model": info.get("model"), "member_is_lower": member_is_lower,
-            "ids": np.asarray(dataset["id"])[order], "domains": np.asarray(dataset["domain"]).astype(str)[order],
-            "is_member": is_member[order], "scores": (-raw if member_is_lower else raw)[order],
-            "per_timestep": per_timestep}
 
 
 def check_same_rows(all_scores, flag="--reference_scores"):
@@ -344,9 +339,6 @@ def generate_images(args, num_per_prompt):
     from accelerate import Accelerator
     from datasets import Dataset, Features, Image as ImageFeature, Value
 
-    from mixsyn_utils.models import load_model_variant, model_fingerprints
-    from mixsyn_utils.placeholders import load_token_map, rewrite_caption
-
     domain_names, templates = load_domains(args.domains_file)
     token_map = load_token_map(args.textual_inversion) if args.textual_inversion else {}
     plan = [{"id": f"gen-{d}-{t}-{i:05d}", "domain": name, "prompt": template.format(name), "sample_index": i,
@@ -355,8 +347,10 @@ def generate_images(args, num_per_prompt):
             for i in range(num_per_prompt)]
     batches = [plan[start:start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
     accelerator = Accelerator()
-    signature = run_signature(args, inputs={"domains": [domain_names, [list(pair) for pair in templates]],
-                                            **model_fingerprints(args)})
+    signature = run_signature(flag_values(args), inputs={
+        "domains": [domain_names, [list(pair) for pair in templates]],
+        **model_fingerprints(args.pretrained_model_name_or_path, args.revision, args.unet_path, args.lora_weights,
+                             args.textual_inversion)})
     work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
     pipeline = load_model_variant(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
                                   args.lora_weights, args.textual_inversion).to(accelerator.device)
@@ -395,104 +389,6 @@ def plot_roc(all_scores, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def fmt(value, ci=None):
-    text = "n/a" if value is None else f"{value:.3f}"
-    return text if ci is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-def low_fpr_cell(block, key):
-    """A TPR at a low FPR with its CI and the FPR resolution 1/n it was measured at, or why it cannot be."""
-    resolution = f"FPR resolution 1/{block['num_nonmembers']} = {block['fpr_resolution']:.4f}"
-    if not block["low_fpr_measurable"][key]:
-        return f"not measurable at this size ({resolution})"
-    return f"{fmt(block[key], block[f'{key}_ci'])} ({resolution})"
-
-
-def calibrated_cell(tpr, fpr, target_fpr, num_test_nonmembers, measurable):
-    """The calibrated attack's test-half TPR / FPR with the resolution of that half."""
-    resolution = f"FPR resolution 1/{num_test_nonmembers} = {1.0 / num_test_nonmembers:.4f}"
-    if not measurable:
-        return f"not measurable at this size (target FPR {target_fpr:g}, {resolution})"
-    return f"{fmt(tpr)} at FPR {fmt(fpr)} ({resolution})"
-
-
-def worst_case_lines(results):
-    lines = ["## Worst case over the attacks run", ""]
-    for case in results["worst_case"]:
-        block = results["privacy"][case["scores"]]
-        lines += [f"**{case['attack']}** (`{case['scores']}`), the strongest of {len(case['ranking'])} attack(s) on "
-                  f"model `{json.dumps(case['model'], sort_keys=True)}`:", "",
-                  f"- calibrated TPR@{100 * case['target_fpr']:g}%FPR ({case['direction']}; threshold and direction "
-                  "fixed on a calibration half, measured on the other): " + calibrated_cell(
-                      case["calibrated_tpr"], case["calibrated_fpr"], case["target_fpr"],
-                      block["calibrated"]["num_test_nonmembers"], case["target_fpr_measurable"]),
-                  f"- AUC {fmt(case['auc'], case['auc_ci'])}",
-                  f"- TPR@1%FPR {low_fpr_cell(case, 'tpr_at_1pct_fpr')}",
-                  f"- TPR@0.1%FPR {low_fpr_cell(case, 'tpr_at_0.1pct_fpr')}",
-                  f"- {case['num_members']} members, {case['num_nonmembers']} non-members",
-                  "- ranking by calibrated TPR: " + " > ".join(case["ranking"]), ""]
-    lines += ["An audit bounds the risk from the attacks it ran, not from every attack: a stronger one may exist.", ""]
-    return lines
-
-
-def render_markdown(results):
-    """report.md: one table per section; every number with its 95% CI where it has one."""
-    lines = ["# MixSyn evaluation", "", f"Bootstrap resamples: {results['bootstrap']}, seed {results['seed']}; "
-             "intervals are 95% percentile CIs (members and non-members resampled separately).", ""]
-    if results["privacy"]:
-        lines += worst_case_lines(results)
-        lines += ["## Membership inference", "", "| scores | attack | members / non-members | AUC | TPR@1%FPR | "
-                  "TPR@0.1%FPR | balanced acc. | calibrated TPR (test half) | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for name, block in results["privacy"].items():
-            cal = block["calibrated"]
-            calibrated = calibrated_cell(cal["test_tpr"], cal["test_fpr"], cal["target_fpr"],
-                                         cal["num_test_nonmembers"], cal["target_fpr_measurable"])
-            lines.append(f"| {name} | {block['attack']} | {block['num_members']} / {block['num_nonmembers']} | "
-                         f"{fmt(block['auc'], block['auc_ci'])} | {low_fpr_cell(block, 'tpr_at_1pct_fpr')} | "
-                         f"{low_fpr_cell(block, 'tpr_at_0.1pct_fpr')} | "
-                         f"{fmt(block['balanced_accuracy'], block['balanced_accuracy_ci'])} | "
-                         f"{calibrated} ({cal['direction']}) | {block['verdict']} |")
-        lines += ["", "An AUC below 0.5 is an *inverted signal*: the attacker flips the sign and still separates "
-                  "members — it is a leak, not protection. The calibrated column chooses direction and threshold "
-                  "(FPR ≤ target) on one half, stratified by domain, and measures on the other half. A TPR at FPR "
-                  "x below the FPR resolution 1/n (n non-members) would be the TPR at FPR = 0.", ""]
-        for name, block in results["privacy"].items():
-            if block["reference"]:
-                ref = block["reference"]
-                lines.append(f"- {name} vs reference {ref['scores_path']}: "
-                             f"ΔAUC {fmt(ref['auc']['delta'], ref['auc']['delta_ci'])}, "
-                             f"ΔTPR@1%FPR {fmt(ref['tpr_at_1pct_fpr']['delta'], ref['tpr_at_1pct_fpr']['delta_ci'])}")
-        lines += ["", "![ROC](roc_loglog.png)", ""]
-    if results["blind_baseline"]:
-        blind = results["blind_baseline"]
-        lines += ["## Blind baseline", "", "Logistic regression on 8×8 pixels + caption words, "
-                  f"{blind['num_folds']}-fold CV, never sees the model: AUC {fmt(blind['auc'], blind['auc_ci'])}.", ""]
-        lines.append("**The member and non-member sets differ in distribution: the attack numbers are not "
-                     "trustworthy.**" if blind["distribution_shift"] else "Its CI does not lie above 0.5: no "
-                     "detectable distribution shift (a CV AUC below 0.5 is the known small-sample bias, not a shift).")
-        lines.append("")
-    if results["utility"]:
-        util = results["utility"]
-        lines += ["## Utility", "", f"Images: {util['num_images']}. R-precision scorer: {util['scorer'] or 'none'}.",
-                  "",
-                  f"- R-precision (top-1 × 100): {fmt(util['r_precision_top1_x100'])}"]
-        if "brisque_mean" in util:
-            lines.append(f"- BRISQUE: {fmt(util['brisque_mean'])} — {util['brisque_direction']}; "
-                         f"{util['brisque_nan_images']} image(s) without spatial variance excluded")
-        lines.append("")
-    if results["extraction"]:
-        ext = results["extraction"]
-        lines += ["## Data extraction", "", f"(k={ext['k']}, ℓ2, δ={ext['delta']})-eidetic memorization, tiled ℓ2 "
-                  f"({ext['num_tiles']}×{ext['num_tiles']} tiles, RMS on [0, 1] pixels), {ext['num_generations']} "
-                  "generations.", "",
-                  f"- extracted members (true positives): {ext['true_positives']} of {ext['num_members']}",
-                  f"- non-members matched (false positives, control): {ext['false_positives']}",
-                  f"- precision: {fmt(ext['precision'])}; matched but excluded by k: {ext['excluded_by_k']}",
-                  "- per domain: " + ", ".join(f"{d} {n}" for d, n in ext["extracted_per_domain"].items()), ""]
-    return "\n".join(lines) + "\n"
 
 
 def main(args):
@@ -555,8 +451,10 @@ def main(args):
     if work is not None:
         work.cleanup()
     print(render_markdown(results))
-    if args.write_card:
-        publish_privacy_card(args, results)
+    if args.write_card:  # the folder's card with these numbers (checked against its weights), then the Hub
+        write_model_card(args.write_card, results, args.hub_model_id, source="--write_card")
+        if args.push_to_hub:
+            push_to_hub(args.write_card, args.hub_model_id, args.hub_token)
     return results
 
 

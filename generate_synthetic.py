@@ -19,16 +19,18 @@ import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers.utils import check_min_version
 
 # Shared with the other scripts (mixsyn_utils/):
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
 from mixsyn_utils.dataset_io import dataset_provenance, save_dataset, with_provenance  # saved whole, with provenance
 from mixsyn_utils.domains import draw_prompt, load_domains  # domains and the paper's prompt templates
-from mixsyn_utils.flags import (  # flag groups shared with the other scripts
+from mixsyn_utils.flags import (  # flag groups shared with the other scripts, written out by flag_values
     add_dataset_output_args,
     add_mixed_precision_arg,
     add_pretrained_model_args,
     add_resolution_arg,
+    flag_values,
     require_non_negative,
     require_positive,
 )
@@ -45,6 +47,9 @@ from mixsyn_utils.resumable import (  # batches saved as they finish; a killed r
     run_signature,
 )
 from mixsyn_utils.seeds import derive_seed  # image i's seed, independent of batch and process
+
+# Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
+check_min_version("0.42.0")
 
 logger = get_logger(__name__)
 
@@ -90,14 +95,13 @@ def plan_images(domain_names, templates, num_images_per_domain, seed):
     return plan
 
 
-def generate_batch(pipeline, rows, args, resolution):
+def generate_batch(pipeline, rows, resolution, num_inference_steps, guidance_scale, negative_prompt=None):
     """One pipeline call; each image has its own generator, so its pixels do not depend on its batch-mates."""
     generators = [torch.Generator(device="cpu").manual_seed(row["seed"]) for row in rows]
     return pipeline(
         [row["prompt"] for row in rows],
-        negative_prompt=[args.negative_prompt] * len(rows) if args.negative_prompt else None,
-        height=resolution, width=resolution,
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        negative_prompt=[negative_prompt] * len(rows) if negative_prompt else None,
+        height=resolution, width=resolution, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
         generator=generators, output_type="pil",
     ).images
 
@@ -114,7 +118,7 @@ def main(args):
     plan = plan_images(domain_names, templates, args.num_images_per_domain, args.seed)
     batches = [plan[start : start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
     # The domains file's content, not only its path, fixes the images; so does the model's.
-    signature = run_signature(args, inputs={
+    signature = run_signature(flag_values(args), inputs={
         "domains": [domain_names, [list(pair) for pair in templates]],
         "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision)})
     work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
@@ -131,7 +135,8 @@ def main(args):
 
     def generate_unit(unit):
         rows = batches[unit]
-        images = generate_batch(pipeline, rows, args, resolution)
+        images = generate_batch(pipeline, rows, resolution, args.num_inference_steps, args.guidance_scale,
+                                args.negative_prompt)
         return Dataset.from_list([dict(row, image=image) for row, image in zip(rows, images)], features=features)
 
     logger.info("***** Generating synthetic images *****")
@@ -140,7 +145,7 @@ def main(args):
     dataset = work.run(len(batches), generate_unit, desc="Generating")
 
     if accelerator.is_main_process:
-        provenance = dataset_provenance("generate_synthetic.py", args,
+        provenance = dataset_provenance("generate_synthetic.py", flag_values(args),
                                         extra={"domains": domain_names, "resolution": resolution})
         save_dataset(with_provenance(dataset, provenance), args.output_dir, args.push_to_hub, args.hub_dataset_id,
                      hub_token=args.hub_token)

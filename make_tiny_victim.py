@@ -29,6 +29,7 @@ import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
 
 # Shared with the other scripts (mixsyn_utils/):
@@ -38,10 +39,12 @@ from mixsyn_utils.dataset_io import load_image_dataset  # the saved member / non
 # distribution as the victim's own training captions.
 from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES, draw_prompt
 from mixsyn_utils.dreambooth import denoising_loss, prediction_target  # ε or v target, Min-SNR-γ weighting
-from mixsyn_utils.diffusion import NoisePredictor, alphas_cumprod, loss_attack_scores, q_sample  # ε̂, ᾱ_t, loss, z_t
+from mixsyn_utils.attack_scores import loss_attack_scores  # the loss attack: the victim's membership figures
+from mixsyn_utils.diffusion import NoisePredictor, alphas_cumprod, q_sample  # ε̂, ᾱ_t, z_t
 from mixsyn_utils.flags import require_non_negative, require_positive, require_range  # flag ranges
 from mixsyn_utils.images import image_to_tensor  # the shared preprocessing
-from mixsyn_utils.metrics import blind_baseline_auc, blind_features, roc_metrics  # the membership figures
+from mixsyn_utils.audit_statistics import blind_baseline_auc, blind_features  # the blind baseline
+from mixsyn_utils.metrics import roc_metrics  # the membership figures
 from mixsyn_utils.models import (  # SD components, z₀ and prompt encoding
     encode_images_to_latents,
     encode_prompts,
@@ -52,6 +55,9 @@ from mixsyn_utils.models import (  # SD components, z₀ and prompt encoding
 from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
 from mixsyn_utils.seeds import derive_seed  # the build's random streams
 from mixsyn_utils.utility import train_domain_classifier  # the offline R-precision scorer
+
+# Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
+check_min_version("0.42.0")
 
 # One rule for z₀ everywhere; the narrow posterior makes its two forms agree (victim_info.json: the ratio).
 LATENT_RULE = ("UNet pretraining, every fine-tune and PGD train on VAE posterior samples z0 = s(mu + sigma n); "

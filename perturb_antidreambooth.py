@@ -26,6 +26,7 @@ import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from diffusers.utils import check_min_version
 
 # Shared with the other scripts (mixsyn_utils/):
 from mixsyn_utils.adversarial import (  # ASPL / FSMG for one group, the budget-respecting uint8 rounding
@@ -34,7 +35,7 @@ from mixsyn_utils.adversarial import (  # ASPL / FSMG for one group, the budget-
     perturbation_norms,
     quantize_within_budget,
 )
-from mixsyn_utils.class_images import ensure_class_images  # prior-preservation images, generated once and cached
+from mixsyn_utils.class_images import class_data_dir_of, ensure_class_images  # prior-preservation images, cached
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
 from mixsyn_utils.dataset_io import (  # datasets in and out (checked before any model loads), with provenance
     check_images_decode,
@@ -44,14 +45,14 @@ from mixsyn_utils.dataset_io import (  # datasets in and out (checked before any
     save_dataset,
     with_provenance,
 )
-from mixsyn_utils.flags import (  # flag groups shared with the other scripts
+from mixsyn_utils.flags import (  # flag groups shared with the other scripts, written out by flag_values
     add_dataset_output_args,
     add_mixed_precision_arg,
     add_pretrained_model_args,
     add_prior_preservation_args,
     add_resolution_arg,
     check_prior_preservation_args,
-    class_data_dir_of,
+    flag_values,
     require_non_negative,
     require_positive,
     require_range,
@@ -72,6 +73,9 @@ from mixsyn_utils.resumable import (  # groups saved as they finish; a killed ru
     run_signature,
 )
 from mixsyn_utils.seeds import derive_seed  # group g's generator, independent of process
+
+# Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
+check_min_version("0.42.0")
 
 logger = get_logger(__name__)
 
@@ -147,7 +151,8 @@ def class_image_tensors(components, args, resolution, accelerator):
     if not args.with_prior_preservation:
         return None, None
     class_images = ensure_class_images(
-        args.pretrained_model_name_or_path, args.class_prompt, args.num_class_images, class_data_dir_of(args),
+        args.pretrained_model_name_or_path, args.class_prompt, args.num_class_images,
+        class_data_dir_of(args.class_data_dir, args.output_dir),
         revision=args.revision, variant=args.variant, resolution=resolution,
         sample_batch_size=args.sample_batch_size, num_inference_steps=args.class_num_inference_steps,
         seed=args.seed, accelerator=accelerator)
@@ -164,9 +169,18 @@ def perturb_group(components, rows, group_index, class_pixels, class_ids, args, 
     clean_uint8 = torch.round((clean_pixels + 1.0) * 127.5).to(torch.uint8)  # exact: the tensor came from uint8
     input_ids = tokenize_prompts(components.tokenizer, rows[args.caption_column])
     generator = torch.Generator().manual_seed(derive_seed(args.seed, group_index))
-    perturb = aspl_perturb_group if args.method == "aspl" else fsmg_perturb_group
-    perturbed = perturb(components, clean_pixels.to(accelerator.device), input_ids, class_pixels, class_ids, args,
-                        generator, autocast=accelerator.autocast)
+    budget = dict(pgd_alpha=args.pgd_alpha, pgd_eps=args.pgd_eps, learning_rate=args.learning_rate,
+                  prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
+                  pgd_batch_size=args.pgd_batch_size, autocast=accelerator.autocast)
+    if args.method == "aspl":
+        perturbed = aspl_perturb_group(components, clean_pixels.to(accelerator.device), input_ids, class_pixels,
+                                       class_ids, generator, outer_steps=args.max_train_steps,
+                                       surrogate_steps=args.max_f_train_steps, pgd_steps=args.max_adv_train_steps,
+                                       **budget)
+    else:
+        perturbed = fsmg_perturb_group(components, clean_pixels.to(accelerator.device), input_ids, class_pixels,
+                                       class_ids, generator, surrogate_steps=args.fsmg_train_steps,
+                                       pgd_steps=args.fsmg_pgd_steps, **budget)
     perturbed_uint8 = quantize_within_budget(perturbed, clean_uint8, args.pgd_eps)
     linf, l2 = perturbation_norms(perturbed_uint8, clean_uint8)
     saved = {key: value for key, value in rows.items() if key != args.image_column}
@@ -200,8 +214,9 @@ def main(args):
     class_pixels, class_ids = class_image_tensors(components, args, resolution, accelerator)
     inputs = {"dataset_name": input_fingerprint(args.dataset_name, repo_type="dataset"),
               "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
-              "class_images": input_fingerprint(class_data_dir_of(args)) if args.with_prior_preservation else None}
-    work = ResumableWork(args.output_dir, run_signature(args, inputs), accelerator,
+              "class_images": (input_fingerprint(class_data_dir_of(args.class_data_dir, args.output_dir))
+                               if args.with_prior_preservation else None)}
+    work = ResumableWork(args.output_dir, run_signature(flag_values(args), inputs), accelerator,
                          discard_other_settings=args.overwrite)
 
     def perturb_unit(group_index):
@@ -218,7 +233,7 @@ def main(args):
 
     if accelerator.is_main_process:
         perturbed = perturbed.sort("_row").remove_columns("_row").cast_column(args.image_column, datasets.Image())
-        provenance = dataset_provenance("perturb_antidreambooth.py", args, extra={"resolution": resolution})
+        provenance = dataset_provenance("perturb_antidreambooth.py", flag_values(args), extra={"resolution": resolution})
         save_dataset(with_provenance(perturbed, provenance), args.output_dir, args.push_to_hub, args.hub_dataset_id,
                      hub_token=args.hub_token)
         work.cleanup()

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attack_pia  # noqa: E402
 import attack_secmi  # noqa: E402
 import make_tiny_victim  # noqa: E402
-from mixsyn_utils.metrics import bootstrap_ci, roc_metrics  # noqa: E402
+from mixsyn_utils.audit_statistics import bootstrap_ci  # noqa: E402
+from mixsyn_utils.metrics import roc_metrics  # noqa: E402
 
 ATTACKS = {
     "secmi": (attack_secmi, ["--t_sec", "100", "--k", "10"]),

@@ -2,12 +2,12 @@
 """Every attack at its script's defaults on one victim: AUC [95% CI], direction, per-t AUC, UNet calls, worst case.
 
 Runs attack_pia.py, attack_secmi.py, attack_loss.py (loss and SimA), attack_clid.py and attack_pfami.py with
-their defaults (the authors' Stable Diffusion settings, see each script's docstring), plus the two settings
-the project used before (PIA t 200 without guidance, SecMI t_sec 100), then `evaluate.py` on all the score
+their defaults (the authors' Stable Diffusion settings, see each script's docstring), plus their DDPM papers' two
+cheaper settings (PIA t 200 without guidance, SecMI t_sec 100), then `evaluate.py` on all the score
 sets: its per-attack blocks and its worst case are what this prints. AUC is in the members-lower convention of
 the scores: below 0.5 means members have the LARGER score ("inverted"), which an attacker exploits as well.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_attack_strength.py --victim_dir /tmp/victim \\
+    HF_HUB_OFFLINE=1 python benchmarks/bench_attack_strength.py --victim_dir outputs/victim \\
         --output benchmarks/results/attack_strength.json
 """
 
@@ -68,7 +68,9 @@ def main():
     results = evaluate.main(evaluate.parse_args(["--scores", *[str(work_dir / name) for name in cli.attacks], *data,
                                                  "--bootstrap", str(cli.bootstrap), "--output_dir",
                                                  str(work_dir / "eval")]))
-    figures = {"victim": str(victim), "worst_case": results["worst_case"], "blind_baseline": results["blind_baseline"],
+    # Results name the victim by its folder name only: a committed file holds no machine path.
+    worst_case = json.loads(json.dumps(results["worst_case"]).replace(str(victim), victim.name))
+    figures = {"victim": victim.name, "worst_case": worst_case, "blind_baseline": results["blind_baseline"],
                "attacks": {}}
     for name in cli.attacks:
         block, info = results["privacy"][name], infos[name]

@@ -31,7 +31,8 @@ import attack_pfami  # noqa: E402
 import attack_pia  # noqa: E402
 import attack_secmi  # noqa: E402
 from mixsyn_utils.attacks import attack_resolution, load_attack_data, load_attack_model, score_all  # noqa: E402
-from mixsyn_utils.diffusion import NoisePredictor, pia_scores, secmi_t_error  # noqa: E402
+from mixsyn_utils.attack_scores import pia_scores, secmi_t_error  # noqa: E402
+from mixsyn_utils.diffusion import NoisePredictor  # noqa: E402
 from mixsyn_utils.models import encode_prompts, tokenize_prompts  # noqa: E402
 
 

@@ -28,7 +28,9 @@ def seconds(function, repeats):
 def main():
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from mixsyn_utils.metrics import bootstrap_ci, roc_metrics, tiled_l2_distances
+    from mixsyn_utils.audit_statistics import bootstrap_ci
+    from mixsyn_utils.extraction import tiled_l2_distances
+    from mixsyn_utils.metrics import roc_metrics
 
     rng = np.random.default_rng(0)
     member_scores, nonmember_scores = rng.normal(0.5, 1, 500), rng.normal(0, 1, 500)

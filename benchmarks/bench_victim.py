@@ -39,10 +39,12 @@ import attack_pia  # noqa: E402
 import attack_secmi  # noqa: E402
 import make_tiny_victim  # noqa: E402
 from mixsyn_utils.dataset_io import load_image_dataset  # noqa: E402
-from mixsyn_utils.diffusion import NoisePredictor, loss_attack_scores, predicted_noise, q_sample  # noqa: E402
+from mixsyn_utils.attack_scores import loss_attack_scores  # noqa: E402
+from mixsyn_utils.diffusion import NoisePredictor, predicted_noise, q_sample  # noqa: E402
 from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES  # noqa: E402
 from mixsyn_utils.images import image_to_tensor  # noqa: E402
-from mixsyn_utils.metrics import bootstrap_ci, roc_metrics  # noqa: E402
+from mixsyn_utils.audit_statistics import bootstrap_ci  # noqa: E402
+from mixsyn_utils.metrics import roc_metrics  # noqa: E402
 from mixsyn_utils.models import encode_prompts, load_components, tokenize_prompts  # noqa: E402
 from mixsyn_utils.utility import classifier_r_precision_hits  # noqa: E402
 

@@ -132,37 +132,38 @@ def pgd_attack(components, perturbed_pixels, original_pixels, input_ids, num_ste
     return perturbed_pixels
 
 
-def aspl_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
-                       autocast=nullcontext):
-    """ASPL (Anti-DreamBooth Alg. 1): for each outer iteration i, f′ ← copy(f) trained on the clean images,
-    δ ← PGD against f′ on every image, then f trained on the perturbed images. Both trainings of iteration i use
-    images i·F … i·F + F − 1 (mod n), F = --max_f_train_steps, so every image is trained on in turn.
-    Returns the perturbed pixels in [-1, 1].
+def aspl_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, generator, *, outer_steps,
+                       surrogate_steps, pgd_steps, pgd_alpha, pgd_eps, learning_rate, prior_loss_weight=1.0,
+                       train_text_encoder=True, pgd_batch_size=8, autocast=nullcontext):
+    """ASPL (Anti-DreamBooth Alg. 1): for each of `outer_steps` iterations i, f′ ← copy(f) trained on the clean
+    images for `surrogate_steps`, δ ← `pgd_steps` PGD steps against f′ on every image, then f trained on the
+    perturbed images. Both trainings of iteration i use images i·F … i·F + F − 1 (mod n), F = `surrogate_steps`, so
+    every image is trained on in turn. Returns the perturbed pixels in [-1, 1].
     """
-    train = dict(learning_rate=args.learning_rate, generator=generator, prior_loss_weight=args.prior_loss_weight,
-                 train_text_encoder=args.train_text_encoder, autocast=autocast)
+    train = dict(learning_rate=learning_rate, generator=generator, prior_loss_weight=prior_loss_weight,
+                 train_text_encoder=train_text_encoder, autocast=autocast)
     perturbed_pixels = clean_pixels.clone()
-    for iteration in range(args.max_train_steps):
-        first_step = iteration * args.max_f_train_steps
-        surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids,
-                                    args.max_f_train_steps, first_step=first_step, **train)
-        perturbed_pixels = pgd_attack(surrogate, perturbed_pixels, clean_pixels, input_ids, args.max_adv_train_steps,
-                                      args.pgd_alpha, args.pgd_eps, generator, args.pgd_batch_size, autocast)
+    for iteration in range(outer_steps):
+        first_step = iteration * surrogate_steps
+        surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids, surrogate_steps,
+                                    first_step=first_step, **train)
+        perturbed_pixels = pgd_attack(surrogate, perturbed_pixels, clean_pixels, input_ids, pgd_steps, pgd_alpha,
+                                      pgd_eps, generator, pgd_batch_size, autocast)
         del surrogate
         components = train_surrogate(components, perturbed_pixels, input_ids, class_pixels, class_ids,
-                                     args.max_f_train_steps, first_step=first_step, **train)
+                                     surrogate_steps, first_step=first_step, **train)
     return perturbed_pixels
 
 
-def fsmg_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, args, generator,
-                       autocast=nullcontext):
+def fsmg_perturb_group(components, clean_pixels, input_ids, class_pixels, class_ids, generator, *, surrogate_steps,
+                       pgd_steps, pgd_alpha, pgd_eps, learning_rate, prior_loss_weight=1.0, train_text_encoder=True,
+                       pgd_batch_size=8, autocast=nullcontext):
     """FSMG (Anti-DreamBooth Sec. 4.2): one DreamBooth surrogate trained on the clean images for
-    `fsmg_train_steps`, then `fsmg_pgd_steps` PGD steps against that fixed model (the reference's scripts: 1000
+    `surrogate_steps`, then `pgd_steps` PGD steps against that fixed model (the reference's scripts: 1000
     and 100). Returns the perturbed pixels in [-1, 1].
     """
-    surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids, args.fsmg_train_steps,
-                                learning_rate=args.learning_rate, generator=generator,
-                                prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
-                                autocast=autocast)
-    return pgd_attack(surrogate, clean_pixels, clean_pixels, input_ids, args.fsmg_pgd_steps, args.pgd_alpha,
-                      args.pgd_eps, generator, args.pgd_batch_size, autocast)
+    surrogate = train_surrogate(components, clean_pixels, input_ids, class_pixels, class_ids, surrogate_steps,
+                                learning_rate=learning_rate, generator=generator, prior_loss_weight=prior_loss_weight,
+                                train_text_encoder=train_text_encoder, autocast=autocast)
+    return pgd_attack(surrogate, clean_pixels, clean_pixels, input_ids, pgd_steps, pgd_alpha, pgd_eps, generator,
+                      pgd_batch_size, autocast)

@@ -1,14 +1,15 @@
 """Plumbing every attack script shares: input checks, encoding, sharded resumable scoring, the scores dataset.
 
-The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_args`. An attack script gives
-`score_all` a function `score_batch(batch: AttackBatch) -> {column: (B,) float64 array}`; everything else is here:
+The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_args`; the scores dataset in
+`scores.py`. An attack script gives `score_all` a function `score_batch(batch: AttackBatch) -> {column: (B,)
+float64 array}`; everything else is here:
 
 - members and non-members are scored together, in fixed global batches of `--batch_size`, so a batch's
   scores do not depend on how many processes run (`ResumableWork` units: a killed run resumes);
 - each image is encoded by the VAE once (and with `--latents_cache_dir` once for every model sharing the VAE
   encoder), each unique caption by the text encoder once (per process);
-- the scores dataset has columns `id, domain, is_member, score[, score_t{t}...]` and its info records
-  the attack, the flags, the model and library versions, and `member_is_lower: true`;
+- the attacked model is an `AttackedModel` (the pretrained pipeline and its fine-tuned parts), whose weights'
+  sha256 the scores record (`model_record`);
 - an attack that fits something on labelled rows (CLiD's α, SimA's t) fits it on a seeded calibration split
   (`calibration_rows`) and saves the scores of the other rows only.
 """
@@ -16,37 +17,22 @@ The attack maths itself lives in `diffusion.py`; the flags in `flags.add_attack_
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .cli import InputError, first_line
-from .dataset_io import (
-    check_text_column,
-    dataset_provenance,
-    decoded_images,
-    load_image_dataset,
-    save_dataset,
-    with_provenance,
-)
+from .dataset_io import check_text_column, decoded_images, load_image_dataset
 from .images import image_to_tensor
-from .metrics import calibration_split, roc_metrics
-from .models import (
-    components_from_pipeline,
-    encode_images_to_latents,
-    encode_prompts,
-    load_model_variant,
-    model_fingerprints,
-    native_resolution,
-    tokenize_prompts,
-    weights_digest,
-    warn_truncated_captions,
-)
+from .metrics import calibration_split
+from .models import encode_images_to_latents, encode_prompts, tokenize_prompts, warn_truncated_captions
 from .placeholders import load_token_map, rewrite_caption
-from .resumable import ResumableWork, input_fingerprint, run_signature
+from .resumable import ResumableWork, input_fingerprint, weights_digest
+from .scores import scores_to_dataset
 from .seeds import SALT_ATTACK_CALIBRATION, derive_seed
+from .variants import components_from_pipeline, load_model_variant, model_fingerprints
 
 # Bumped whenever image preprocessing or the latent encoding changes, so older cached z₀ are not reused.
 LATENT_CACHE_VERSION = 1
@@ -63,15 +49,31 @@ def check_timestep(value, num_train_timesteps, flag, allow_zero=False):
         raise InputError(f"{flag} must be in {interval}, got {value}")
 
 
-def num_train_timesteps(args):
+@dataclass(frozen=True)
+class AttackedModel:
+    """The model an attack scores: the pretrained pipeline (`--pretrained_model_name_or_path`, `--revision`,
+    `--variant`) plus the fine-tuned parts that replace or extend it (`--unet_path`, `--lora_weights`,
+    `--textual_inversion`)."""
+
+    pretrained_model_name_or_path: str
+    revision: str = None
+    variant: str = None
+    unet_path: str = None
+    lora_weights: str = None
+    textual_inversion: str = None
+
+    def as_dict(self):
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+def num_train_timesteps(pretrained_model_name_or_path, revision=None):
     """T of the model's noise scheduler, read from its config alone (cheap: checks run before loading weights)."""
     from diffusers import DDPMScheduler
 
     try:
-        config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                           revision=args.revision)
+        config = DDPMScheduler.load_config(pretrained_model_name_or_path, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
-        raise InputError(f"cannot load --pretrained_model_name_or_path {args.pretrained_model_name_or_path}: "
+        raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
                          f"{first_line(error)}") from error
     return int(config.get("num_train_timesteps", 1000))
 
@@ -81,7 +83,8 @@ def _pixel_digest(rgb):
     return hashlib.sha1(repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
 
 
-def load_attack_data(args):
+def load_attack_data(member_dataset, nonmember_dataset, caption_column="prompt", null_prompt=False,
+                     textual_inversion=None):
     """Members and non-members as one list of rows {id, domain, is_member, caption, digest, source}, checked.
 
     `source` = (image-only view of the dataset, index): images are decoded again batch by batch rather than
@@ -91,24 +94,24 @@ def load_attack_data(args):
     not decode (`dataset_io.decoded_images`, before any model loads), or any id or identical image present in
     both sets (such an image's label is undefined and would poison the evaluation).
     """
-    required = ("image",) if args.null_prompt else ("image", args.caption_column)
-    token_map = load_token_map(args.textual_inversion) if args.textual_inversion else None
+    required = ("image",) if null_prompt else ("image", caption_column)
+    token_map = load_token_map(textual_inversion) if textual_inversion else None
     rows, digests, sources = [], {}, []
-    for flag, path, is_member in (("--member_dataset", args.member_dataset, True),
-                                  ("--nonmember_dataset", args.nonmember_dataset, False)):
+    for flag, path, is_member in (("--member_dataset", member_dataset, True),
+                                  ("--nonmember_dataset", nonmember_dataset, False)):
         if path is None:
             raise InputError(f"{flag} is required")
         dataset = load_image_dataset(path, required_columns=required)
         if token_map is not None and "domain" not in dataset.column_names:
             raise InputError(f"{flag} {path} has no 'domain' column, needed to apply --textual_inversion placeholders")
-        if not args.null_prompt:
-            check_text_column(dataset, args.caption_column, f"{flag} {path}")
+        if not null_prompt:
+            check_text_column(dataset, caption_column, f"{flag} {path}")
         prefix = "member" if is_member else "nonmember"
         sources.append(dataset.select_columns(["image"]))
         rgb_images = decoded_images(dataset, "image", f"{flag} {path}")
         for index, (row, rgb) in enumerate(zip(dataset.remove_columns("image"), rgb_images)):
             domain = str(row.get("domain", "") or "")
-            caption = "" if args.null_prompt else str(row[args.caption_column])
+            caption = "" if null_prompt else str(row[caption_column])
             if token_map is not None:
                 caption = rewrite_caption(caption, domain, token_map)
             rows.append({"id": str(row["id"]) if "id" in row else f"{prefix}-{index:06d}", "domain": domain,
@@ -126,21 +129,13 @@ def load_attack_data(args):
     return rows
 
 
-def load_attack_model(args, device, dtype=torch.float32):
-    """The attacked model's components on `device`, in eval mode without gradients."""
-    pipeline = load_model_variant(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant, unet_path=args.unet_path,
-        lora_weights=args.lora_weights, textual_inversion=args.textual_inversion,
-    )
+def load_attack_model(model, device, dtype=torch.float32):
+    """The `AttackedModel`'s components on `device`, in eval mode without gradients."""
+    pipeline = load_model_variant(**model.as_dict())
     components = components_from_pipeline(pipeline)
     for module in (components.unet, components.vae, components.text_encoder):
         module.to(device=device, dtype=dtype).requires_grad_(False).eval()
     return components
-
-
-def attack_resolution(args, components):
-    """--resolution, or the attacked model's native resolution."""
-    return args.resolution or native_resolution(components.unet, components.vae)
 
 
 class CaptionCache:
@@ -241,34 +236,16 @@ class LatentCache:
         os.replace(tmp_path, path)
 
 
-def batch_latents(components, rows, args, resolution, first_index, latent_cache=None):
+def batch_latents(vae, rows, resolution, first_index, vae_sample=False, seed=0, latent_cache=None):
     """z₀ of a batch: from `latent_cache` when it holds them, else encoded (and stored there)."""
-    vae = components.vae
     if latent_cache is not None:
         latents = latent_cache.get(rows, first_index, vae.device, vae.dtype)
         if latents is not None:
             return latents
-    latents = encode_batch_latents(vae, rows, resolution, args.vae_sample, args.seed, first_index)
+    latents = encode_batch_latents(vae, rows, resolution, vae_sample, seed, first_index)
     if latent_cache is not None:
         latent_cache.put(rows, first_index, latents)
     return latents
-
-
-def scores_to_dataset(batch, scores):
-    """One batch's rows (id, domain, is_member) with its score columns: (B,) float64, or a flat float32 map."""
-    from datasets import Dataset, Features, Sequence, Value
-
-    columns = {"id": [row["id"] for row in batch], "domain": [row["domain"] for row in batch],
-               "is_member": [row["is_member"] for row in batch]}
-    features = {"id": Value("string"), "domain": Value("string"), "is_member": Value("bool")}
-    for name, values in scores.items():
-        values = np.asarray(values.cpu() if torch.is_tensor(values) else values)
-        if values.ndim == 1:
-            columns[name], features[name] = values.astype(np.float64), Value("float64")
-        else:  # a per-image map (SecMI-NN's error map), stored flat
-            columns[name] = list(values.reshape(len(batch), -1).astype(np.float32))
-            features[name] = Sequence(Value("float32"))
-    return Dataset.from_dict(columns, features=Features(features))
 
 
 @dataclass
@@ -294,25 +271,27 @@ def timestep_columns(by_timestep):
     return columns
 
 
-def score_all(rows, components, args, resolution, accelerator, score_batch, desc):
-    """Score every row in global batches of --batch_size (`ResumableWork` units sharded over processes).
+def score_all(rows, components, score_batch, *, accelerator, output_dir, signature, resolution, batch_size,
+              vae_sample=False, seed=0, latents_cache_dir=None, overwrite=False, desc="scoring"):
+    """Score every row in global batches of `batch_size` (`ResumableWork` units sharded over processes).
 
     `score_batch(batch: AttackBatch) -> {column: (B,) array or (B, ...) map}` runs the attack on one batch.
+    `signature`: the run signature a killed run's `<output_dir>.partial` must match (`resumable.run_signature`
+    of the flags and `attack_inputs`); `overwrite` discards one of other settings.
     Returns (scores dataset on the main process / None elsewhere, the `ResumableWork` to clean up once saved).
     """
-    work = ResumableWork(args.output_dir, run_signature(args, attack_inputs(args)), accelerator,
-                         discard_other_settings=args.overwrite)
+    work = ResumableWork(output_dir, signature, accelerator, discard_other_settings=overwrite)
     warn_truncated_captions(components.tokenizer, [row["caption"] for row in rows])
-    num_batches = (len(rows) + args.batch_size - 1) // args.batch_size
+    num_batches = (len(rows) + batch_size - 1) // batch_size
     captions = CaptionCache(components.tokenizer, components.text_encoder)
     latent_cache = None
-    if args.latents_cache_dir:
-        latent_cache = LatentCache(args.latents_cache_dir, components.vae, resolution, args.vae_sample, args.seed)
+    if latents_cache_dir:
+        latent_cache = LatentCache(latents_cache_dir, components.vae, resolution, vae_sample, seed)
 
     def score_unit(unit):
-        start = unit * args.batch_size
-        batch = rows[start : start + args.batch_size]
-        latents = batch_latents(components, batch, args, resolution, start, latent_cache)
+        start = unit * batch_size
+        batch = rows[start : start + batch_size]
+        latents = batch_latents(components.vae, batch, resolution, start, vae_sample, seed, latent_cache)
         with torch.no_grad():
             scores = score_batch(AttackBatch(batch, start, latents, captions([row["caption"] for row in batch]),
                                              captions))
@@ -321,20 +300,23 @@ def score_all(rows, components, args, resolution, accelerator, score_batch, desc
     return work.run(num_batches, score_unit, desc=desc), work
 
 
-def attacked_weights_digests(args):
-    """{flag: `weights_digest`} of the attacked model's own weights: each local fine-tuned part, or the local
+def attacked_weights_digests(model):
+    """{flag: `weights_digest`} of the `AttackedModel`'s own weights: each local fine-tuned part, or the local
     pretrained folder when there is none (a DreamBooth pipeline). A model card attaches scores only to these."""
-    parts = [flag for flag in ("unet_path", "lora_weights", "textual_inversion") if getattr(args, flag)]
-    return {flag: weights_digest(getattr(args, flag)) for flag in parts or ["pretrained_model_name_or_path"]
-            if Path(getattr(args, flag)).exists()}
+    parts = [flag for flag in ("unet_path", "lora_weights", "textual_inversion") if getattr(model, flag)]
+    return {flag: weights_digest(getattr(model, flag)) for flag in parts or ["pretrained_model_name_or_path"]
+            if Path(getattr(model, flag)).exists()}
 
 
-def attack_inputs(args):
+def attack_inputs(model, member_dataset, nonmember_dataset):
     """Fingerprints of what the scores depend on besides the flags: both image sets and every model part, so
     a killed attack resumed after one of them was replaced at the same path is refused."""
-    return {"member_dataset": input_fingerprint(args.member_dataset, repo_type="dataset"),
-            "nonmember_dataset": input_fingerprint(args.nonmember_dataset, repo_type="dataset"),
-            **model_fingerprints(args)}
+    return {"member_dataset": input_fingerprint(member_dataset, repo_type="dataset"),
+            "nonmember_dataset": input_fingerprint(nonmember_dataset, repo_type="dataset"),
+            **model_fingerprints(model.pretrained_model_name_or_path, model.revision, model.unet_path,
+                                 model.lora_weights, model.textual_inversion)}
+
+
 def calibration_rows(rows, fraction, seed, attack):
     """Boolean mask of the rows an attack fits on; it saves the scores of the other rows only.
 
@@ -362,25 +344,6 @@ def calibration_record(rows, mask, fraction, seed, fit):
             "ids": [row["id"] for row, calibrating in zip(rows, mask) if calibrating], **fit}
 
 
-def model_record(args):
-    """The attacked model: pretrained id plus any fine-tuned parts, and the sha256 of the weights attacked."""
-    record = {key: getattr(args, key) for key in (
-        "pretrained_model_name_or_path", "revision", "variant", "unet_path", "lora_weights", "textual_inversion")}
-    return dict(record, weights_sha256=attacked_weights_digests(args))
-
-
-def write_scores(dataset, script, attack, args, extra=None):
-    """Attach the provenance to the assembled scores, save atomically; print AUC and TPR@1%FPR per column.
-
-    Main process only. Returns the saved dataset.
-    """
-    record = {"attack": attack, "model": model_record(args), "member_is_lower": True, **(extra or {})}
-    with_provenance(dataset, dataset_provenance(script, args, extra=record))
-    save_dataset(dataset, args.output_dir, args.push_to_hub, args.hub_dataset_id, hub_token=args.hub_token)
-    is_member = np.asarray(dataset["is_member"], dtype=bool)
-    for column in [name for name in dataset.column_names if name.startswith("score")]:
-        values = np.asarray(dataset[column], dtype=np.float64)
-        # Scores are errors (members lower); roc_metrics wants "higher = member", hence the minus sign.
-        metrics = roc_metrics(-values[is_member], -values[~is_member])
-        print(f"{attack} {column}: AUC {metrics['auc']:.4f}  TPR@1%FPR {metrics['tpr_at_1pct_fpr']:.4f}")
-    return dataset
+def model_record(model):
+    """The attacked model as its scores record it: pretrained id, fine-tuned parts, sha256 of the weights attacked."""
+    return dict(model.as_dict(), weights_sha256=attacked_weights_digests(model))

@@ -22,6 +22,11 @@ from .seeds import derive_seed
 RECORD_FILE = "class_images.json"
 
 
+def class_data_dir_of(class_data_dir, output_dir):
+    """The class-image cache folder: --class_data_dir, or `<output_dir>.class_images` beside the output."""
+    return class_data_dir or f"{str(output_dir).rstrip('/')}.class_images"
+
+
 def _class_cache_key(pretrained_model_name_or_path, class_prompt, revision, variant, resolution):
     """What the class images depend on; the model's content fingerprint too, so another model saved at the
     same path does not reuse them."""

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from .cli import InputError, first_line
-from .flags import is_secret_flag
 from .images import decode_rgb
 from .outputs import atomic_replace_dir, temp_sibling
 
@@ -179,18 +178,14 @@ def save_dataset(dataset, output_dir, push_to_hub=False, hub_dataset_id=None, pr
     return True
 
 
-def dataset_provenance(script, args, extra=None):
-    """JSON record of how a dataset was made: script, flags (never a token), library versions, `extra`."""
+def dataset_provenance(script, flags, extra=None):
+    """JSON record of how a dataset was made: script, `flags` (`flags.flag_values(args)`: no token), library
+    versions, and `extra`."""
     import accelerate
     import datasets
     import diffusers
     import transformers
 
-    flags = {}
-    for key, value in sorted(vars(args).items()):
-        if is_secret_flag(key):  # never write a token
-            continue
-        flags[key] = value if isinstance(value, (int, float, str, bool, list, type(None))) else str(value)
     record = {
         "script": script,
         "flags": flags,

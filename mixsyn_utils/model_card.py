@@ -16,8 +16,9 @@ import os
 import re
 from pathlib import Path
 
+from .audit_report import privacy_lines
 from .cli import InputError
-from .models import weights_digest
+from .resumable import weights_digest
 
 TRAINING_INFO_FILE = "training_info.json"
 # The diffusers examples write the licence of the SD-1.x weights they fine-tune.
@@ -49,66 +50,6 @@ def read_privacy_report(path):
     return report
 
 
-def privacy_lines(report):
-    """Model-card section of the measured membership-inference risk: the worst case first, then every attack run
-    (value [95% CI] per metric, member/non-member counts, FPR resolution), the blind baseline, and what an
-    audit can and cannot say."""
-    def with_ci(block, key):
-        value, interval = block.get(key), block.get(f"{key}_ci")
-        if value is None:
-            return "n/a"
-        return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
-
-    def low_fpr(block, key):
-        if "num_nonmembers" not in block:
-            return with_ci(block, key)
-        resolution = f"FPR resolution 1/{block['num_nonmembers']}"
-        if not block.get("low_fpr_measurable", {}).get(key, True):
-            return f"not measurable at this size ({resolution})"
-        return f"{with_ci(block, key)} ({resolution})"
-
-    def calibrated(block):
-        cal = block.get("calibrated") or {}
-        if "test_tpr" not in cal:
-            return "n/a"
-        resolution = f"FPR resolution 1/{cal['num_test_nonmembers']}" if "num_test_nonmembers" in cal else ""
-        if not cal.get("target_fpr_measurable", True):
-            return f"not measurable at this size ({resolution})"
-        return f"{cal['test_tpr']:.3f} at FPR {cal['test_fpr']:.3f}" + (f" ({resolution})" if resolution else "")
-
-    def counts(block):
-        if "num_members" not in block or "num_nonmembers" not in block:
-            return "n/a"
-        return f"{block['num_members']} / {block['num_nonmembers']}"
-
-    privacy = report["privacy"]
-    worst = [case["scores"] for case in report.get("worst_case") or [] if case.get("scores") in privacy]
-    names = worst + [name for case in report.get("worst_case") or [] for name in case.get("ranking", [])
-                     if name in privacy and name not in worst]
-    names += [name for name in privacy if name not in names]
-    lines = ["## Measured membership-inference risk (evaluate.py)", ""]
-    for name in worst:
-        block = privacy[name]
-        lines += [f"**Worst case over the {len(names)} attack(s) run: {block.get('attack', '')} (`{name}`)**: "
-                  f"calibrated TPR@{100 * block['calibrated']['target_fpr']:g}%FPR {calibrated(block)}, threshold and "
-                  f"direction fixed on a calibration half and measured on the other; AUC {with_ci(block, 'auc')}; "
-                  f"TPR@1%FPR {low_fpr(block, 'tpr_at_1pct_fpr')}; TPR@0.1%FPR {low_fpr(block, 'tpr_at_0.1pct_fpr')}; "
-                  f"members / non-members: {counts(block)}.", ""]
-    lines += ["| scores | attack | members / non-members | AUC [95% CI] | TPR@1%FPR [95% CI] | TPR@0.1%FPR [95% CI] | "
-              "calibrated TPR (held-out half) | verdict |", "|---|---|---|---|---|---|---|---|"]
-    for name in names:
-        block = privacy[name]
-        lines.append(f"| {name}{' (worst case)' if name in worst else ''} | {block.get('attack', '')} | "
-                     f"{counts(block)} | {with_ci(block, 'auc')} | "
-                     f"{low_fpr(block, 'tpr_at_1pct_fpr')} | {low_fpr(block, 'tpr_at_0.1pct_fpr')} | "
-                     f"{calibrated(block)} | {block.get('verdict', '')} |")
-    if report.get("blind_baseline"):
-        lines += ["", f"Blind baseline (never sees the model): AUC {with_ci(report['blind_baseline'], 'auc')}."]
-    lines += ["", "An audit bounds the risk from the attacks it ran, listed above, not from every attack: an attack "
-              "not run here, or not yet known, may do better."]
-    return lines
-
-
 def hub_id_or_none(name_or_path):
     """A Hub id as given; None for a local path, which a published card must not show."""
     if name_or_path is None:
@@ -119,19 +60,21 @@ def hub_id_or_none(name_or_path):
     return text
 
 
-def training_info(args, kind, method, mix_info, trained, num_images, trigger_words=(), tokens=None):
+def training_info(kind, method, *, pretrained_model_name_or_path, dataset_name, mix_info, trained, num_images,
+                  instance_prompt=None, validation_prompt=None, train_text_encoder=False, trigger_words=(),
+                  tokens=None):
     """What a training run did, for its card: `CARD_KINDS` kind, method, data, mix, steps; Hub ids only.
 
     `trained`: {"steps", "learning_rate", "resolution"} as run (after --scale_lr and the native-resolution
     default); `trigger_words`: the domain names its captions use; `tokens`: textual inversion's public token map.
     """
-    return {"kind": kind, "method": method, "base_model": hub_id_or_none(args.pretrained_model_name_or_path),
-            "training_data": hub_id_or_none(args.dataset_name), "num_images": num_images,
-            "instance_prompt": args.instance_prompt, "trigger_words": sorted(trigger_words), "tokens": tokens,
-            "train_text_encoder": bool(getattr(args, "train_text_encoder", False)), "trained": trained,
+    return {"kind": kind, "method": method, "base_model": hub_id_or_none(pretrained_model_name_or_path),
+            "training_data": hub_id_or_none(dataset_name), "num_images": num_images,
+            "instance_prompt": instance_prompt, "trigger_words": sorted(trigger_words), "tokens": tokens,
+            "train_text_encoder": bool(train_text_encoder), "trained": trained,
             "mix": dict(mix_info, perturbed_dataset=hub_id_or_none(mix_info["perturbed_dataset"]),
                         perturbed=mix_info["perturbed_dataset"] is not None),
-            "validation_prompt": args.validation_prompt}
+            "validation_prompt": validation_prompt}
 
 
 def check_report_matches_weights(report, digest, output_dir, source):
@@ -232,45 +175,40 @@ def write_model_card(output_dir, privacy_report=None, repo_id=None, source="--pr
     return digest
 
 
-def push_to_hub(args, output_dir):
-    """Upload `output_dir` (without checkpoints and logs) to `--hub_model_id`; a failure is one clear error."""
+def push_to_hub(output_dir, hub_model_id=None, hub_token=None):
+    """Upload `output_dir` (without checkpoints and logs) to `hub_model_id`; a failure is one clear error."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = args.hub_model_id or Path(output_dir).name
+    repo_id = hub_model_id or Path(output_dir).name
     try:
-        repo_id = create_repo(repo_id, exist_ok=True, token=args.hub_token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=args.hub_token,
+        repo_id = create_repo(repo_id, exist_ok=True, token=hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=str(output_dir), token=hub_token,
                       commit_message="MixSyn fine-tune", ignore_patterns=["checkpoint-*", ".*", "logs/*", "step_*"])
     except Exception as error:  # noqa: BLE001 - offline, auth and network errors all end the same way
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         reason = "HF_HUB_OFFLINE is set" if offline else (str(error).strip().splitlines() or [type(error).__name__])[0]
-        if args.hub_token:
-            reason = reason.replace(args.hub_token, "***")
+        if hub_token:
+            reason = reason.replace(hub_token, "***")
         raise InputError(f"--push_to_hub to {repo_id} failed ({reason}); the trained model is saved in "
                          f"{output_dir}") from None
     return repo_id
 
 
-def publish_privacy_card(args, results):
-    """evaluate.py --write_card: the folder's card with `results` (checked against its weights), then --push_to_hub."""
-    write_model_card(args.write_card, results, args.hub_model_id, source="--write_card")
-    if args.push_to_hub:
-        push_to_hub(args, args.write_card)
-
-
-def finish_outputs(accelerator, args, info, validation_images):
+def finish_outputs(accelerator, output_dir, info, validation_images, privacy_report=None, push=False,
+                   hub_model_id=None, hub_token=None):
     """Main process: validation images (image_i.png), training_info.json, the card, then the optional Hub upload.
 
-    With --privacy_report the report's scores must record these weights' sha256 (`check_report_matches_weights`).
+    With `privacy_report` (a results.json path) the report's scores must record these weights' sha256
+    (`check_report_matches_weights`).
     """
     accelerator.end_training()
     if accelerator.is_main_process:
-        for stale in Path(args.output_dir).glob("image_*.png"):
+        for stale in Path(output_dir).glob("image_*.png"):
             stale.unlink()
         for index, image in enumerate(validation_images):
-            image.save(Path(args.output_dir) / f"image_{index}.png")
-        (Path(args.output_dir) / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        report = read_privacy_report(args.privacy_report) if args.privacy_report else None
-        write_model_card(args.output_dir, report, args.hub_model_id)
-        if args.push_to_hub:
-            push_to_hub(args, args.output_dir)
+            image.save(Path(output_dir) / f"image_{index}.png")
+        (Path(output_dir) / TRAINING_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        report = read_privacy_report(privacy_report) if privacy_report else None
+        write_model_card(output_dir, report, hub_model_id)
+        if push:
+            push_to_hub(output_dir, hub_model_id, hub_token)

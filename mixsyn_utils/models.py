@@ -6,14 +6,13 @@ a pickled `.bin`/`.pt` is refused, never unpickled. z₀ = s · E(x) is computed
 """
 
 import logging
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from .cli import InputError, first_line
-from .placeholders import load_token_map
+from .dataset_io import is_hub_id
 
 
 def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model_name_or_path"):
@@ -23,8 +22,6 @@ def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model
     cache when HF_HUB_OFFLINE is set.
     """
     from huggingface_hub import constants, snapshot_download
-
-    from .dataset_io import is_hub_id
 
     path = Path(name_or_path)
     if path.exists() or not is_hub_id(name_or_path):
@@ -142,153 +139,17 @@ def encode_images_to_latents(vae, pixel_values, sample=False, generator=None):
     return (posterior.mean + posterior.std * noise.to(posterior.mean.dtype)) * vae.config.scaling_factor
 
 
+class LatentEncoder(torch.nn.Module):
+    """The VAE encoder as a module (`encode_images_to_latents`, posterior sample), so DDP can wrap it when it trains."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixel_values):
+        return encode_images_to_latents(self.vae, pixel_values, sample=True)
+
+
 def weight_dtype_of(mixed_precision):
     """dtype of frozen weights under `--mixed_precision` ("fp16", "bf16", else float32); trained weights stay fp32."""
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Fine-tuned variants: the same pretrained pipeline plus a UNet, LoRA weights or learned tokens
-# ----------------------------------------------------------------------------------------------
-
-def load_model_variant(pretrained_model_name_or_path, revision=None, variant=None, unet_path=None,
-                       lora_weights=None, textual_inversion=None, dtype=None):
-    """A `StableDiffusionPipeline` for the pretrained model or one of its fine-tuned variants.
-
-    `unet_path`: a UNet folder (`checkpoint-N/unet`) or a full pipeline folder (its `unet/` is used).
-    `lora_weights`: a folder or file accepted by `pipe.load_lora_weights` (fused, so attacks see one UNet).
-    `textual_inversion`: a folder with `token_map.json` written by `train_textual_inversion_mixsyn.py`.
-    """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
-            safety_checker=None, requires_safety_checker=False, use_safetensors=True,
-        )
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
-                         f"{first_line(error)}") from error
-    if unet_path is not None:
-        folder = Path(unet_path)
-        if not folder.is_dir():
-            raise InputError(f"--unet_path {unet_path} is not a folder")
-        subfolder = "unet" if (folder / "unet" / "config.json").is_file() else None
-        try:
-            pipeline.unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder=subfolder, dtype=dtype,
-                                                                 use_safetensors=True)
-        except (OSError, ValueError) as error:
-            raise InputError(f"cannot load --unet_path {unet_path}: {first_line(error)}") from error
-    if lora_weights is not None:
-        if not Path(lora_weights).exists():
-            raise InputError(f"--lora_weights {lora_weights} does not exist")
-        check_lora_matches(pipeline, lora_weights)
-        try:
-            state_dict, network_alphas, metadata = type(pipeline).lora_state_dict(
-                str(lora_weights), return_lora_metadata=True, use_safetensors=True)
-            if any(key.startswith("text_encoder.") for key in state_dict):
-                pipeline.load_lora_weights(str(lora_weights), use_safetensors=True)
-            else:  # load_lora_weights would log, on every load, that the text encoder has no LoRA keys
-                pipeline.load_lora_into_unet(state_dict, network_alphas, pipeline.unet, metadata=metadata)
-        except (RuntimeError, ValueError) as error:
-            raise InputError(f"--lora_weights {lora_weights} does not match the model: {first_line(error)}") from error
-        pipeline.fuse_lora()
-        pipeline.unload_lora_weights()
-    if textual_inversion is not None:
-        for domain, entry in load_token_map(textual_inversion).items():
-            pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"],
-                                            use_safetensors=True)
-    return pipeline
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def weights_digest(path):
-    """sha256 identifying the weights a folder (or one weights file) holds: the same bytes give the same digest.
-
-    digest = sha256 of the JSON list [[name, sha256(file bytes)], …] over the weight files (`WEIGHT_SUFFIXES`)
-    sorted by their path relative to `path` (a single file: its name); checkpoint-N/, hidden and log folders
-    are not published weights and are left out. Unlike `resumable.input_fingerprint` (every file, for resume),
-    a changed README or config leaves it unchanged: it names the weights a model card's numbers were measured on.
-    """
-    import hashlib
-    import json
-
-    from .resumable import file_digest
-
-    root = Path(path)
-    if root.is_file():
-        files = [(root.name, root)]
-    else:
-        files = sorted((file.relative_to(root).as_posix(), file) for file in root.rglob("*")
-                       if file.is_file() and file.suffix in WEIGHT_SUFFIXES
-                       and not any(part.startswith((".", "checkpoint-")) or part == "logs"
-                                   for part in file.relative_to(root).parts[:-1]))
-    entries = [[name, file_digest(file)] for name, file in files]
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
-
-
-def model_fingerprints(args):
-    """Content fingerprints (`resumable.input_fingerprint`) of the model `load_model_variant` builds from the flags:
-    the pretrained pipeline and each fine-tuned part, for the run signature of a resumable job."""
-    from .resumable import input_fingerprint
-
-    parts = ("unet_path", "lora_weights", "textual_inversion")
-    return {"pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
-            **{flag: input_fingerprint(getattr(args, flag)) for flag in parts}}
-
-
-_LORA_KEY = re.compile(
-    r"^(unet|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|"
-    r"lora_linear_layer\.down|lora_linear_layer\.up)(?:\.[A-Za-z_0-9]+)?\.weight$"
-)
-
-
-def check_lora_matches(pipeline, lora_weights):
-    """Raise `InputError` unless every LoRA matrix in `lora_weights` targets an existing layer of the right size.
-
-    diffusers only logs LoRA keys it cannot place, so an adapter trained on another UNet would silently
-    attack the un-adapted model. Checked: a known prefix (`unet.` / `text_encoder.`), the target module
-    exists, and the down (A) matrix's input width / the up (B) matrix's output width equal the layer's.
-    """
-    try:
-        state_dict, _ = type(pipeline).lora_state_dict(str(lora_weights), use_safetensors=True)
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load --lora_weights {lora_weights} as safetensors: {first_line(error)}") from error
-    models = {"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}
-    matched = 0
-    for key, tensor in state_dict.items():
-        if key.endswith(".alpha"):
-            continue
-        found = _LORA_KEY.match(key)
-        if found is None:
-            raise InputError(f"--lora_weights {lora_weights}: key {key} is not a UNet or text-encoder LoRA matrix")
-        model_name, module_name = found.group(1), found.group(2)
-        try:
-            module = models[model_name].get_submodule(module_name)
-        except AttributeError:
-            raise InputError(f"--lora_weights {lora_weights} does not match the model: no layer {model_name}.{module_name}")
-        is_down = found.group(3).endswith(("lora_A", "down"))
-        layer_width = getattr(module, "in_features" if is_down else "out_features", None)
-        if layer_width is None:
-            layer_width = getattr(module, "in_channels" if is_down else "out_channels", None)
-        lora_width = tensor.shape[1] if is_down else tensor.shape[0]
-        if layer_width is not None and lora_width != layer_width:
-            raise InputError(
-                f"--lora_weights {lora_weights} does not match the model: {key} has width {lora_width}, "
-                f"layer {model_name}.{module_name} has {layer_width}"
-            )
-        matched += 1
-    if matched == 0:
-        raise InputError(f"--lora_weights {lora_weights} holds no LoRA matrices")
-
-
-def components_from_pipeline(pipeline):
-    """The pieces attacks and trainers use, with a `DDPMScheduler` built from the pipeline's schedule."""
-    from diffusers import DDPMScheduler
-
-    return SimpleNamespace(
-        tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, vae=pipeline.vae, unet=pipeline.unet,
-        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
-    )

@@ -6,6 +6,8 @@ self-synthesis, Anti-DreamBooth, prior-preservation class images, evaluation's s
 which process ran it), saves each result the moment it is finished in `<output_dir>.partial/unit-N`, and
 gathers all units on the main process. A killed run finds its finished units and computes only the rest.
 
+`weights_digest` names the weights a folder holds (what a model card's numbers were measured on).
+
 The run signature (`run_signature`) is the one rule for what a resumed run must share with the killed one:
 every flag except `OUTPUT_FLAGS` (where results go and how progress is logged), plus the fingerprints of its
 inputs (`input_fingerprint`: the content of every dataset, model, weights and domains file it reads), so an
@@ -82,10 +84,36 @@ def input_fingerprint(name_or_path, revision=None, repo_type="model"):
         return f"{name_or_path}@{revision or 'main'}"
 
 
-def run_signature(args, inputs=None):
-    """{"flags": every flag of `args` but OUTPUT_FLAGS, "inputs": {name: fingerprint}} as plain JSON values."""
-    flags = {key: value for key, value in sorted(vars(args).items()) if key not in OUTPUT_FLAGS}
-    return json.loads(json.dumps({"flags": flags, "inputs": inputs or {}}, default=str))
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_digest(path):
+    """sha256 identifying the weights a folder (or one weights file) holds: the same bytes give the same digest.
+
+    digest = sha256 of the JSON list [[name, sha256(file bytes)], …] over the weight files (`WEIGHT_SUFFIXES`)
+    sorted by their path relative to `path` (a single file: its name); checkpoint-N/, hidden and log folders
+    are not published weights and are left out. Unlike `input_fingerprint` (every file, for resume),
+    a changed README or config leaves it unchanged: it names the weights a model card's numbers were measured on.
+    """
+    root = Path(path)
+    if root.is_file():
+        files = [(root.name, root)]
+    else:
+        files = sorted((file.relative_to(root).as_posix(), file) for file in root.rglob("*")
+                       if file.is_file() and file.suffix in WEIGHT_SUFFIXES
+                       and not any(part.startswith((".", "checkpoint-")) or part == "logs"
+                                   for part in file.relative_to(root).parts[:-1]))
+    entries = [[name, file_digest(file)] for name, file in files]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def run_signature(flags, inputs=None):
+    """{"flags": every flag but OUTPUT_FLAGS, "inputs": {name: fingerprint}} as plain JSON values.
+
+    `flags`: the run's flag values (`flags.flag_values(args)`).
+    """
+    kept = {key: value for key, value in sorted(flags.items()) if key not in OUTPUT_FLAGS}
+    return json.loads(json.dumps({"flags": kept, "inputs": inputs or {}}, default=str))
 
 
 def signature_differences(recorded, current):
@@ -205,3 +233,4 @@ class ResumableWork:
         """Main process, after the assembled output is saved: remove the per-unit results."""
         if self.is_main_process:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+

@@ -23,7 +23,6 @@ from .dataset_io import (
     read_provenance,
     save_dataset,
 )
-from .flags import class_data_dir_of
 from .images import pil_to_tensor, resize_and_crop
 from .mixing import mix_datasets
 from .models import tokenize_prompts
@@ -61,76 +60,82 @@ class TrainingSet:
     caption_column: str
     mix_info: dict
     fingerprints: dict
-    fingerprints: dict
 
 
-def caption_column_of(args, column_names):
+def caption_column_of(caption_column, column_names):
     """--caption_column, else `text` (upstream's default) when the dataset has it, else `prompt` (generate_synthetic's)."""
-    if args.caption_column is not None:
-        return args.caption_column
+    if caption_column is not None:
+        return caption_column
     return "text" if "text" in column_names else "prompt"
 
 
-def load_clean_images(args, captions_required=True):
+def load_clean_images(dataset_name=None, train_data_dir=None, instance_data_dir=None, *, dataset_config_name=None,
+                      cache_dir=None, image_column="image", caption_column=None, instance_prompt=None,
+                      instance_domain=None, max_train_samples=None, seed=None, captions_required=True):
     """(rows, caption column, input fingerprints) of --dataset_name / --train_data_dir / --instance_data_dir.
 
     --train_data_dir alone is an imagefolder (captions from its metadata file); with --dataset_name it is the
     Hub dataset's data_dir. --max_train_samples keeps a subset seeded by --seed. Every image is decoded once and
     every caption checked here, before any model loads: a bad file fails in seconds, not at the step reading it.
     """
-    if args.instance_data_dir is not None:
-        clean = load_instance_folder(args.instance_data_dir, args.instance_prompt, args.instance_domain or "")
-        check_images_decode(clean, "image", f"--instance_data_dir {args.instance_data_dir}")
-        return clean, "prompt", {"instance_data_dir": input_fingerprint(args.instance_data_dir)}
-    if args.dataset_name is not None:
-        clean = load_image_dataset(args.dataset_name, required_columns=(args.image_column,), cache_dir=args.cache_dir,
-                                   config_name=args.dataset_config_name, data_dir=args.train_data_dir)
+    if instance_data_dir is not None:
+        clean = load_instance_folder(instance_data_dir, instance_prompt, instance_domain or "")
+        check_images_decode(clean, "image", f"--instance_data_dir {instance_data_dir}")
+        return clean, "prompt", {"instance_data_dir": input_fingerprint(instance_data_dir)}
+    if dataset_name is not None:
+        clean = load_image_dataset(dataset_name, required_columns=(image_column,), cache_dir=cache_dir,
+                                   config_name=dataset_config_name, data_dir=train_data_dir)
     else:
-        clean = load_image_dataset(args.train_data_dir, required_columns=(args.image_column,), cache_dir=args.cache_dir)
-    if args.image_column != "image":
-        clean = clean.rename_column(args.image_column, "image")
-    caption_column = caption_column_of(args, clean.column_names)
-    if caption_column not in clean.column_names:
-        if captions_required or args.caption_column is not None:
-            source = args.dataset_name or args.train_data_dir
-            raise InputError(f"dataset {source} has no column {caption_column!r} "
+        clean = load_image_dataset(train_data_dir, required_columns=(image_column,), cache_dir=cache_dir)
+    if image_column != "image":
+        clean = clean.rename_column(image_column, "image")
+    column = caption_column_of(caption_column, clean.column_names)
+    if column not in clean.column_names:
+        if captions_required or caption_column is not None:
+            raise InputError(f"dataset {dataset_name or train_data_dir} has no column {column!r} "
                              f"(columns: {', '.join(clean.column_names)}); pass --caption_column")
-        caption_column = None
-    if args.max_train_samples is not None and args.max_train_samples < len(clean):
-        clean = clean.shuffle(seed=args.seed or 0).select(range(args.max_train_samples))
-    label = f"--dataset_name {args.dataset_name}" if args.dataset_name else f"--train_data_dir {args.train_data_dir}"
-    if caption_column is not None:
-        check_text_column(clean, caption_column, label)
+        column = None
+    if max_train_samples is not None and max_train_samples < len(clean):
+        clean = clean.shuffle(seed=seed or 0).select(range(max_train_samples))
+    label = f"--dataset_name {dataset_name}" if dataset_name else f"--train_data_dir {train_data_dir}"
+    if column is not None:
+        check_text_column(clean, column, label)
     check_images_decode(clean, "image", label)
-    fingerprints = {flag: input_fingerprint(getattr(args, flag), repo_type="dataset")
-                    for flag in ("dataset_name", "train_data_dir") if getattr(args, flag) is not None}
-    return clean, caption_column, fingerprints
+    fingerprints = {flag: input_fingerprint(path, repo_type="dataset")
+                    for flag, path in (("dataset_name", dataset_name), ("train_data_dir", train_data_dir))
+                    if path is not None}
+    return clean, column, fingerprints
 
 
-def load_training_images(args, is_main_process=True, captions_required=True):
-    """The training set: `load_clean_images`, mixed with `--perturbed_dataset_name`.
+def load_training_images(dataset_name=None, train_data_dir=None, instance_data_dir=None, *,
+                         perturbed_dataset_name=None, mixup_mode="image", mixup_ratio=0.0, mixup_seed=0,
+                         mixup_pattern="random", resolution=None, save_mixed_dataset=None, is_main_process=True,
+                         **clean_options):
+    """The training set: `load_clean_images` (its options in `clean_options`), mixed with `perturbed_dataset_name`.
 
     Returns a `TrainingSet`: rows with `image` and their captions; with a perturbed set the images are
     `mix_datasets(clean, perturbed, ...)`. mix_info holds mode, ratio, seed, pattern and the perturbed set's PGD
-    flags from its provenance (for the model card). --save_mixed_dataset saves the rows trained on.
+    flags from its provenance (for the model card). `save_mixed_dataset` saves the rows trained on.
     """
-    clean, caption_column, fingerprints = load_clean_images(args, captions_required)
-    mix_info = {"mode": args.mixup_mode, "ratio": args.mixup_ratio, "seed": args.mixup_seed,
-                "pattern": args.mixup_pattern, "perturbed_dataset": args.perturbed_dataset_name, "pgd": {}}
+    clean, caption_column, fingerprints = load_clean_images(dataset_name, train_data_dir, instance_data_dir,
+                                                            **clean_options)
+    mix_info = {"mode": mixup_mode, "ratio": mixup_ratio, "seed": mixup_seed, "pattern": mixup_pattern,
+                "perturbed_dataset": perturbed_dataset_name, "pgd": {}}
     training_rows = clean
-    if args.perturbed_dataset_name is not None:
-        perturbed = load_image_dataset(args.perturbed_dataset_name, required_columns=("image",))
-        check_images_decode(perturbed, "image", f"--perturbed_dataset_name {args.perturbed_dataset_name}")
-        fingerprints["perturbed_dataset_name"] = input_fingerprint(args.perturbed_dataset_name, repo_type="dataset")
+    if perturbed_dataset_name is not None:
+        perturbed = load_image_dataset(perturbed_dataset_name, required_columns=("image",))
+        check_images_decode(perturbed, "image", f"--perturbed_dataset_name {perturbed_dataset_name}")
+        fingerprints["perturbed_dataset_name"] = input_fingerprint(perturbed_dataset_name, repo_type="dataset")
         flags = read_provenance(perturbed).get("flags", {})
         mix_info["pgd"] = {key: value for key, value in flags.items() if key.startswith("pgd_")}
-        if len(clean) < len(perturbed) and args.max_train_samples is not None and "id" in clean.column_names:
+        if len(clean) < len(perturbed) and clean_options.get("max_train_samples") is not None \
+                and "id" in clean.column_names:
             kept = set(clean["id"])
             perturbed = perturbed.filter(lambda image_id: image_id in kept, input_columns=["id"])
-        training_rows = mix_datasets(clean, perturbed, args.mixup_mode, args.mixup_ratio, args.mixup_seed,
-                                     pattern=args.mixup_pattern, resolution=args.resolution)
-    if args.save_mixed_dataset and is_main_process:
-        save_dataset(training_rows, args.save_mixed_dataset)
+        training_rows = mix_datasets(clean, perturbed, mixup_mode, mixup_ratio, mixup_seed, pattern=mixup_pattern,
+                                     resolution=resolution)
+    if save_mixed_dataset and is_main_process:
+        save_dataset(training_rows, save_mixed_dataset)
     return TrainingSet(training_rows, caption_column, mix_info, fingerprints)
 
 
@@ -160,15 +165,16 @@ class TrainingImages(torch.utils.data.Dataset):
     """Rows of the mixed set as `pixel_values` + `input_ids` of their own (optionally rewritten) caption.
 
     `caption_fn(row, rng) -> str` picks/rewrites the caption (textual inversion puts placeholders in); `rng` is
-    seeded by (seed, epoch, item), so a resumed run draws the same captions. The data flags (--resolution,
-    --center_crop, --random_flip, --image_interpolation_mode, --tokenizer_max_length, --seed) come from `args`.
+    seeded by (seed, epoch, item), so a resumed run draws the same captions. Images are resized to `resolution`
+    with `interpolation`, centre- or randomly cropped, optionally flipped; captions are tokenized to `max_length`.
     With `class_images` (prior preservation) item i also carries class image i mod len(class_images).
     """
 
-    def __init__(self, rows, tokenizer, resolution, caption_fn, args, class_images=None):
+    def __init__(self, rows, tokenizer, resolution, caption_fn, *, center_crop=False, random_flip=False, seed=None,
+                 interpolation="bicubic", max_length=None, class_images=None):
         self.rows, self.tokenizer, self.resolution, self.caption_fn = rows, tokenizer, resolution, caption_fn
-        self.center_crop, self.random_flip, self.seed = args.center_crop, args.random_flip, args.seed or 0
-        self.interpolation, self.max_length = args.image_interpolation_mode, args.tokenizer_max_length
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed or 0
+        self.interpolation, self.max_length = interpolation, max_length
         self.class_images = class_images
         self.epoch = 0
         self._token_ids = {}  # caption → ids; captions repeat (few templates × domains), so this stays small
@@ -218,17 +224,21 @@ class EpochBatchSampler:
 
     Each epoch: π = randperm(N) seeded by (seed, epoch), padded by wrap-around to a multiple of the
     number of processes; process p takes π[p::P] and cuts it into batches of `batch_size` (last one
-    may be short). `set_epoch(epoch, skip_batches)` drops the first batches, which is how a resumed run
-    skips what it has already trained on.
+    may be short). `resume_at(epoch, batches_done)` makes that epoch start after its first `batches_done`
+    batches, which is how a resumed run skips exactly what it has already trained on.
     """
 
     def __init__(self, num_items, batch_size, seed, process_index=0, num_processes=1):
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
-        self.epoch, self.skip_batches = 0, 0
+        self.epoch, self.skip_batches, self.resume = 0, 0, (None, 0)
 
-    def set_epoch(self, epoch, skip_batches=0):
-        self.epoch, self.skip_batches = epoch, skip_batches
+    def resume_at(self, epoch, batches_done):
+        self.resume = (epoch, batches_done)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.skip_batches = self.resume[1] if epoch == self.resume[0] else 0
 
     def epoch_batches(self):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
@@ -247,29 +257,33 @@ class EpochBatchSampler:
         return math.ceil(math.ceil(self.num_items / self.num_processes) / self.batch_size)
 
 
-def make_dataloader(dataset, args, accelerator):
-    """A DataLoader over `dataset` with an `EpochBatchSampler`; its own generator keeps the global RNG untouched."""
-    sampler = EpochBatchSampler(len(dataset), args.train_batch_size, args.seed or 0, accelerator.process_index,
+def make_dataloader(dataset, batch_size, seed, accelerator, num_workers=0):
+    """accelerate's `DataLoaderShard` over `dataset` with an `EpochBatchSampler` (this process's share of each
+    epoch's order) and collated prior-preservation rows. It marks the last batch of an epoch, so
+    `accelerator.accumulate` updates there, and moves batches to the accelerator's device. Its own generator
+    keeps the global RNG untouched. Returns (dataloader, batch sampler)."""
+    from accelerate.data_loader import DataLoaderShard
+
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed or 0, accelerator.process_index,
                                 accelerator.num_processes)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples,
-                                         num_workers=args.dataloader_num_workers,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = DataLoaderShard(dataset, device=accelerator.device, batch_sampler=sampler, collate_fn=collate_examples,
+                             num_workers=num_workers, generator=torch.Generator().manual_seed(0))
     return loader, sampler
 
 
-def load_class_images(args, resolution, accelerator):
-    """Class images for prior preservation (generated once, cached), or None without the flag.
+def load_class_images(pretrained_model_name_or_path, class_prompt, num_class_images, class_data_dir, resolution,
+                      accelerator, *, revision=None, variant=None, sample_batch_size=4, num_inference_steps=50,
+                      prior_generation_precision=None, seed=None):
+    """Class images for prior preservation (`class_images.ensure_class_images`: generated once, cached).
 
-    Generated in --prior_generation_precision; by default ('no') fp16 on a GPU and fp32 elsewhere (upstream's rule).
+    Generated in `prior_generation_precision`; by default ('no') fp16 on a GPU and fp32 elsewhere (upstream's rule).
     """
-    if not args.with_prior_preservation:
-        return None
-    precision = args.prior_generation_precision
+    precision = prior_generation_precision
     if precision in (None, "no"):
         precision = "fp16" if accelerator.device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return ensure_class_images(args.pretrained_model_name_or_path, args.class_prompt, args.num_class_images,
-                               class_data_dir_of(args), revision=args.revision, variant=args.variant,
-                               resolution=resolution, sample_batch_size=args.sample_batch_size,
-                               num_inference_steps=args.class_num_inference_steps, seed=args.seed or 0,
-                               accelerator=accelerator, dtype=dtype)
+    return ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_images, class_data_dir,
+                               revision=revision, variant=variant, resolution=resolution,
+                               sample_batch_size=sample_batch_size, num_inference_steps=num_inference_steps,
+                               seed=seed or 0, accelerator=accelerator, dtype=dtype)
+

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .brisque import load_svr
 from .cli import InputError, first_line
 from .images import decode_rgb
 
@@ -74,8 +75,6 @@ def brisque_scores(images):
     --install`); `piq.brisque` itself is never called (it unpickles its weights). Images without spatial
     variance (e.g. all black) have no defined BRISQUE; they get NaN and are counted by the caller.
     """
-    from .brisque import load_svr
-
     svr = load_svr()
     scores = []
     for image in images:

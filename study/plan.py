@@ -390,3 +390,7 @@ def load_extractions(output_dir, names):
         if path.is_file():
             results[name] = json.loads(path.read_text()).get("extraction")
     return results
+
+
+def table_cell(config, method, setting, default_strength):
+    return f"{method}-{setting}" + (f"-{default_strength}" if method == "dreambooth" else "")

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-import evaluate  # load_scores: a scores dataset as arrays, membership score higher = member
+from mixsyn_utils.scores import load_scores  # a scores dataset as arrays, membership score higher = member
 
+from .claims import claim_results, claims_markdown, per_attack_markdown, premises
+from .figures import dose_response_figure, figure4
+from .formatting import fmt
 from .plan import (
     ATTACK_TITLES,
     METHOD_TITLES,
@@ -23,7 +26,7 @@ from .plan import (
     extraction_models,
     scores_dir,
     table5_modules,
-    figure4_points,
+    table_cell,
 )
 from .statistics import (
     ModelLeakage,
@@ -32,12 +35,8 @@ from .statistics import (
     study_split,
     summarize,
     two_level_bootstrap,
-    verdict,
 )
 
-# Premise of the utility claims and of Shake-to-Leak: the pre-trained model's own samples are recognisably of
-# their domain, i.e. its R-precision is at least this multiple of chance (1 / number of domains).
-CONDITIONING_MULTIPLE = 2.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +46,7 @@ CONDITIONING_MULTIPLE = 2.0
 def study_rows(output_dir, attacks):
     """(ids, is_member, domains) of the images every attack of the pre-trained model scored (CLiD and SimA leave
     out their own calibration rows), sorted by id: the rows every comparison is made on."""
-    loaded = [evaluate.load_scores(scores_dir(output_dir, PRETRAINED, attack), "score") for attack in attacks]
+    loaded = [load_scores(scores_dir(output_dir, PRETRAINED, attack), "score") for attack in attacks]
     common = set(loaded[0]["ids"]).intersection(*(set(scores["ids"]) for scores in loaded[1:]))
     first = loaded[0]
     keep = np.isin(first["ids"], sorted(common))
@@ -62,7 +61,7 @@ def load_leakage(output_dir, names, attacks, ids, is_member, calibration):
             continue
         scores = {}
         for attack in attacks:
-            loaded = evaluate.load_scores(scores_dir(output_dir, name, attack), "score")
+            loaded = load_scores(scores_dir(output_dir, name, attack), "score")
             position = {image_id: i for i, image_id in enumerate(loaded["ids"])}
             scores[attack] = loaded["scores"][[position[image_id] for image_id in ids]]
         leakage[name] = ModelLeakage(scores, is_member, calibration)
@@ -142,17 +141,6 @@ def choose_default_strength(config, output_dir, specs, num_resamples=1000):
 # Formatting
 # ----------------------------------------------------------------------------------------------
 
-def fmt(summary, digits=3, key="value"):
-    if summary is None or summary.get(key) is None or not np.isfinite(summary[key]):
-        return "–"
-    low, high = summary["ci"]
-    return f"{summary[key]:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
-
-
-def fmt_delta(comparison, digits=3):
-    return "–" if comparison is None else fmt(comparison, digits, key="delta")
-
-
 def cell_title(cell, default_strength):
     method = cell.split("-")[0]
     title = METHOD_TITLES.get(method, method)
@@ -216,10 +204,6 @@ class StudyNumbers:
         return row
 
 
-def table_cell(config, method, setting, default_strength):
-    return f"{method}-{setting}" + (f"-{default_strength}" if method == "dreambooth" else "")
-
-
 def leakage_table(title, rows, numbers, extra_note=""):
     lines = [f"### {title}", "", "| Model | seeds | worst-case AUC | worst-case calibrated TPR@1%FPR | "
              "R-precision (top-1, %) | BRISQUE (lower is better) |", "|---|---|---|---|---|---|"]
@@ -237,214 +221,6 @@ def attack_table(rows, numbers):
     for label, cell in rows:
         lines.append(f"| {label} | " + " | ".join(fmt(numbers.value(cell, f"auc:{a}")) for a in attacks) + " |")
     return "\n".join(lines)
-
-
-def premises(config, numbers):
-    """The premises the claims rest on, measured: conditioning (R-precision), membership signal (worst-case AUC)."""
-    num_domains = config["experiment"].get("num_domains", 10)
-    chance = 100.0 / num_domains
-    rprecision = numbers.value(PRETRAINED, "rprecision")
-    conditioning_ok = rprecision is not None and rprecision["value"] >= CONDITIONING_MULTIPLE * chance
-    leak = numbers.value(PRETRAINED, "auc:worst")
-    signal_ok = leak is not None and leak["ci"][0] > 0.5
-    return {
-        "conditioning": {"r_precision": rprecision, "chance": chance, "required": CONDITIONING_MULTIPLE * chance,
-                         "holds": bool(conditioning_ok)},
-        "membership_signal": {"worst_case_auc": leak, "holds": bool(signal_ok)},
-    }
-
-
-CLAIMS = [
-    # (key, title, setting A, setting B (None: pre-trained), metric, claimed sign of A − B, premise keys)
-    ("shake_to_leak", "Clean self-synthesized fine-tuning raises leakage (Shake-to-Leak)", "clean", None,
-     "leakage", +1, ("conditioning",)),
-    ("perturbed_lowers", "Fully perturbed fine-tuning lowers leakage, against clean fine-tuning", "perturbed",
-     "clean", "leakage", -1, ("membership_signal",)),
-    ("mixup_i_lowers", "Mixup-I 0.5 lowers leakage, against clean fine-tuning", "image-0.5", "clean", "leakage",
-     -1, ("membership_signal",)),
-    ("mixup_p_block_lowers", "Mixup-P 0.3 (a contiguous block: Figure 3's reading) lowers leakage, against clean",
-     "pixel-0.3-block", "clean", "leakage", -1, ("membership_signal",)),
-    ("mixup_p_random_lowers", "Mixup-P 0.3 (scattered pixels: the text's reading) lowers leakage, against clean",
-     "pixel-0.3-random", "clean", "leakage", -1, ("membership_signal",)),
-    ("perturbed_costs_quality", "Fully perturbed fine-tuning costs quality (R-precision), against clean",
-     "perturbed", "clean", "rprecision", -1, ("conditioning",)),
-    ("mixup_i_keeps_quality", "Mixup-I 0.5 keeps more quality than full perturbation (R-precision)", "image-0.5",
-     "perturbed", "rprecision", +1, ("conditioning",)),
-    ("mixup_p_keeps_quality", "Mixup-P 0.3 (block) keeps more quality than full perturbation (R-precision)",
-     "pixel-0.3-block", "perturbed", "rprecision", +1, ("conditioning",)),
-]
-
-
-def claim_results(config, numbers, premise, default_strength):
-    """One verdict per (claim, method): paired Δ of the worst case (AUC and calibrated TPR) or of R-precision."""
-    failed = {"conditioning": (f"the pre-trained model's R-precision {fmt(premise['conditioning']['r_precision'], 1)} "
-                               f"is below {premise['conditioning']['required']:.0f}%: its samples are not of their "
-                               "domain"),
-              "membership_signal": (f"the pre-trained model's worst-case AUC {fmt(premise['membership_signal']['worst_case_auc'])} "
-                                    "does not exclude 0.5: there is no leakage to lower")}
-    results = []
-    # DreamBooth's claims at the default strength first (the tables' verdict), then at every other strength of
-    # the dose-response (where fine-tuning moves the model more, the claims get their strongest test).
-    levels = [default_strength] + [level["name"] for level in config["strength"]["levels"]
-                                   if level["name"] != default_strength]
-    for key, title, setting_a, setting_b, metric, sign, premise_keys in CLAIMS:
-        for method, strength in [(m, level) for m in config["experiment"]["methods"]
-                                 for level in (levels if m == "dreambooth" else [None])]:
-            cell_a = table_cell(config, method, setting_a, strength)
-            cell_b = PRETRAINED if setting_b is None else table_cell(config, method, setting_b, strength)
-            if cell_a not in numbers.cells or cell_b not in numbers.cells:
-                continue
-            failure = next((failed[p] for p in premise_keys if not premise[p]["holds"]), None)
-            entry = {"claim": key, "title": title, "method": method, "a": cell_a, "b": cell_b,
-                     "strength": strength, "default_strength": strength in (None, default_strength),
-                     "seeds_a": numbers.seeds(cell_a), "seeds_b": numbers.seeds(cell_b)}
-            if metric == "leakage":
-                entry["delta_auc"] = numbers.delta(cell_a, cell_b, "auc:worst")
-                entry["delta_tpr"] = numbers.delta(cell_a, cell_b, "tpr:worst")
-                entry["verdict"] = verdict(entry["delta_auc"]["ci"], sign, failure)
-                entry["verdict_tpr"] = verdict(entry["delta_tpr"]["ci"], sign, failure)
-                entry["per_attack"] = {}
-                for attack in numbers.attacks:
-                    comparison = numbers.delta(cell_a, cell_b, f"auc:{attack}")
-                    flips = numbers.direction_flips([cell_a, cell_b], attack)
-                    comparison["verdict"] = verdict(comparison["ci"], sign, failure or (
-                        "the attack's direction flips between these models" if flips else None))
-                    entry["per_attack"][attack] = comparison
-            else:
-                entry["delta_rprecision"] = numbers.delta(cell_a, cell_b, "rprecision")
-                entry["verdict"] = verdict(entry["delta_rprecision"]["ci"], sign, failure)
-            results.append(entry)
-    return results
-
-
-def claims_markdown(claims):
-    lines = ["## The paper's claims, one verdict each", "",
-             "Δ = A − B, paired on the same images, 95% CI over training seeds and images (two-level bootstrap). "
-             "Leakage = the worst case over the attacks run (`statistics.py`: direction and threshold fixed on a "
-             "calibration half, measured on the other half). The verdict is read from ΔAUC; Δ(calibrated "
-             "TPR@1%FPR) has its own verdict beside it. Words: supported, contradicted, no detectable difference "
-             "(the CI includes 0), not testable here (premise named). The first row of each method is the tables' "
-             "(default) strength; DreamBooth's other rows are the same claim at the dose-response's other "
-             "strengths.", ""]
-    current = None
-    for entry in claims:
-        if entry["claim"] != current:
-            current = entry["claim"]
-            lines += ["", f"**{entry['title']}**", ""]
-            if "delta_auc" in entry:
-                lines += ["| Method | A vs B (seeds) | ΔAUC (worst case) | verdict | ΔTPR@1%FPR (worst case) | verdict |",
-                          "|---|---|---|---|---|---|"]
-            else:
-                lines += ["| Method | A vs B (seeds) | ΔR-precision (points) | verdict |", "|---|---|---|---|"]
-        pair = f"{entry['a']} ({entry['seeds_a']}) vs {entry['b']} ({entry['seeds_b']})"
-        method = METHOD_TITLES[entry["method"]] + ("" if entry["default_strength"] else
-                                                    f", strength {entry['strength']} (dose-response)")
-        if "delta_auc" in entry:
-            lines.append(f"| {method} | {pair} | {fmt_delta(entry['delta_auc'])} | "
-                         f"{entry['verdict']} | {fmt_delta(entry['delta_tpr'])} | {entry['verdict_tpr']} |")
-        else:
-            lines.append(f"| {method} | {pair} | {fmt_delta(entry['delta_rprecision'], 1)} | "
-                         f"{entry['verdict']} |")
-    return "\n".join(lines)
-
-
-def per_attack_markdown(claims, attacks):
-    lines = ["### The leakage claims attack by attack (ΔAUC [95% CI] and its verdict)", "",
-             "| Claim | Method | " + " | ".join(ATTACK_TITLES[a] for a in attacks) + " |",
-             "|---|---|" + "---|" * len(attacks)]
-    for entry in claims:
-        if "per_attack" not in entry:
-            continue
-        if not entry["default_strength"]:
-            continue
-        cells = [f"{fmt_delta(entry['per_attack'][a])} {entry['per_attack'][a]['verdict']}" for a in attacks]
-        lines.append(f"| {entry['claim']} | {METHOD_TITLES[entry['method']]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures: every point with its CI over seeds and images; chance and the pre-trained model drawn
-# ----------------------------------------------------------------------------------------------
-
-def _errorbar(axis, xs, summaries, label, offset=0.0):
-    points = [(x, s) for x, s in zip(xs, summaries) if s is not None and np.isfinite(s["value"])]
-    if not points:
-        return
-    x = np.array([p[0] for p in points]) + offset
-    value = np.array([p[1]["value"] for p in points])
-    low = value - np.array([p[1]["ci"][0] for p in points])
-    high = np.array([p[1]["ci"][1] for p in points]) - value
-    axis.errorbar(x, value, yerr=[low, high], marker="o", capsize=3, label=label)
-
-
-def _reference_lines(axis, pretrained, chance, chance_label="chance"):
-    if chance is not None:
-        axis.axhline(chance, color="gray", linestyle="--", linewidth=1, label=chance_label)
-    if pretrained is not None:
-        axis.axhline(pretrained["value"], color="black", linewidth=1, label="pre-trained")
-        axis.axhspan(pretrained["ci"][0], pretrained["ci"][1], color="black", alpha=0.08)
-
-
-PANELS = [("auc:worst", "worst-case AUC", (0.3, 1.0), 0.5),
-          ("tpr:worst", "worst-case calibrated TPR@1%FPR", (0.0, 1.0), 0.01),
-          ("rprecision", "R-precision (top-1, %)", (0.0, 100.0), None)]
-
-
-def dose_response_figure(config, numbers, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = config["strength"]["levels"]
-    settings = config["strength"]["settings"]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    chance_rprecision = 100.0 / config["experiment"].get("num_domains", 10)
-    for axis, (metric, title, limits, chance) in zip(axes, PANELS):
-        for index, setting in enumerate(settings):
-            summaries = [numbers.value(f"dreambooth-{setting}-{level['name']}", metric) for level in levels]
-            _errorbar(axis, range(len(levels)), summaries, setting, offset=0.06 * (index - len(settings) / 2))
-        _reference_lines(axis, numbers.value(PRETRAINED, metric), chance if metric != "rprecision"
-                         else chance_rprecision, "chance" if metric != "tpr:worst" else "FPR (no signal)")
-        axis.set_xticks(range(len(levels)), [f"{l['name']}\n{l['max_train_steps']} × {l['learning_rate']:g}"
-                                             for l in levels], fontsize=8)
-        axis.set(title=title, ylim=limits, xlabel="fine-tuning strength (updates × learning rate)")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
-    seeds = len(config["experiment"]["training_seeds"])
-    figure.suptitle(f"Dose-response: DreamBooth (Eq. 6) fine-tuned on each training set; points: mean of {seeds} "
-                    "seeds, bars: 95% CI over seeds and images")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def figure4(config, numbers, default_strength, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = figure4_points(config)
-    curves = list(dict.fromkeys(label for label, *_ in points))
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    chance_rprecision = 100.0 / config["experiment"].get("num_domains", 10)
-    for axis, (metric, title, limits, chance) in zip(axes, PANELS):
-        for index, curve in enumerate(curves):
-            xs = [ratio for label, ratio, *_ in points if label == curve]
-            summaries = [numbers.value(f"dreambooth-{setting}-{default_strength}", metric)
-                         for label, _, setting, *_ in points if label == curve]
-            _errorbar(axis, xs, summaries, curve, offset=0.008 * (index - len(curves) / 2))
-        _reference_lines(axis, numbers.value(PRETRAINED, metric), chance if metric != "rprecision"
-                         else chance_rprecision)
-        axis.set(title=title, ylim=limits, xlabel="mixup ratio (fraction perturbed)")
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
-    figure.suptitle(f"Figure 4: DreamBooth (Eq. 6) at strength {default_strength} against the mixup ratio; bars: "
-                    "95% CI over seeds and images (seeds per point in REPORT.md)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def extraction_markdown(config, extractions):

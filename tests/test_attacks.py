@@ -25,7 +25,13 @@ from mixsyn_utils import attacks as attacks_module
 from mixsyn_utils import resumable
 from mixsyn_utils.attacks import load_attack_data
 from mixsyn_utils.cli import InputError
-from mixsyn_utils.models import load_model_variant
+from mixsyn_utils.variants import load_model_variant
+
+
+def attack_rows(args):
+    """The members and non-members an attack script loads from its parsed flags (as its `main` does)."""
+    return load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                            args.textual_inversion)
 
 
 def calibration_of(dataset):
@@ -231,13 +237,13 @@ def argv_with_changed_nonmember(tiny_victim, tmp_path, column, member_row, nonme
 def test_shared_id_between_sets_is_refused(tiny_victim, tmp_path):
     argv, member_id = argv_with_changed_nonmember(tiny_victim, tmp_path, "id", member_row=0, nonmember_row=3)
     with pytest.raises(InputError, match=f"share 1 id.*{member_id}"):
-        load_attack_data(attack_pia.parse_args(argv))
+        attack_rows(attack_pia.parse_args(argv))
 
 
 def test_identical_pixels_under_another_id_are_refused(tiny_victim, tmp_path):
     argv, member_id = argv_with_changed_nonmember(tiny_victim, tmp_path, "image", member_row=2, nonmember_row=5)
     with pytest.raises(InputError, match=f"identical pixels.*{member_id}"):
-        load_attack_data(attack_pia.parse_args(argv))
+        attack_rows(attack_pia.parse_args(argv))
 
 
 def test_empty_set_is_refused(tiny_victim, tmp_path):
@@ -254,7 +260,7 @@ def test_none_caption_is_refused_naming_the_column_and_row(tiny_victim, tmp_path
         str(tmp_path / "none_caption"))
     argv = common_argv(tiny_victim, tmp_path / "out") + ["--nonmember_dataset", str(tmp_path / "none_caption")]
     with pytest.raises(InputError, match=rf"none_caption row id {row_id}: column 'prompt' is None$"):
-        load_attack_data(attack_pia.parse_args(argv))
+        attack_rows(attack_pia.parse_args(argv))
 
 
 def test_an_image_that_does_not_decode_fails_before_scoring_and_leaves_nothing(tiny_victim, tmp_path):
@@ -373,7 +379,7 @@ def test_textual_inversion_captions_use_learned_placeholders(tiny_victim, tmp_pa
     token_map = {"three": {"placeholder": "<three>", "file": "learned_embeds-three.safetensors", "num_vectors": 2}}
     (tmp_path / "ti").mkdir()
     (tmp_path / "ti" / "token_map.json").write_text(json.dumps(token_map))
-    rows = load_attack_data(attack_pia.parse_args(common_argv(tiny_victim, tmp_path / "out",
+    rows = attack_rows(attack_pia.parse_args(common_argv(tiny_victim, tmp_path / "out",
                                                               "--textual_inversion", tmp_path / "ti")))
     three = [row["caption"] for row in rows if row["domain"] == "three"]
     assert three and all(c.endswith("<three> <three>_1") for c in three)
@@ -381,7 +387,7 @@ def test_textual_inversion_captions_use_learned_placeholders(tiny_victim, tmp_pa
 
 
 def test_null_prompt_conditions_on_the_empty_caption(tiny_victim, tmp_path):
-    rows = load_attack_data(attack_pia.parse_args(common_argv(tiny_victim, tmp_path / "out", "--null_prompt")))
+    rows = attack_rows(attack_pia.parse_args(common_argv(tiny_victim, tmp_path / "out", "--null_prompt")))
     assert {row["caption"] for row in rows} == {""}
 
 
@@ -395,7 +401,7 @@ def test_vae_sample_draws_mean_plus_std_noise_seeded_per_image(tiny_victim):
     from mixsyn_utils.seeds import derive_seed
 
     args = attack_pia.parse_args(common_argv(tiny_victim, "unused", "--vae_sample", "--seed", 3))
-    rows = load_attack_data(args)[:5]
+    rows = attack_rows(args)[:5]
     vae = load_model_variant(str(tiny_victim / "pipeline")).vae.double()
     first_index = 7  # the rows' global position decides their draws, not their batch
     sampled = encode_batch_latents(vae, rows, 16, sample=True, seed=3, first_index=first_index)

@@ -31,15 +31,8 @@ from attack_fixtures import (
 )
 
 from mixsyn_utils.cli import InputError
-from mixsyn_utils.diffusion import (
-    NoisePredictor,
-    alphas_cumprod,
-    clid_scores,
-    epsilon_from_model_output,
-    fixed_noise,
-    loss_attack_scores,
-    q_sample,
-)
+from mixsyn_utils.attack_scores import clid_scores, loss_attack_scores
+from mixsyn_utils.diffusion import NoisePredictor, alphas_cumprod, epsilon_from_model_output, fixed_noise, q_sample
 from mixsyn_utils.models import load_components
 
 

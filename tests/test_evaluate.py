@@ -107,7 +107,7 @@ def test_scores_of_a_subset_of_the_images_are_evaluated_on_their_own_rows(tmp_pa
 
 
 def test_model_card_lists_the_worst_case_first_every_attack_counts_and_the_audits_limit(tmp_path):
-    from mixsyn_utils.model_card import privacy_lines
+    from mixsyn_utils.audit_report import privacy_lines
 
     weak = write_scores(tmp_path / "weak", *[-s for s in gaussian_scores(1, 0.5)], attack="pia")
     strong = write_scores(tmp_path / "strong", *[-s for s in gaussian_scores(2, 3.0)], attack="clid")
@@ -117,7 +117,7 @@ def test_model_card_lists_the_worst_case_first_every_attack_counts_and_the_audit
     card = "\n".join(privacy_lines(results))
     assert card.index("Worst case over the 2 attack(s) run: clid (`strong`)") < card.index("| strong (worst case) |") \
         < card.index("| weak |")
-    assert "| 200 / 200 |" in card and "TPR@0.1%FPR not measurable at this size (FPR resolution 1/200)" in card
+    assert "| 200 / 200 |" in card and "TPR@0.1%FPR not measurable at this size (FPR resolution 1/200 = 0.0050)" in card
     assert "Blind baseline (never sees the model): AUC 0.490 [0.430, 0.550]" in card
     assert "An audit bounds the risk from the attacks it ran" in card and "not from every attack" in card
 

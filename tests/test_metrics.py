@@ -1,4 +1,5 @@
-"""mixsyn_utils.metrics: ROC figures, bootstrap CIs, calibrated attack, paired deltas, blind baseline, extraction."""
+"""mixsyn_utils.metrics, audit_statistics and extraction: ROC figures, bootstrap CIs, calibrated attack, paired
+deltas, blind baseline, extraction."""
 
 import math
 
@@ -6,17 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mixsyn_utils.metrics import (
+from mixsyn_utils.audit_statistics import (
     blind_baseline_auc,
     blind_features,
     bootstrap_ci,
     calibrated_attack,
-    calibration_split,
-    eidetic_extraction,
     paired_bootstrap_deltas,
-    roc_metrics,
-    tiled_l2_distances,
 )
+from mixsyn_utils.extraction import eidetic_extraction, tiled_l2_distances
+from mixsyn_utils.metrics import calibration_split, roc_metrics
 
 
 def gaussian_scores(seed, mean_gap, size=200):

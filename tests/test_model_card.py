@@ -2,7 +2,6 @@
 attaches privacy numbers to a trained folder's card (and pushes it) only when they were measured on its weights."""
 
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,11 @@ from train_fixtures import common_argv, run_in_process
 
 import evaluate
 import train_lora_mixsyn as lora_script
-from mixsyn_utils.attacks import write_scores
+from mixsyn_utils.attacks import AttackedModel, model_record
 from mixsyn_utils.cli import InputError
 from mixsyn_utils.dataset_io import read_provenance
-from mixsyn_utils.models import weights_digest
+from mixsyn_utils.resumable import weights_digest
+from mixsyn_utils.scores import write_scores
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -36,10 +36,8 @@ def attack_scores(tiny_victim, lora_weights, output_dir):
     is_member = [True] * 20 + [False] * 20
     scores = Dataset.from_dict({"id": [f"img-{i}" for i in range(40)], "domain": ["three"] * 40,
                                 "is_member": is_member, "score": rng.normal(size=40) - 0.5 * np.array(is_member)})
-    args = Namespace(pretrained_model_name_or_path=str(tiny_victim / "pipeline"), revision=None, variant=None,
-                     unet_path=None, lora_weights=str(lora_weights), textual_inversion=None, output_dir=str(output_dir),
-                     push_to_hub=False, hub_dataset_id=None, hub_token=None)
-    write_scores(scores, "attack_pia.py", "pia", args)
+    model = AttackedModel(str(tiny_victim / "pipeline"), lora_weights=str(lora_weights))
+    write_scores(scores, output_dir, script="attack_pia.py", attack="pia", flags={}, model=model_record(model))
     return output_dir
 
 

@@ -2,7 +2,6 @@
 
 import hashlib
 import shutil
-from argparse import Namespace
 
 import datasets
 import pytest
@@ -16,7 +15,7 @@ def unit_dataset(unit):
 
 
 def signature(**flags):
-    return run_signature(Namespace(**dict({"seed": 0, "output_dir": "out", "batch_size": 4}, **flags)))
+    return run_signature(dict({"seed": 0, "output_dir": "out", "batch_size": 4}, **flags))
 
 
 def test_units_are_gathered_in_unit_order_and_cleaned_up(tmp_path):
@@ -51,9 +50,9 @@ def test_resume_with_another_flag_is_refused_naming_it(tmp_path):
 
 
 def test_resume_with_another_input_fingerprint_is_refused(tmp_path):
-    first = run_signature(Namespace(seed=0), inputs={"member_dataset": "abc"})
+    first = run_signature({"seed": 0}, inputs={"member_dataset": "abc"})
     ResumableWork(tmp_path / "out", first).run(2, unit_dataset)
-    changed = run_signature(Namespace(seed=0), inputs={"member_dataset": "abd"})
+    changed = run_signature({"seed": 0}, inputs={"member_dataset": "abd"})
     with pytest.raises(InputError, match="other member_dataset"):
         ResumableWork(tmp_path / "out", changed).run(2, unit_dataset)
 
@@ -92,7 +91,7 @@ def save_rows(path, values):
 
 def test_a_dataset_replaced_at_the_same_path_is_refused_on_resume(tmp_path):
     members = save_rows(tmp_path / "members", list(range(40)))
-    first = run_signature(Namespace(seed=0), inputs={"member_dataset": input_fingerprint(members)})
+    first = run_signature({"seed": 0}, inputs={"member_dataset": input_fingerprint(members)})
 
     def killed_after_unit_0(unit):
         if unit == 1:
@@ -103,7 +102,7 @@ def test_a_dataset_replaced_at_the_same_path_is_refused_on_resume(tmp_path):
         ResumableWork(tmp_path / "out", first).run(4, killed_after_unit_0)
     shutil.rmtree(members)
     save_rows(members, list(range(100, 140)))  # same path, other rows
-    replaced = run_signature(Namespace(seed=0), inputs={"member_dataset": input_fingerprint(members)})
+    replaced = run_signature({"seed": 0}, inputs={"member_dataset": input_fingerprint(members)})
     with pytest.raises(InputError, match=r"1 finished unit\(s\) of a killed run with other member_dataset"):
         ResumableWork(tmp_path / "out", replaced).run(4, unit_dataset)
 

@@ -126,7 +126,7 @@ def test_gradient_checkpointing_is_enabled_on_the_unet(argv, tmp_path, monkeypat
 
 
 def test_model_card_follows_diffusers_conventions_without_local_paths(uninterrupted, tiny_victim, synthetic_dataset):
-    from mixsyn_utils.models import weights_digest
+    from mixsyn_utils.resumable import weights_digest
 
     card = (uninterrupted / "README.md").read_text()
     assert "license: creativeml-openrail-m" in card and "- diffusers-training\n- lora\n- mixsyn" in card

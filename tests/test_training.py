@@ -1,6 +1,6 @@
-"""What the three training scripts share (training.py, training_data.py, dreambooth.py), tested without a model:
-the DreamBooth loss and Min-SNR weights against float64, the step plan, the learning-rate scaling, the resume
-signature and the seeded data order.
+"""What the three training scripts share (training.py, checkpoints.py, training_data.py, dreambooth.py), tested
+without a model: the DreamBooth loss and Min-SNR weights against float64, the resume signature and the seeded
+data order.
 """
 
 import shutil
@@ -11,8 +11,13 @@ import pytest
 import torch
 
 from mixsyn_utils.dreambooth import dreambooth_loss, min_snr_weights
-from mixsyn_utils.training import plan_steps, scaled_learning_rate, training_signature
+from mixsyn_utils.checkpoints import training_signature as signature_of_flags
+from mixsyn_utils.flags import flag_values
 from mixsyn_utils.training_data import EpochBatchSampler
+
+
+def training_signature(args, inputs=None):
+    return signature_of_flags(flag_values(args), inputs)
 
 
 def test_dreambooth_loss_weights_prior_rows_by_lambda():
@@ -53,26 +58,13 @@ def test_data_order_depends_only_on_seed_and_epoch_and_processes_split_it():
     assert sorted(order) == list(range(10))
     assert [i for batch in halves[0] for i in batch] == order[0::2]
     assert [i for batch in halves[1] for i in batch] == order[1::2]
-    whole.set_epoch(1, skip_batches=3)
+    whole.resume_at(1, 3)
+    whole.set_epoch(1)
     assert list(whole) == [order[6:8], order[8:10]]
     whole.set_epoch(2)
     assert [i for batch in whole for i in batch] != order
-
-
-def test_plan_steps_returns_the_upstream_rule_without_touching_args():
-    args = Namespace(gradient_accumulation_steps=2, max_train_steps=None, num_train_epochs=3)
-    plan = plan_steps(args, batches_per_epoch=7)
-    assert (plan.updates_per_epoch, plan.max_train_steps, plan.num_train_epochs) == (4, 12, 3)
-    assert args == Namespace(gradient_accumulation_steps=2, max_train_steps=None, num_train_epochs=3)
-    capped = plan_steps(Namespace(gradient_accumulation_steps=1, max_train_steps=10, num_train_epochs=1), 4)
-    assert (capped.max_train_steps, capped.num_train_epochs) == (10, 3)
-
-
-def test_scale_lr_multiplies_by_accumulation_batch_and_processes():
-    args = Namespace(learning_rate=1e-4, scale_lr=True, gradient_accumulation_steps=2, train_batch_size=4)
-    assert scaled_learning_rate(args, num_processes=3) == pytest.approx(1e-4 * 24)
-    assert args.learning_rate == 1e-4
-    assert scaled_learning_rate(Namespace(learning_rate=1e-4, scale_lr=False), 3) == 1e-4
+    whole.set_epoch(1)  # the resume skip applies to its epoch only
+    assert len(list(whole)) == 2
 
 
 def test_training_signature_ignores_output_flags_and_length_only_for_length_free_schedules():
@@ -111,7 +103,7 @@ def occupied(folder, *names):
 
 def test_an_occupied_output_dir_is_refused_unless_overwrite_or_resume(tmp_path):
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.flags import check_training_outputs
+    from mixsyn_utils.training_flags import check_training_outputs
 
     out = occupied(tmp_path / "out", "checkpoint-2")
     with pytest.raises(InputError, match="--output_dir .* is not empty .*--overwrite.*--resume_from_checkpoint"):
@@ -124,7 +116,7 @@ def test_an_occupied_output_dir_is_refused_unless_overwrite_or_resume(tmp_path):
 
 def test_an_output_dir_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.flags import check_training_outputs
+    from mixsyn_utils.training_flags import check_training_outputs
 
     (tmp_path / "out").write_text("a file")
     with pytest.raises(InputError, match="exists and is a file"):
@@ -133,7 +125,7 @@ def test_an_output_dir_that_is_a_file_is_refused_even_with_overwrite(tmp_path):
 
 def test_an_existing_save_mixed_dataset_is_refused_without_overwrite(tmp_path):
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.flags import check_training_outputs
+    from mixsyn_utils.training_flags import check_training_outputs
 
     mixed = occupied(tmp_path / "mixed", "data")
     with pytest.raises(InputError, match="--save_mixed_dataset .* exists and is not empty"):
@@ -157,11 +149,12 @@ class MainProcess:
 
 
 def test_overwrite_removes_the_old_runs_checkpoints_before_training(tmp_path):
-    from mixsyn_utils.training import list_checkpoints, start_output_dir
+    from mixsyn_utils.checkpoints import list_checkpoints
+    from mixsyn_utils.training import start_output_dir
 
     out = occupied(tmp_path / "out", "checkpoint-1", "checkpoint-2")
     (out / "pytorch_lora_weights.safetensors").write_bytes(b"old weights")
-    start_output_dir(MainProcess(), output_args(out, overwrite=True))
+    start_output_dir(MainProcess(), out, overwrite=True)
     assert out.is_dir() and not any(out.iterdir()) and list_checkpoints(out) == []
 
 
@@ -169,7 +162,7 @@ def test_overwrite_removes_the_old_runs_checkpoints_before_training(tmp_path):
                                                   (["logs", "checkpoint-1"], False),
                                                   (["logs", "user_notes"], False)])
 def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(tmp_path, left_behind, removed):
-    from mixsyn_utils.training import removed_if_nothing_finished
+    from mixsyn_utils.checkpoints import removed_if_nothing_finished
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError):
@@ -198,7 +191,7 @@ def lora_flags(**changes):
 
 def test_resume_with_another_learning_rate_is_refused_naming_it(tmp_path):
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.training import resume_training_state
+    from mixsyn_utils.checkpoints import resume_training_state
 
     checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", training_signature(lora_flags()))
     accelerator = MainProcess()
@@ -209,7 +202,7 @@ def test_resume_with_another_learning_rate_is_refused_naming_it(tmp_path):
 
 def test_resume_with_unreadable_random_states_is_refused(tmp_path):
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.training import resume_training_state
+    from mixsyn_utils.checkpoints import resume_training_state
 
     signature = training_signature(lora_flags())
     checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", signature, random_states=b"not a checkpoint")
@@ -224,7 +217,7 @@ def test_resume_after_the_training_set_was_replaced_is_refused(tmp_path):
     from PIL import Image
 
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.training import resume_training_state, training_inputs
+    from mixsyn_utils.checkpoints import resume_training_state
     from mixsyn_utils.training_data import load_training_images
 
     def save_set(color):
@@ -233,17 +226,20 @@ def test_resume_after_the_training_set_was_replaced_is_refused(tmp_path):
 
     import argparse
 
-    from mixsyn_utils.flags import add_training_args
+    from mixsyn_utils.training_flags import add_training_args
 
     args = add_training_args(argparse.ArgumentParser()).parse_args([
         "--pretrained_model_name_or_path", str(tmp_path / "model"), "--dataset_name", str(tmp_path / "synthetic"),
         "--caption_column", "prompt", "--output_dir", "out", "--max_train_steps", "4", "--learning_rate", "5e-4",
         "--seed", "0"])
+    def inputs():
+        return load_training_images(args.dataset_name, caption_column=args.caption_column, seed=args.seed).fingerprints
+
     save_set((10, 20, 30))
-    signature = training_signature(args, training_inputs(args, load_training_images(args)))
+    signature = training_signature(args, inputs())
     checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", signature)
     shutil.rmtree(tmp_path / "synthetic")
     save_set((200, 20, 30))
-    replaced = training_signature(args, training_inputs(args, load_training_images(args)))
+    replaced = training_signature(args, inputs())
     with pytest.raises(InputError, match=r"made with other dataset_name; resume with the same flags and inputs"):
         resume_training_state(MainProcess(), checkpoint, replaced)
