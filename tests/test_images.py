@@ -151,10 +151,10 @@ def sixteen_bit_image():
 def test_every_image_consumer_decodes_16_bit_by_the_one_rule(consumer):
     """Each place that reads images sees a 16-bit PNG exactly as `decode_rgb` decodes it (convert("RGB") would
     saturate it to white)."""
-    from mixsyn_utils import metrics, utility
+    from mixsyn_utils import audit_statistics, utility
 
     read = {"resize_and_crop": lambda image: np.asarray(resize_and_crop(image, 8)),
-            "blind_features": lambda image: metrics.blind_features([image], ["a caption"]),
+            "blind_features": lambda image: audit_statistics.blind_features([image], ["a caption"]),
             "brisque_upsampling": lambda image: np.asarray(utility.upsample_to_min_side(image, 96)),
             "classifier_pixels": lambda image: utility._classifier_pixels([image], 8).numpy()}[consumer]
     image = sixteen_bit_image()

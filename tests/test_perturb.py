@@ -200,7 +200,6 @@ def test_pgd_raises_the_surrogate_loss(tiny_victim, clean_subset):
 
 
 def test_aspl_trains_the_surrogate_on_every_image_in_turn(tiny_victim, monkeypatch):
-    from types import SimpleNamespace
 
     from mixsyn_utils import adversarial
     from mixsyn_utils.models import load_components, tokenize_prompts
@@ -220,9 +219,9 @@ def test_aspl_trains_the_surrogate_on_every_image_in_turn(tiny_victim, monkeypat
         return original(trained, pixel_values, *args, **kwargs)
 
     monkeypatch.setattr(adversarial, "diffusion_prediction", recording)
-    args = SimpleNamespace(learning_rate=1e-5, prior_loss_weight=1.0, train_text_encoder=True, max_train_steps=2,
-                           max_f_train_steps=3, max_adv_train_steps=1, pgd_alpha=0.005, pgd_eps=0.05, pgd_batch_size=8)
-    adversarial.aspl_perturb_group(components, clean, input_ids, None, None, args, torch.Generator().manual_seed(0))
+    adversarial.aspl_perturb_group(components, clean, input_ids, None, None, torch.Generator().manual_seed(0),
+                                   outer_steps=2, surrogate_steps=3, pgd_steps=1, pgd_alpha=0.005, pgd_eps=0.05,
+                                   learning_rate=1e-5)
     # iteration 0: f′ on images 0,1,2 then f on 0,1,2 (perturbed); iteration 1: images 3,4,0 twice
     assert seen == [0, 1, 2, 0, 1, 2, 3, 4, 0, 3, 4, 0]
 

@@ -147,7 +147,7 @@ def test_push_to_hub_uploads_the_output_without_checkpoints(uninterrupted, monke
     monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
     args = lora_script.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x",
                                    "--hub_model_id", "me/mixsyn-lora", "--hub_token", "hf_secret"])
-    assert push_to_hub(args, uninterrupted) == "me/mixsyn-lora"
+    assert push_to_hub(uninterrupted, args.hub_model_id, args.hub_token) == "me/mixsyn-lora"
     assert calls["upload"]["folder_path"] == str(uninterrupted) and calls["upload"]["token"] == "hf_secret"
     assert "checkpoint-*" in calls["upload"]["ignore_patterns"]
 
@@ -184,7 +184,7 @@ def test_resume_from_a_missing_checkpoint_is_an_error(argv, tmp_path):
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(argv, tmp_path):
-    from mixsyn_utils.training import resolve_resume_checkpoint
+    from mixsyn_utils.checkpoints import resolve_resume_checkpoint
 
     args = lora_script.parse_args([str(a) for a in argv(tmp_path / "out", resume_from_checkpoint="latest")])
     assert resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir) is None

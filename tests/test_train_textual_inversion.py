@@ -171,14 +171,14 @@ def test_mixed_precision_defaults_to_the_accelerate_config(argv, tmp_path, monke
     args = ti_script.parse_args([str(a) for a in argv(tmp_path / "out")])
     assert args.mixed_precision is None  # upstream textual_inversion.py defaulted to "no"
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    used, make_accelerator = [], ti_script.make_accelerator
+    used, accelerator_class = [], ti_script.Accelerator
 
-    def recording_make_accelerator(run_args):
-        accelerator = make_accelerator(run_args)
+    def recording_accelerator(**kwargs):
+        accelerator = accelerator_class(**kwargs)
         used.append(accelerator.mixed_precision)
         return accelerator
 
-    monkeypatch.setattr(ti_script, "make_accelerator", recording_make_accelerator)
+    monkeypatch.setattr(ti_script, "Accelerator", recording_accelerator)
     run_in_process(ti_script, argv(tmp_path / "out", max_train_steps=1))
     assert used == ["bf16"]
 
