@@ -1,18 +1,20 @@
-"""The study's statistics (study/statistics.py): calibrated leakage, the two-level bootstrap, paired differences,
-the four verdict words. Each checked against a float64 reference written here with plain loops."""
+"""The study's statistics (study/statistics.py): calibrated leakage, the worst case chosen on the calibration half,
+the image bootstrap, the seed-and-image interval, seed-paired differences, the four verdict words. Each checked
+against a float64 reference written here with plain loops."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 
 from study.statistics import (
     ModelLeakage,
-    difference,
+    image_bootstrap,
     leakage_values,
+    paired_difference,
+    seed_and_image_interval,
     study_split,
-    summarize,
-    two_level_bootstrap,
     verdict,
 )
 
@@ -66,55 +68,73 @@ def test_bootstrap_weights_reproduce_a_resampled_auc():
     assert auc["a"][0] == pytest.approx(_reference_auc(test_members[draw_m], test_nonmembers[draw_n]), abs=1e-12)
 
 
-def test_worst_case_is_the_max_over_attacks_per_resample():
-    rng, is_member, domain = _rows(seed=2)
+def test_worst_case_is_the_attack_chosen_on_the_calibration_half_and_measured_on_the_test_half():
+    rng, is_member, domain = _rows(seed=2, per_domain=10)
     calibration = study_split(is_member, domain)
-    model = ModelLeakage({"x": rng.normal(size=len(is_member)) + is_member,
-                          "y": rng.normal(size=len(is_member))}, is_member, calibration)
-    weights = [rng.integers(0, 3, (5, n)).astype(float) + 1 for n in (9, 9)]
+    # "x" separates the calibration rows and not the test rows; "y" separates the calibration rows less well and
+    # the test rows perfectly.
+    x = np.where(calibration, is_member * 5.0, 0.0) + rng.normal(size=len(is_member))
+    y = np.where(calibration, is_member * 0.8, is_member * 5.0) + rng.normal(size=len(is_member))
+    model = ModelLeakage({"x": x, "y": y}, is_member, calibration)
+    assert model.worst_attack() == "x"
+    weights = [rng.integers(0, 3, (5, n)).astype(float) + 1 for n in ((~calibration & is_member).sum(),
+                                                                     (~calibration & ~is_member).sum())]
     values = leakage_values(model, *weights, ["x", "y"])
-    assert np.array_equal(values["auc:worst"], np.maximum(values["auc:x"], values["auc:y"]))
-    assert np.array_equal(values["tpr:worst"], np.maximum(values["tpr:x"], values["tpr:y"]))
+    assert np.array_equal(values["auc:worst"], values["auc:x"]) and np.array_equal(values["tpr:worst"], values["tpr:x"])
+    assert (values["auc:worst"] < values["auc:y"]).all()  # the maximum over test figures would have picked y
 
 
-def test_two_level_bootstrap_resamples_seeds_and_pairs_images_across_cells():
-    # value_fn = weighted mean of per-model numbers; with one row group the reference is computable by hand.
-    models = {"A": [np.array([1.0, 2.0, 3.0]), np.array([2.0, 3.0, 4.0])], "B": [np.array([0.0, 0.0, 6.0])]}
+def test_image_bootstrap_gives_every_model_the_same_draws():
+    models = {"A": {0: np.array([1.0, 2.0, 3.0]), 1: np.array([2.0, 3.0, 4.0])}, "B": {0: np.array([0.0, 0.0, 6.0])}}
 
     def value_fn(model, weights):
         return {"m": weights @ model / weights.sum(1)}
 
-    samples = two_level_bootstrap(models, value_fn, [3], num_resamples=200, seed=7)
-    # Row 0 is the point estimate: every image once, every seed once.
-    assert samples["A"]["m"][0] == pytest.approx(np.mean([2.0, 3.0]))
-    assert samples["B"]["m"][0] == pytest.approx(2.0)
-    # Reference: regenerate the same draws with the documented generator order.
+    samples = image_bootstrap(models, value_fn, [3], num_resamples=200, seed=7)
     rng = np.random.default_rng(7)
     weights = np.ones((201, 3))
     for b in range(1, 201):
         weights[b] = np.bincount(rng.integers(0, 3, 3), minlength=3)
-    seed_draws_a = rng.integers(0, 2, (200, 2))
-    expected_a = [np.mean([weights[b + 1] @ models["A"][s] / weights[b + 1].sum() for s in seed_draws_a[b]])
-                  for b in range(200)]
-    assert np.allclose(samples["A"]["m"][1:], expected_a, atol=1e-12)
-    # One seed: only the images vary; the same image draws as cell A (paired).
-    expected_b = [weights[b] @ models["B"][0] / weights[b].sum() for b in range(1, 201)]
-    assert np.allclose(samples["B"]["m"][1:], expected_b, atol=1e-12)
-    # The seed level adds variance: A's spread exceeds the spread of its seed-averaged model alone.
-    averaged = (models["A"][0] + models["A"][1]) / 2
-    image_only = [weights[b] @ averaged / weights[b].sum() for b in range(1, 201)]
-    assert np.std(samples["A"]["m"][1:]) > np.std(image_only)
+    for cell, per_seed in models.items():
+        for training_seed, model in per_seed.items():
+            expected = [weights[b] @ model / weights[b].sum() for b in range(201)]
+            assert np.allclose(samples[cell][training_seed]["m"], expected, atol=1e-12)
 
 
-def test_summaries_and_paired_differences():
-    a = np.array([0.7, 0.6, 0.8, 0.75, 0.65])
-    b = np.array([0.5, 0.55, 0.5, 0.45, 0.6])
-    assert summarize(a) == {"value": 0.7, "ci": [pytest.approx(np.percentile(a[1:], 2.5)),
-                                                  pytest.approx(np.percentile(a[1:], 97.5))]}
-    result = difference(a, b)
-    assert result["delta"] == pytest.approx(0.2)
-    assert result["ci"] == [pytest.approx(np.percentile((a - b)[1:], 2.5)),
-                            pytest.approx(np.percentile((a - b)[1:], 97.5))]
+def test_seed_and_image_interval_matches_a_float64_reference():
+    rng = np.random.default_rng(3)
+    per_seed = {k: 0.7 + 0.03 * k + rng.normal(0, 0.01, 401) for k in range(3)}
+    result = seed_and_image_interval(per_seed)
+    stacked = np.array([per_seed[k] for k in range(3)], dtype=np.float64)
+    mean = stacked.mean(0)
+    image_var = sum((m - mean[1:].mean()) ** 2 for m in mean[1:]) / (len(mean) - 2)
+    seed_var = sum((x - stacked[:, 0].mean()) ** 2 for x in stacked[:, 0]) / 2 / 3
+    half = 4.302652729911275 * math.sqrt(image_var + seed_var)  # t_{0.975, 2}, from a table
+    assert result["value"] == pytest.approx(mean[0], abs=1e-12)
+    assert result["ci"] == [pytest.approx(mean[0] - half, abs=1e-10), pytest.approx(mean[0] + half, abs=1e-10)]
+    assert result["seeds"] == 3
+    one = seed_and_image_interval({0: per_seed[0]})
+    assert one["seed_se"] == 0.0 and one["ci"][1] - one["ci"][0] == pytest.approx(
+        2 * 1.959963984540054 * np.std(per_seed[0][1:], ddof=1), rel=1e-9)
+
+
+def test_differences_are_paired_by_seed():
+    rng = np.random.default_rng(4)
+    image_noise = rng.normal(0, 0.01, 201)
+    # Seed k moves both settings alike (shared batch order and noise); B is A lowered by 0.05 on every seed.
+    a = {k: 0.6 + 0.1 * k + image_noise for k in range(3)}
+    b = {k: 0.55 + 0.1 * k + image_noise for k in range(3)}
+    paired = paired_difference(a, b)
+    assert paired["delta"] == pytest.approx(0.05, abs=1e-12)
+    assert paired["ci"][1] - paired["ci"][0] < 1e-9  # no seed or image variance left in the paired difference
+    unpaired_seed_spread = np.std([a[k][0] for k in range(3)], ddof=1)
+    assert unpaired_seed_spread > 0.05  # an unpaired interval would be wider than the effect
+    reference = {"pretrained": 0.5 + image_noise}
+    against_reference = paired_difference(a, reference)
+    assert against_reference["delta"] == pytest.approx(np.mean([0.1, 0.2, 0.3]), abs=1e-12)
+    assert against_reference["seeds"] == 3
+    with pytest.raises(ValueError, match="share no training seed"):
+        paired_difference({0: a[0], 1: a[1]}, {5: b[0], 6: b[1]})
 
 
 @pytest.mark.parametrize("ci, direction, expected", [
@@ -122,12 +142,18 @@ def test_summaries_and_paired_differences():
     ([-0.2, -0.01], -1, "supported"),
     ([0.01, 0.2], -1, "contradicted"),
     ([-0.2, -0.01], +1, "contradicted"),
-    ([-0.1, 0.1], +1, "no detectable difference"),
-    ([0.0, 0.1], +1, "no detectable difference"),
+    ([-0.015, 0.015], +1, "no detectable difference"),
+    ([0.0, 0.019], -1, "no detectable difference"),
 ])
 def test_verdict_words(ci, direction, expected):
-    assert verdict(ci, direction) == expected
+    assert verdict(ci, direction, margin=0.02) == expected
+
+
+def test_an_interval_around_zero_wider_than_the_margin_is_not_testable():
+    result = verdict([-0.1, 0.1], +1, margin=0.02)
+    assert result.startswith("not testable here (the 95% interval [-0.1, 0.1] contains 0 but reaches beyond the "
+                             "±0.02 equivalence margin")
 
 
 def test_a_failed_premise_wins_over_the_ci():
-    assert verdict([0.1, 0.2], +1, "R-precision at chance") == "not testable here (R-precision at chance)"
+    assert verdict([0.1, 0.2], +1, 0.02, "R-precision at chance") == "not testable here (R-precision at chance)"
