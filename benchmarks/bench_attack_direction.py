@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attack_pia  # noqa: E402
 import attack_secmi  # noqa: E402
 import make_tiny_victim  # noqa: E402
+from mixsyn_utils.audit_report import format_with_ci  # noqa: E402
 from mixsyn_utils.audit_statistics import bootstrap_ci  # noqa: E402
 from mixsyn_utils.metrics import roc_metrics  # noqa: E402
 
@@ -77,7 +78,7 @@ def main():
         results[label] = attack_aucs(victim_dir, work_dir, args.batch_size)
     print("\nAUC [95% CI], members-lower convention (< 0.5: members have the larger error)")
     for label, figures in results.items():
-        cells = [f"{name} {f['auc']:.3f} [{f['auc_ci'][0]:.3f}, {f['auc_ci'][1]:.3f}]" for name, f in figures.items()]
+        cells = [f"{name} {format_with_ci(f['auc'], f['auc_ci'])}" for name, f in figures.items()]
         print(f"{label:>16}: " + "; ".join(cells))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")

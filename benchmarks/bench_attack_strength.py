@@ -29,6 +29,7 @@ import attack_pia  # noqa: E402
 import attack_secmi  # noqa: E402
 import evaluate  # noqa: E402
 import make_tiny_victim  # noqa: E402
+from mixsyn_utils.audit_report import format_with_ci  # noqa: E402
 
 ATTACKS = {
     "pia": (attack_pia, []),
@@ -87,7 +88,7 @@ def main():
             "fitted": {key: calibration[key] for key in ("alpha", "selected_timestep") if key in calibration}}
     print("\nAUC [95% CI] (members-lower convention), calibrated TPR@1%FPR, UNet rows per image, fitted values")
     for name, row in figures["attacks"].items():
-        print(f"{name:>12}: AUC {row['auc']:.3f} [{row['auc_ci'][0]:.3f}, {row['auc_ci'][1]:.3f}] ({row['direction']}), "
+        print(f"{name:>12}: AUC {format_with_ci(row['auc'], row['auc_ci'])} ({row['direction']}), "
               f"calibrated TPR {row['calibrated_tpr_at_1pct_fpr']:.3f}, {row['unet_rows_per_image']} rows, "
               f"{row['seconds']} s {row['fitted'] or ''}")
         for column, auc in row["per_timestep_auc"].items():
