@@ -46,6 +46,7 @@ results.json schema (version 1):
          "ranking": [NAME, ...]}],              # every block of the model, most dangerous first
      "blind_baseline": null | {"auc", "auc_ci", "distribution_shift", "num_folds"},
      "utility": null | {"scorer", "r_precision_top1_x100", "r_precision_per_domain_x100",
+                        "pixel_frechet_distance" (to the non-members, with --nonmember_dataset; lower is better),
                         "brisque_mean", "brisque_direction": "lower is better", "brisque_nan_images",
                         "num_images"},
      "extraction": null | {"k", "delta", "num_tiles", "num_generations", "true_positives", "false_positives",
@@ -71,7 +72,7 @@ from mixsyn_utils.dataset_io import (  # datasets in and out, images and caption
     load_image_dataset,
     save_dataset,
 )
-from mixsyn_utils.domains import load_domains  # domains and prompt templates to sample
+from mixsyn_utils.domains import generation_plan, load_domains  # domains, templates, the images to sample
 from mixsyn_utils.flags import (  # shared flags and their range checks, written out by flag_values
     add_hub_token_arg,
     add_model_variant_args,
@@ -103,8 +104,7 @@ from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibl
 from mixsyn_utils.placeholders import load_token_map, rewrite_caption  # textual-inversion placeholders in prompts
 from mixsyn_utils.resumable import ResumableWork, run_signature  # sampling batches saved; a resume has the same inputs
 from mixsyn_utils.scores import load_scores  # a scores dataset as arrays
-from mixsyn_utils.seeds import SALT_GENERATION, derive_seed  # generation i's seed, independent of batch and process
-from mixsyn_utils.utility import utility_metrics  # R-precision and BRISQUE
+from mixsyn_utils.utility import utility_metrics  # R-precision, pixel Fréchet distance, BRISQUE
 
 # Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
 check_min_version("0.42.0")
@@ -341,10 +341,7 @@ def generate_images(args, num_per_prompt):
 
     domain_names, templates = load_domains(args.domains_file)
     token_map = load_token_map(args.textual_inversion) if args.textual_inversion else {}
-    plan = [{"id": f"gen-{d}-{t}-{i:05d}", "domain": name, "prompt": template.format(name), "sample_index": i,
-             "seed": derive_seed(args.seed, d, t, i, SALT_GENERATION)}
-            for d, name in enumerate(domain_names) for t, (template, _) in enumerate(templates)
-            for i in range(num_per_prompt)]
+    plan = generation_plan(domain_names, templates, num_per_prompt, args.seed)
     batches = [plan[start:start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
     accelerator = Accelerator()
     signature = run_signature(flag_values(args), inputs={
@@ -430,8 +427,10 @@ def main(args):
         # Utility uses the first --num_images_per_prompt samples of each prompt; extraction uses them all.
         utility_set = generations.filter(lambda row: row["sample_index"] < args.num_images_per_prompt) \
             if "sample_index" in generations.column_names else generations
+        # Fidelity: the pixel Fréchet distance of the generations to the held-out real images (the non-members).
         results["utility"] = utility_metrics(utility_set, args.rprecision_model, args.clip_model,
-                                             args.clip_pretrained, with_brisque=not args.no_brisque)
+                                             args.clip_pretrained, with_brisque=not args.no_brisque,
+                                             fidelity_reference=None if nonmembers is None else nonmembers["image"])
         if members is not None:  # (k, ℓ2, δ)-eidetic extraction; non-members are the false-positive control
             results["extraction"] = extraction_metrics(members, nonmembers, generations, args.extraction_k,
                                                        args.extraction_delta, args.extraction_tiles)

@@ -7,7 +7,9 @@ and the images are pushed by ℓ∞ PGD to maximise its denoising loss:
 
 - `--method aspl`: for `--max_train_steps` iterations, copy f → f′, train f′ on the clean images, run
   `--max_adv_train_steps` PGD steps against f′, then train f on the perturbed images;
-- `--method fsmg`: train one surrogate on the clean images, then run PGD against that fixed model.
+- `--method fsmg`: train one surrogate on the clean images, then run PGD against that fixed model;
+- `--method random`: the control: every pixel and channel moved by +η or −η at random (the same ℓ∞, the largest
+  ℓ2 the budget allows), no surrogate. MixSyn's claim is that the adversarial direction matters, not the size.
 
 Groups are sharded across `accelerate` processes; every group draws its randomness from a seed derived
 from `--seed` and the group index, so 1 and N processes give identical images. Each finished group is
@@ -34,6 +36,7 @@ from mixsyn_utils.adversarial import (  # ASPL / FSMG for one group, the budget-
     fsmg_perturb_group,
     perturbation_norms,
     quantize_within_budget,
+    random_sign_perturbation,
 )
 from mixsyn_utils.class_images import class_data_dir_of, ensure_class_images  # prior-preservation images, cached
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
@@ -92,9 +95,10 @@ def parse_args(input_args=None):
                         help="Column of the captions the surrogate is conditioned on (the images' own prompts).")
     parser.add_argument("--group_by", type=str, default="domain",
                         help="Column defining groups; one surrogate per group, as the reference per identity.")
-    parser.add_argument("--method", type=str, default="aspl", choices=["aspl", "fsmg"],
+    parser.add_argument("--method", type=str, default="aspl", choices=["aspl", "fsmg", "random"],
                         help="aspl: alternate surrogate training and PGD (strongest in the paper); "
-                             "fsmg: PGD against one fixed surrogate trained on the clean images.")
+                             "fsmg: PGD against one fixed surrogate trained on the clean images; random: ±η sign "
+                             "noise of the same budget, the control (no surrogate is trained).")
     parser.add_argument("--max_train_steps", type=int, default=50, help="ASPL outer iterations (the reference's 50).")
     parser.add_argument("--max_f_train_steps", type=int, default=3,
                         help="Surrogate DreamBooth steps per ASPL iteration (on clean, then on perturbed images).")
@@ -172,7 +176,9 @@ def perturb_group(components, rows, group_index, class_pixels, class_ids, args, 
     budget = dict(pgd_alpha=args.pgd_alpha, pgd_eps=args.pgd_eps, learning_rate=args.learning_rate,
                   prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
                   pgd_batch_size=args.pgd_batch_size, autocast=accelerator.autocast)
-    if args.method == "aspl":
+    if args.method == "random":
+        perturbed = random_sign_perturbation(clean_pixels, args.pgd_eps, generator)
+    elif args.method == "aspl":
         perturbed = aspl_perturb_group(components, clean_pixels.to(accelerator.device), input_ids, class_pixels,
                                        class_ids, generator, outer_steps=args.max_train_steps,
                                        surrogate_steps=args.max_f_train_steps, pgd_steps=args.max_adv_train_steps,

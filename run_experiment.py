@@ -1,12 +1,11 @@
 #!/usr/bin/env python
 """The main job: one command runs the MixSyn study end to end and answers each of the paper's claims.
 
-It chains the real scripts — victim → generate_synthetic.py → perturb_antidreambooth.py → the training scripts at
-every strength, setting and training seed → every attack script on every model → evaluate.py — exchanging datasets
-on disk, then writes `<output_dir>/report/`: REPORT.md (Tables 1–5, the claims and their verdicts, extraction),
-dose_response.png, figure4.png and summary.json (every number the report prints). In two phases: the default
-fine-tuning strength of the tables is chosen from phase 1's utility by the config's rule, then phase 2 trains what
-depends on it (Figure 4's other ratios, Table 5, the extraction runs).
+It chains the real scripts — victim → generate_synthetic.py → perturb_antidreambooth.py (ASPL and the random-noise
+control) → the training scripts at every epoch level, setting and training seed → every attack script on every
+model → evaluate.py — exchanging datasets on disk, then measures the premises every claim rests on (P1–P7) and
+writes `<output_dir>/report/`: REPORT.md (the premises, Tables 1–5, the claims and their verdicts, extraction),
+dose_response.png, figure4.png and summary.json (every number the report prints).
 
 Every stage is cached by its inputs (a changed flag reruns that stage and what depends on it), and a killed run
 resumes. `--workers N` runs independent stages in N one-thread worker processes (the models of this study are
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from study.plan import load_config, plan_phase1, plan_phase2  # the config, its models and stages
-from study.report import choose_default_strength, write_report  # the tables' strength; the report and verdicts
+from study.plan import load_config, plan_study  # the config, its models and stages
+from study.report import write_report  # premises, tables, figures, one verdict per claim
 from study.runner import run_stages  # cached stages, in order, in workers, or through accelerate launch
 
 # Measured per-stage costs on one A100-class GPU for SD-1.x at 512 px, used only by --dry_run's estimate.
@@ -69,7 +68,8 @@ def gpu_hours_estimate(config, stages):
     images = flags["synthetic"]["num_images_per_domain"] * num_domains
     seconds = images * GPU_SECONDS["sample_image"] * flags["synthetic"].get("num_inference_steps", 50) / 50
     perturb = flags["perturb"]
-    perturb_steps = perturb["max_train_steps"] * (2 * perturb.get("max_f_train_steps", 3) + perturb.get("max_adv_train_steps", 6))
+    perturb_steps = perturb.get("max_train_steps", 50) * (2 * perturb.get("max_f_train_steps", 3)
+                                                          + perturb.get("max_adv_train_steps", 6))
     seconds += perturb_steps * images * GPU_SECONDS["train_step_per_image"]
     train_stages = [s for s in stages if s.name.startswith("train:")]
     seconds += sum(s.flags.get("max_train_steps", 400) * s.flags.get("train_batch_size", 1) for s in train_stages) \
@@ -96,39 +96,28 @@ def copy_report(report_dir, results_dir):
 def main(args):
     config, output_dir = load_config(args.config, quick=args.quick), Path(args.output_dir)
     workers = args.workers or config["experiment"].get("workers", 1)
-    stages, models = plan_phase1(config, output_dir)
-    placeholder = config["strength"]["levels"][0]["name"]  # phase 2's stages are checked at some strength
-    phase2_stages, _ = plan_phase2(config, output_dir, placeholder)
-    for stage in stages + phase2_stages:
+    stages, models = plan_study(config, output_dir)
+    for stage in stages:
         if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":
             stage.num_processes = args.num_processes
-    print(f"MixSyn study '{config['experiment']['name']}': phase 1 {len(stages)} stages ({len(models)} fine-tuned "
-          f"models), phase 2 {len(phase2_stages)} stages at the strength phase 1 chooses")
+    print(f"MixSyn study '{config['experiment']['name']}': {len(stages)} stages ({len(models)} fine-tuned models)")
     if args.dry_run:
-        run_stages(stages + phase2_stages, output_dir / "logs", dry_run=True)
-        print(f"Estimated cost: {gpu_hours_estimate(config, stages + phase2_stages):.1f} GPU-hours "
-              "(A100-class; see GPU_SECONDS)")
+        run_stages(stages, output_dir / "logs", dry_run=True)
+        print(f"Estimated cost: {gpu_hours_estimate(config, stages):.1f} GPU-hours (A100-class; see GPU_SECONDS)")
         return None
     start, timings_path = time.time(), output_dir / "report" / "timings.json"
     # Every stage's run time as recorded when it ran (a resumed or re-reported study keeps the earlier ones).
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     if not args.report_only:
         timings.update(run_stages(stages, output_dir / "logs", workers=workers))
-    strength = choose_default_strength(config, output_dir, list(models.values()))
-    print(f"Default strength: {strength['level']} ({strength['rule']})")
-    phase2_stages, phase2_models = plan_phase2(config, output_dir, strength["level"])
-    if not args.report_only:
-        # Phase 1's stages come along (all cached) because phase 2's depend on them.
-        timings.update(run_stages(stages + phase2_stages, output_dir / "logs", workers=workers))
         timings_path.parent.mkdir(parents=True, exist_ok=True)
         timings_path.write_text(json.dumps(timings, indent=2) + "\n")
-    summary = write_report(config, output_dir, list(models.values()) + list(phase2_models.values()), strength,
-                           output_dir / "report", stage_seconds=sum(timings.values()), workers=workers)
+    summary = write_report(config, output_dir, list(models.values()), output_dir / "report",
+                           stage_seconds=sum(timings.values()), workers=workers)
     print(f"Report: {output_dir / 'report' / 'REPORT.md'} ({time.time() - start:.0f} s)")
     if args.results_dir:
         copy_report(output_dir / "report", Path(args.results_dir))
     return summary
-
 
 if __name__ == "__main__":
     run_cli(main, parse_args)

@@ -1,7 +1,8 @@
 """Anti-DreamBooth adversarial noise (Le et al. 2023, arXiv:2303.15433; MixSyn Eq. 2-4).
 
-The PGD update, the surrogate DreamBooth training, the ASPL and FSMG loops for one group of images,
-and the uint8 rounding that keeps the saved images inside the ℓ∞ budget. Everything random in a group
+The PGD update, the surrogate DreamBooth training, the ASPL and FSMG loops for one group of images, the
+random-sign noise of the same budget (the control), and the uint8 rounding that keeps the saved images inside the
+ℓ∞ budget. Everything random in a group
 draws from one `torch.Generator`, so a group's result does not depend on which process computed it.
 """
 
@@ -30,6 +31,17 @@ def pgd_step(perturbed_pixels, grad, original_pixels, pgd_alpha, pgd_eps):
     stepped = perturbed_pixels + pgd_alpha * grad.sign()
     delta = torch.clamp(stepped - original_pixels, min=-pgd_eps, max=pgd_eps)
     return torch.clamp(original_pixels + delta, min=-1.0, max=1.0).detach()
+
+
+def random_sign_perturbation(clean_pixels, pgd_eps, generator):
+    """The random-noise control of the same budget: x + η · s, s ∈ {−1, +1} per pixel and channel with equal
+    probability (drawn from `generator`), clipped to [-1, 1].
+
+    The same ℓ∞ as the adversarial noise and the largest ℓ2 that budget allows, but no direction that the
+    diffusion loss prefers: what MixSyn's perturbation must beat to claim more than "noise of this size".
+    """
+    signs = torch.randint(0, 2, clean_pixels.shape, generator=generator).to(clean_pixels) * 2.0 - 1.0
+    return torch.clamp(clean_pixels + pgd_eps * signs, min=-1.0, max=1.0)
 
 
 def quantize_within_budget(perturbed_pixels, original_uint8, pgd_eps):

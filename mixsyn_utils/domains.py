@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import InputError
-from .seeds import SALT_PROMPT_TEMPLATE, derive_seed
+from .seeds import SALT_GENERATION, SALT_PROMPT_TEMPLATE, derive_seed
 
 # MixSyn (Section 4.1): "The face of <name>" with p = 0.7, "A photo of <name>" with p = 0.3, drawn per image.
 PAPER_PROMPT_TEMPLATES = (("The face of {}", 0.7), ("A photo of {}", 0.3))
@@ -56,3 +56,14 @@ def draw_prompt(domain_name, templates, seed, index):
     rng = np.random.default_rng(derive_seed(seed, index, SALT_PROMPT_TEMPLATE))
     choice = rng.choice(len(templates), p=[p for _, p in templates])
     return templates[choice][0].format(domain_name)
+
+
+def generation_plan(domain_names, templates, num_per_prompt, seed):
+    """The images a model is sampled for, in a fixed order: `num_per_prompt` per (domain d, template t), image i
+    seeded by `derive_seed(seed, d, t, i, SALT_GENERATION)`. The same plan for every model, so two models'
+    generation i share prompt and initial noise (comparisons between models are paired)."""
+    return [{"id": f"gen-{d}-{t}-{i:05d}", "domain": name, "prompt": template.format(name), "sample_index": i,
+             "seed": derive_seed(seed, d, t, i, SALT_GENERATION)}
+            for d, name in enumerate(domain_names) for t, (template, _) in enumerate(templates)
+            for i in range(num_per_prompt)]
+

@@ -64,6 +64,9 @@ def render_markdown(results):
         util = results["utility"]
         lines += ["## Utility", "", f"Images: {util['num_images']}. R-precision scorer: {util['scorer'] or 'none'}.",
                   "", f"- R-precision (top-1 × 100): {format_with_ci(util['r_precision_top1_x100'])}"]
+        if util.get("pixel_frechet_distance") is not None:
+            lines.append(f"- pixel Fréchet distance to the {util['pixel_frechet_reference_images']} non-members "
+                         f"(8×8 grey features): {format_with_ci(util['pixel_frechet_distance'])} — lower is better")
         if "brisque_mean" in util:
             lines.append(f"- BRISQUE: {format_with_ci(util['brisque_mean'])} — {util['brisque_direction']}; "
                          f"{util['brisque_nan_images']} image(s) without spatial variance excluded")

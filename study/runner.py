@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -80,8 +81,16 @@ def run_script_in_process(module, argv):
         _reset_accelerate_state()
 
 
+def clear_continued_output(stage):
+    """A stage that continues an earlier stage's checkpoint writes into an empty folder: what a killed attempt left
+    there is removed (the earlier stage's checkpoint, elsewhere, is what it resumes from)."""
+    if stage.continues and Path(stage.output).exists():
+        shutil.rmtree(stage.output)
+
+
 def run_stage(stage, log_dir, env=None):
     """Run one stage: in-process when it uses one process (saves the launcher's start-up), else `accelerate launch`."""
+    clear_continued_output(stage)
     argv = stage.argv()
     log_path = _record_path(stage, log_dir).with_suffix("").with_suffix(".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +112,17 @@ def check_stage_flags(stage):
     """Parse a stage's flags with its script's own `parse_args`, validators included; an error names the stage.
 
     `parse_args` checks values and combinations, not the inputs that earlier stages will write, so a whole
-    plan is checked in seconds before anything runs.
+    plan is checked in seconds before anything runs. Flags that name an earlier stage's output (`Stage.continues`)
+    are left out here: the script checks them when the stage runs.
     """
+    argv = stage.argv()
+    for flag in stage.continues:
+        position = argv.index(f"--{flag}")
+        argv = argv[:position] + argv[position + 2:]
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):  # argparse prints its error, then exits
-            SCRIPTS[stage.script].parse_args([str(value) for value in stage.argv()])
+            SCRIPTS[stage.script].parse_args([str(value) for value in argv])
     except InputError as error:
         raise InputError(f"stage {stage.name}: {error}") from None
     except SystemExit:
@@ -244,6 +258,7 @@ def _schedule(pool, remaining, running, ready, finished, log_dir, workers):
             if len(running) >= workers or stage in exclusive:
                 continue
             remaining.remove(stage)
+            clear_continued_output(stage)
             log_path = _record_path(stage, log_dir).with_suffix("").with_suffix(".log")
             running[pool.submit(_run_in_worker, stage.script, stage.argv(), str(log_path))] = stage
         if not running:

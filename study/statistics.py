@@ -149,9 +149,13 @@ def seed_and_image_interval(per_seed, confidence=CONFIDENCE, key="value"):
             "image_se": math.sqrt(image_var), "seed_se": math.sqrt(seed_var)}
 
 
-def summarize(per_seed, confidence=CONFIDENCE):
-    """A cell's value with its seed-and-image interval (`seed_and_image_interval`)."""
-    return seed_and_image_interval(per_seed, confidence)
+def summarize(per_seed, confidence=CONFIDENCE, bounds=(-math.inf, math.inf)):
+    """A cell's value with its seed-and-image interval (`seed_and_image_interval`), the interval cut to the metric's
+    range `bounds` (an AUC lies in [0, 1]: with two seeds t₀.₉₇₅,₁ = 12.7 reaches far beyond it)."""
+    summary = seed_and_image_interval(per_seed, confidence)
+    low, high = summary["ci"]
+    summary["ci"] = [max(low, bounds[0]), min(high, bounds[1])]
+    return summary
 
 
 def paired_difference(per_seed_a, per_seed_b, confidence=CONFIDENCE):

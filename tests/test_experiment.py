@@ -9,7 +9,7 @@ import pytest
 
 import run_experiment
 from mixsyn_utils.cli import InputError
-from study.plan import load_config, plan_phase1, plan_phase2
+from study.plan import load_config, plan_study, steps_of_epochs
 from study.runner import stage_key
 
 TINY_CONFIG = "configs/tiny_digits.toml"
@@ -25,36 +25,50 @@ def _keys(stages):
 
 def test_changed_flag_reruns_that_stage_and_its_dependents_only(tmp_path):
     config = load_config(TINY_CONFIG, quick=True)
-    before = _keys(plan_phase1(config, tmp_path)[0])
-    config["stages"]["train_dreambooth_lora"]["rank"] = 8
-    after = _keys(plan_phase1(config, tmp_path)[0])
+    before = _keys(plan_study(config, tmp_path)[0])
+    config["stages"]["pia"]["lp"] = 2
+    after = _keys(plan_study(config, tmp_path)[0])
     changed = {name for name in before if before[name] != after[name]}
-    models = [f"dreambooth_lora-{setting}-seed{seed}" for setting in ("clean", "image-0.5") for seed in (0, 1)]
-    assert changed == {f"{stage}:{model}" for model in models for stage in ("train", "loss", "pia", "evaluate")}
+    models = ["pretrained"] + [name for name in plan_study(config, tmp_path)[1]]
+    assert changed == {f"{stage}:{model}" for model in models for stage in ("pia", "evaluate")}
 
 
-def test_plan_has_the_dose_grid_the_method_cells_and_shared_models(tmp_path):
+def test_plan_has_the_epoch_dose_response_the_mixes_and_the_random_noise_control(tmp_path):
     config = load_config(TINY_CONFIG)
-    stages, models = plan_phase1(config, tmp_path)
+    stages, models = plan_study(config, tmp_path)
     assert len({stage.name for stage in stages}) == len(stages)
-    levels, settings = config["strength"]["levels"], config["strength"]["settings"]
+    epochs, settings = config["dose_response"]["epochs"], config["dose_response"]["settings"]
     seeds = config["experiment"]["training_seeds"]
-    assert len(levels) >= 4 and len(seeds) >= 3 and {"clean", "perturbed", "image-0.5", "pixel-0.3-block"} <= set(settings)
-    dose = [spec for spec in models.values() if spec.method == "dreambooth"]
-    assert len(dose) == len(levels) * len(settings) * len(seeds)
-    # DreamBooth is Eq. 6 everywhere: prior preservation and the text encoder, in every DreamBooth stage
+    assert len(epochs) >= 4 and min(epochs) < 1 and max(epochs) >= 50 and len(seeds) >= 3
+    assert {"clean", "aspl", "random"} <= set(settings)
+    dose = [spec for spec in models.values() if spec.setting in settings]
+    assert len(dose) == len(epochs) * len(settings) * len(seeds)
+    top = [spec for spec in models.values() if spec.setting in config["top_level"]["settings"]]
+    assert {spec.epochs for spec in top} == {max(epochs)} and len(top) == len(config["top_level"]["settings"]) * len(seeds)
+    by_name = {stage.name: stage for stage in stages}
+    # An epoch is a pass over the 50 self-synthesized images at batch 10: 5 updates; 0.4 epoch is 2 updates.
+    assert steps_of_epochs(config, 0.4) == 2 and steps_of_epochs(config, 50) == 250
+    first, last = by_name["train:dreambooth-clean-e0.4-seed0"], by_name["train:dreambooth-aspl-e50-seed2"]
+    assert first.flags["max_train_steps"] == first.flags["checkpointing_steps"] == 2
+    assert last.flags["max_train_steps"] == 250
+    # each level continues the one below from its last checkpoint, into its own empty folder
+    assert "resume_from_checkpoint" not in first.flags and first.flags["overwrite"]
+    assert last.flags["resume_from_checkpoint"].endswith("dreambooth-aspl-e15-seed2/checkpoint-75")
+    assert "train:dreambooth-aspl-e15-seed2" in last.depends_on and "overwrite" not in last.flags
+    # DreamBooth is Eq. 6 everywhere, at one learning rate and a constant schedule
     for stage in stages:
         if stage.script == "train_dreambooth_mixsyn.py":
             assert stage.flags["with_prior_preservation"] and stage.flags["train_text_encoder"]
-    phase2_stages, phase2_models = plan_phase2(config, tmp_path, levels[1]["name"])
-    # Table 5's "DreamBooth" row (UNet + text encoder) is the study's DreamBooth model, not a second one
-    table5 = [spec for spec in phase2_models.values() if spec.setting == "image-0.3"]
-    assert sorted(str(spec.trainable_modules) for spec in table5) == sorted(
-        ["None", "('unet',)", "('vae_encoder',)", "('text_embeddings',)"])
-    # both Mixup-P readings at the default strength
-    assert [spec.seed for spec in phase2_models.values() if spec.setting == "pixel-0.3-random"] == [0]
-    assert not set(phase2_models) & set(models)
-    assert sum(stage.name.startswith("extraction:") for stage in phase2_stages) == 1 + len(config["extraction"]["settings"])
+            assert stage.flags["learning_rate"] == 2e-5 and stage.flags["lr_scheduler"] == "constant"
+    # the control is ±η noise of the ASPL budget, and each setting reads the set of its noise
+    random_stage, aspl_stage = by_name["perturbed:random"], by_name["perturbed:aspl"]
+    assert random_stage.flags["method"] == "random" and random_stage.flags["pgd_eps"] == aspl_stage.flags["pgd_eps"]
+    assert random_stage.exclusive and "perturbed:random" in aspl_stage.depends_on  # it makes the class images first
+    assert aspl_stage.flags["max_train_steps"] == 50 and aspl_stage.flags["max_adv_train_steps"] == 6
+    assert by_name["train:dreambooth-random-image-0.5-e50-seed1"].flags["perturbed_dataset_name"].endswith("random")
+    assert by_name["train:dreambooth-aspl-e5-seed1"].flags["perturbed_dataset_name"].endswith("aspl")
+    assert "perturbed_dataset_name" not in by_name["train:dreambooth-clean-e5-seed1"].flags
+    assert sum(stage.name.startswith("extraction:") for stage in stages) == 1 + len(config["extraction"]["settings"])
 
 
 def test_sd14_config_dry_run_plans_without_downloading(capsys):
@@ -66,12 +80,13 @@ def test_sd14_config_dry_run_plans_without_downloading(capsys):
 
 
 @pytest.mark.parametrize("replace, replacement, message", [
-    ('"image-0.5" = { mode = "image", ratio = 0.5 }', '"image-0.5" = { mode = "image", ratio = 1.5 }',
-     r"setting 'image-0.5' needs mode 'image' or 'pixel' and a ratio in \[0, 1\]$"),
+    ('"aspl-image-0.5" = { mode = "image", ratio = 0.5, noise = "aspl" }',
+     '"aspl-image-0.5" = { mode = "image", ratio = 1.5, noise = "aspl" }',
+     r"setting 'aspl-image-0.5' needs a ratio in \[0, 1\], got 1.5$"),
     ("t_sec = 100", "t_sec = 105", r"^stage secmi:pretrained: --t_sec must be a multiple of --k"),
-    ("pgd_eps = 0.05", "pgd_eps = 1.5", r"^stage perturbed: --pgd_eps must be in \(0, 1\], got 1.5$"),
-    ("rank = 4", "rank = 4\nnum_workers = 2",
-     r"^stage train:lora-clean-seed0: .*unrecognized arguments: --num_workers 2$"),
+    ("pgd_eps = 0.05", "pgd_eps = 1.5", r"^stage perturbed:random: --pgd_eps must be in \(0, 1\], got 1.5$"),
+    ("learning_rate = 2e-5", "learning_rate = 2e-5\nnum_workers = 2",
+     r"^stage train:dreambooth-clean-e0.4-seed0: .*unrecognized arguments: --num_workers 2$"),
 ])
 def test_dry_run_checks_every_stage_with_its_scripts_own_flag_checks(tmp_path, replace, replacement, message):
     text = Path(TINY_CONFIG).read_text()
@@ -86,10 +101,17 @@ def test_dry_run_checks_every_stage_with_its_scripts_own_flag_checks(tmp_path, r
 def test_bad_config_is_one_line_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
-    (tmp_path / "bad.toml").write_text('[experiment]\nmethods = ["dreambooth", "magic"]\n[settings]\n[strength]\n'
-                                       '[tables]\n[stages]\n')
+    text = Path(TINY_CONFIG).read_text()
+    (tmp_path / "bad.toml").write_text(text.replace('methods = ["dreambooth"]', 'methods = ["dreambooth", "magic"]'))
     with pytest.raises(InputError, match="unknown method 'magic'"):
         load_config(tmp_path / "bad.toml")
+    (tmp_path / "typo.toml").write_text(text.replace("[dose_response]", "[dose_respons]"))
+    with pytest.raises(InputError, match=r"unknown section \[dose_respons\] \(did you mean \[dose_response\]\?\)"):
+        load_config(tmp_path / "typo.toml")
+    (tmp_path / "noise.toml").write_text(text.replace('aspl = { mode = "image", ratio = 1.0, noise = "aspl" }',
+                                                      'aspl = { mode = "image", ratio = 1.0 }'))
+    with pytest.raises(InputError, match="setting 'aspl' mixes a perturbed set .* exactly when it names its noise"):
+        load_config(tmp_path / "noise.toml")
 
 
 def _finite_with_ci(summary):
@@ -108,28 +130,35 @@ def quick_study(tmp_path_factory):
 def test_quick_study_writes_a_well_formed_report(quick_study):
     output_dir, summary = quick_study
     report = (output_dir / "report" / "REPORT.md").read_text()
-    for heading in ("## Premises", "## Fine-tuning strength", "Table 1", "Table 3", "## Figure 4",
-                    "The paper's claims, one verdict each", "## Data extraction"):
+    for heading in ("## Premises", "## Dose-response", "Table 1", "Table 2", "## The claims, one verdict each"):
         assert heading in report
-    assert summary["default_strength"]["level"] in ("s1", "s2") and "Fixed before" in summary["default_strength"]["rule"]
-    for figure in ("figure4.png", "dose_response.png"):
-        assert (output_dir / "report" / figure).stat().st_size > 1000
+    assert (output_dir / "report" / "dose_response.png").stat().st_size > 1000
+    premises = summary["premises"]
+    for key in ("P1", "P2", "P4", "P6", "P7"):
+        assert isinstance(premises[key]["holds"], bool) and premises[key]["measured"], key
+    assert set(premises["P4"]["ratios"]) == {"aspl", "random"}
+    assert [step["k"] for step in premises["P6"]["ladder"]] == [0.0, 0.2]
+    assert set(premises["P3"]["cells"]) == {f"dreambooth-{s}-e{e:g}" for s in ("clean", "aspl", "random")
+                                           for e in (0.5, 1)} | {"dreambooth-aspl-image-0.5-e1"}
     cells = summary["cells"]
-    assert {"pretrained", "dreambooth-clean-s1", "dreambooth-image-0.5-s2", "dreambooth_lora-clean",
-            "dreambooth_lora-image-0.5"} <= set(cells)
     for name, row in cells.items():
         assert row["seeds"] == (1 if name == "pretrained" else 2)
-        for metric in ("auc:loss", "auc:pia", "auc:worst", "tpr:worst", "rprecision", "brisque"):
+        for metric in ("auc:loss", "auc:pia", "auc:worst", "tpr:worst", "rprecision", "fidelity"):
             assert _finite_with_ci(row[metric]), (name, metric)
-        assert row["auc:worst"]["value"] == max(row["auc:loss"]["value"], row["auc:pia"]["value"])
+        # the worst case is the attack chosen on the calibration half, not the larger test AUC
+        assert row["worst_attacks"] and set(row["worst_attacks"]) <= {"loss", "pia"}
     assert summary["claims"]
     for claim in summary["claims"]:
-        assert VERDICT.match(claim["verdict"]) and VERDICT.match(claim["verdict_tpr"]), claim["verdict"]
-        low, high = claim["delta_auc"]["ci"]
-        assert low <= claim["delta_auc"]["delta"] + 1e-12 and claim["delta_auc"]["delta"] <= high + 1e-12
-    for model in cells["dreambooth-clean-s1"]["models"]:
+        assert VERDICT.match(claim["verdict"]), claim["verdict"]
+        # every quick level is under P3's 10 epochs: no claim may carry a verdict word
+        assert claim["verdict"].startswith("not testable here (P") and claim["failed_premise"]
+        delta = claim.get("delta_auc") or claim["delta_fidelity"]
+        low, high = delta["ci"]
+        assert low <= delta["delta"] + 1e-12 and delta["delta"] <= high + 1e-12
+    for model in cells["dreambooth-clean-e1"]["models"].values():
         results = json.loads((output_dir / "eval" / model / "results.json").read_text())
         assert results["privacy"] and results["utility"]["r_precision_hits"]
+        assert results["utility"]["pixel_frechet_distance"] > 0
 
 
 def test_quick_study_second_run_is_fully_cached(quick_study, capsys):

@@ -180,3 +180,35 @@ def test_extraction_counts_matched_nonmembers_as_false_positives(member_pixels):
     generations = np.stack([member_pixels[0], nonmember_pixels[1], nonmember_pixels[2]])
     result = eidetic_extraction(member_pixels, generations, nonmember_pixels)
     assert (result["true_positives"], result["false_positives"], result["precision"]) == (1, 2, pytest.approx(1 / 3))
+
+
+def test_pixel_frechet_distance_matches_a_float64_reference_with_a_matrix_square_root():
+    """FD = ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^{1/2}), the square root by scipy's sqrtm here; and a resample's
+    multiplicities weigh rows as if they were repeated."""
+    from scipy import linalg
+
+    from mixsyn_utils.utility import frechet_distance, gaussian_moments
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.3, 0.1, (200, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(0.5, 0.2, (150, 6)) @ rng.normal(size=(6, 6))
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a = sum(np.outer(x - mean_a, x - mean_a) for x in a) / (len(a) - 1)
+    cov_b = sum(np.outer(x - mean_b, x - mean_b) for x in b) / (len(b) - 1)
+    reference = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(linalg.sqrtm(cov_a @ cov_b)))
+    assert frechet_distance(gaussian_moments(a), gaussian_moments(b)) == pytest.approx(reference, rel=1e-9)
+    assert frechet_distance(gaussian_moments(a), gaussian_moments(a)) == pytest.approx(0.0, abs=1e-9)
+    counts = rng.integers(0, 3, len(a))
+    repeated = np.repeat(a, counts, axis=0)
+    weighted, plain = gaussian_moments(a, counts), gaussian_moments(repeated)
+    assert np.allclose(weighted[0], plain[0], atol=1e-12) and np.allclose(weighted[1], plain[1], atol=1e-12)
+
+
+def test_pixel_features_are_grey_box_filtered_to_8x8_in_unit_range():
+    from mixsyn_utils.utility import pixel_features
+
+    image = Image.fromarray(np.kron(np.eye(2, dtype=np.uint8) * 255, np.ones((16, 16), np.uint8))).convert("RGB")
+    features = pixel_features([image])
+    assert features.shape == (1, 64)
+    grid = features.reshape(8, 8)
+    assert grid[0, 0] == pytest.approx(1.0) and grid[0, 7] == pytest.approx(0.0)  # a 2×2 checker of 16-px blocks

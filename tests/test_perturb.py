@@ -320,3 +320,29 @@ def test_grayscale_and_rgba_inputs_are_converted_not_rejected(odd_inputs_output)
 def test_images_of_mixed_sizes_are_resized_to_the_working_resolution(odd_inputs_output):
     _, perturbed = odd_inputs_output
     assert [image.size for image in perturbed["image"]] == [(RESOLUTION, RESOLUTION)] * 3
+
+
+def test_random_control_moves_every_pixel_by_the_budget_with_a_seeded_sign(tiny_victim, clean_subset, work_dir):
+    argv = ["--pretrained_model_name_or_path", tiny_victim / "pipeline", "--dataset_name", clean_subset,
+            "--method", "random", "--pgd_eps", str(PGD_EPS), "--seed", "0"]
+    run_in_process(argv + ["--output_dir", work_dir / "random_a"])
+    run_in_process(argv + ["--output_dir", work_dir / "random_b"])
+    run_in_process(argv[:-1] + ["1", "--output_dir", work_dir / "random_c"])
+    clean = load_from_disk(str(clean_subset))
+    first, again, other_seed = (load_from_disk(str(work_dir / name)) for name in ("random_a", "random_b", "random_c"))
+    levels = int(np.floor(127.5 * PGD_EPS))  # the uint8 steps η allows: 6
+    deltas = []
+    for clean_image, image in zip(clean["image"], first["image"]):
+        original = np.asarray(resize_and_crop(clean_image, RESOLUTION), dtype=np.int16)
+        delta = np.asarray(image, dtype=np.int16) - original
+        # Exactly ±levels, or the clip to [0, 255] of that step where it crosses the border (then 0 < |δ| < levels
+        # or δ = 0 for a pixel already at the border).
+        up, down = np.clip(original + levels, 0, 255) - original, np.clip(original - levels, 0, 255) - original
+        assert np.all((delta == up) | (delta == down))
+        interior = (original >= levels) & (original <= 255 - levels)
+        deltas.append(delta[interior])
+    signs = np.concatenate([d.ravel() for d in deltas]) > 0
+    assert 0.45 < signs.mean() < 0.55
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first["image"], again["image"]))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first["image"], other_seed["image"]))
+    assert max(first["linf"]) <= PGD_EPS

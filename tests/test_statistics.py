@@ -15,6 +15,7 @@ from study.statistics import (
     paired_difference,
     seed_and_image_interval,
     study_split,
+    summarize,
     verdict,
 )
 
@@ -116,6 +117,16 @@ def test_seed_and_image_interval_matches_a_float64_reference():
     one = seed_and_image_interval({0: per_seed[0]})
     assert one["seed_se"] == 0.0 and one["ci"][1] - one["ci"][0] == pytest.approx(
         2 * 1.959963984540054 * np.std(per_seed[0][1:], ddof=1), rel=1e-9)
+
+
+def test_a_cells_interval_is_cut_to_the_metrics_range_and_its_value_kept():
+    per_seed = {0: np.full(11, 0.95), 1: np.full(11, 0.55)}  # two seeds: t₀.₉₇₅,₁ = 12.7
+    wide = seed_and_image_interval(per_seed)
+    assert wide["ci"][0] < 0 and wide["ci"][1] > 1
+    cut = summarize(per_seed, bounds=(0.0, 1.0))
+    assert cut["value"] == pytest.approx(0.75) and cut["ci"] == [0.0, 1.0]
+    inside = summarize({0: np.full(11, 0.70), 1: np.full(11, 0.72)}, bounds=(0.0, 1.0))
+    assert inside["ci"] == seed_and_image_interval({0: np.full(11, 0.70), 1: np.full(11, 0.72)})["ci"]
 
 
 def test_differences_are_paired_by_seed():
