@@ -1,7 +1,14 @@
-"""Output folders: refused when occupied, written in a hidden sibling and renamed into place when whole."""
+"""Output folders: refused when occupied, written in a hidden sibling and renamed into place when whole.
 
+Checked before any work (the helpers at the end): an output that is, contains or lies inside an input
+(`check_output_outside_inputs`), one that cannot be written (`check_output_writable`), and one another run is
+writing (`OutputLock`).
+"""
+
+import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -49,3 +56,143 @@ def move_entries_into(staging_dir, output_dir):
             shutil.rmtree(target)
         os.replace(entry, target)
     Path(staging_dir).rmdir()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any work: an output that is an input, an output that cannot be written, a concurrent run
+# ----------------------------------------------------------------------------------------------
+
+def overlapping_input(output, inputs):
+    """The first input that an output would overwrite: (flag, input path, relation) or None.
+
+    `inputs`: {flag: path or None}; a name that is not a local path (a Hub id) cannot overlap and is skipped.
+    Paths are compared resolved (symbolic links, `..`, a trailing slash), so `out/../data` is `data`.
+    `relation`: "is" (the same folder or file), "contains" (the input lies inside the output, so `--overwrite`
+    would delete it) or "lies inside" (the output is written into the input's folder, which changes it).
+    """
+    if output is None:
+        return None
+    target = Path(output).resolve()
+    for flag, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            return flag, str(path), "is"
+        if target in source.parents:
+            return flag, str(path), "contains"
+        if source in target.parents:
+            return flag, str(path), "lies inside"
+    return None
+
+
+def check_output_outside_inputs(output, inputs, flag="--output_dir"):
+    """Raise `InputError` when `output` is, contains or lies inside one of `inputs` (`overlapping_input`)."""
+    found = overlapping_input(output, inputs)
+    if found is not None:
+        input_flag, path, relation = found
+        raise InputError(f"{flag} {output} {relation} {input_flag} {path}: writing there would change or delete "
+                         "an input; pick a folder outside every input")
+
+
+def unwritable_reason(output_dir):
+    """Why `output_dir` cannot be created or written (a sentence), or None when it can.
+
+    Refused: a symbolic link, dangling or not (`--overwrite` would replace the link, not its target); a path
+    below a file; a nearest existing folder where a hidden probe folder cannot be created (read-only mount,
+    permissions; root passes mode bits, as it writes through them). Nothing is left behind by the probe.
+    """
+    path = Path(output_dir)
+    if path.is_symlink():
+        return f"is a symbolic link (to {os.readlink(path)}); pass the folder itself"
+    existing = path if path.exists() else next((p for p in path.parents if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"cannot be created: {existing} is not a folder"
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=existing)
+    except OSError as error:
+        return f"is not writable ({error.strerror or type(error).__name__}: {existing})"
+    os.rmdir(probe)
+    return None
+
+
+def check_output_writable(output_dir, flag="--output_dir"):
+    """Raise `InputError` naming `flag` when `output_dir` cannot be written (`unwritable_reason`)."""
+    reason = unwritable_reason(output_dir)
+    if reason is not None:
+        raise InputError(f"{flag} {output_dir} {reason}")
+
+
+def lock_path_of(output_dir):
+    """Where the lock of an output lives: `.<name>.lock` beside it (`--overwrite` removes the output, not this)."""
+    path = Path(output_dir)
+    return path.with_name(f".{path.name}.lock")
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for the lifetime of one run; a second run is refused in one line.
+
+    `fcntl.flock` on `lock_path_of(output_dir)`: the kernel releases it when the process ends, however it ends,
+    so a killed run never leaves a stale lock (the file may stay; an unlocked file locks nothing). The lock
+    belongs to an open file, so a second acquisition fails in the same process too. The file records the pid
+    of its holder, which the refusal names. Missing parent folders are created, and removed again on release
+    when still empty. Use on the main process only (the run's other processes write under its lock).
+
+        with OutputLock(args.output_dir):
+            ...  # the run
+    """
+
+    def __init__(self, output_dir, flag="--output_dir"):
+        self.output_dir, self.flag, self.path = output_dir, flag, lock_path_of(output_dir)
+        self.file, self.created = None, []
+
+    def acquire(self):
+        import fcntl
+
+        for parent in reversed(self.path.parents):
+            if not parent.exists():
+                parent.mkdir()
+                self.created.append(parent)
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                self._remove_created()
+                raise InputError(f"{self.flag} {self.output_dir} is in use by another run (pid {holder}, lock "
+                                 f"{self.path}); wait for it to finish or pick another folder") from None
+            # The holder before us may have removed the file between our open and our lock: lock the live file.
+            if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.file = handle
+        return self
+
+    def release(self):
+        if self.file is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        self.file.close()  # closing releases the flock
+        self.file = None
+        self._remove_created()
+
+    def _remove_created(self):
+        for folder in reversed(self.created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        self.created = []
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
