@@ -14,6 +14,7 @@ config's rule (written before any leakage was looked at):
 """
 
 import copy
+import difflib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -103,7 +104,12 @@ def setting_of(config, name):
 
 
 def load_config(path, quick=False):
-    """Read a TOML config and check its sections; with `quick`, merge its [quick] overrides into it."""
+    """Read a TOML config and check it against `CONFIG_SCHEMA`; with `quick`, merge its [quick] overrides into it.
+
+    Every error is one `InputError` naming the key: an unknown key or section with the nearest valid one, a value
+    of the wrong type, a missing key, a `drop` entry naming nothing. The config, the [quick] overrides and the
+    merged result are each checked, so a typo in [quick] fails without --quick too.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--config {path} does not exist")
@@ -112,26 +118,24 @@ def load_config(path, quick=False):
     except tomllib.TOMLDecodeError as error:
         raise InputError(f"--config {path} is not valid TOML ({error})") from error
     overrides = config.pop("quick", {})
+    check_config(config, CONFIG_SCHEMA, path)
+    check_config(overrides, QUICK_SCHEMA, path, "quick")
+    overrides = dict(overrides)
+    drops = [find_dotted(config, dotted) + (dotted,) for dotted in overrides.pop("drop", [])]
+    for section, _, dotted in drops:
+        if section is None:
+            raise InputError(f"--config {path}: [quick] drop names {dotted!r}, which is not in the config")
     if quick:  # [quick] values replace the config's; its `drop` list removes whole sections (dotted names)
-        for dotted in overrides.pop("drop", []):
-            *parents, last = dotted.split(".")
-            section = config
-            for parent in parents:
-                section = section.get(parent, {})
-            section.pop(last, None)
+        for section, key, _ in drops:
+            section.pop(key, None)
         config = _merge(config, overrides)
-    for section in ("experiment", "settings", "strength", "tables", "stages"):
-        if section not in config:
-            raise InputError(f"--config {path} has no [{section}] table")
-    experiment = config["experiment"]
-    unknown = sorted(set(experiment.get("methods", [])) - set(METHOD_SCRIPTS))
-    if unknown:
-        raise InputError(f"--config {path}: unknown method {unknown[0]!r} (choose from {', '.join(METHOD_SCRIPTS)})")
-    unknown = sorted(set(experiment.get("attacks", [])) - set(ATTACK_SCRIPTS))
-    if unknown:
-        raise InputError(f"--config {path}: unknown attack {unknown[0]!r} (choose from {', '.join(ATTACK_SCRIPTS)})")
+        check_config(config, CONFIG_SCHEMA, path)
+    experiment = config["experiment"]  # methods and attacks are checked by name in the schema (`Choice`)
+    seeds = experiment["training_seeds"]
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise InputError(f"--config {path}: [experiment] training_seeds must be distinct integers >= 0, got {seeds}")
     for name, entry in config["settings"].items():
-        if entry.get("mode") not in ("image", "pixel") or not 0.0 <= float(entry.get("ratio", -1)) <= 1.0:
+        if entry["mode"] not in ("image", "pixel") or not 0.0 <= float(entry["ratio"]) <= 1.0:
             raise InputError(f"--config {path}: setting {name!r} needs mode 'image' or 'pixel' and a ratio in [0, 1]")
     named = {table["setting"] for table in config["tables"].values()} | set(config["strength"]["settings"])
     missing = sorted(named - set(config["settings"]))
@@ -140,9 +144,175 @@ def load_config(path, quick=False):
     levels = config["strength"]["levels"]
     if len({level["name"] for level in levels}) != len(levels) or not levels:
         raise InputError(f"--config {path}: [strength] levels need distinct names")
-    if not experiment.get("training_seeds"):
-        raise InputError(f"--config {path}: [experiment] training_seeds is empty")
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# The config's schema: every section, key and type a study config may hold
+# ----------------------------------------------------------------------------------------------
+
+NUMBER = "number"  # an int or a float (not a bool)
+FLAG_VALUE = "flag value"  # a script flag's value: checked later by that script's own parse_args
+
+
+@dataclass(frozen=True)
+class Table:
+    """A TOML table: `fields` {key: spec}, the `required` keys, and `any_key` (the spec of every other key;
+    None: no other key is allowed). `doc` says what the table is for in error messages."""
+
+    fields: dict
+    required: tuple = ()
+    any_key: object = None
+    doc: str = "a table"
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A TOML array whose items all match `item`; `non_empty` refuses []."""
+
+    item: object
+    non_empty: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A string from `choices`, called a `what` in error messages (an unknown one gets the nearest valid one)."""
+
+    choices: tuple
+    what: str
+
+
+def _partial(spec):
+    """The spec of a [quick] override of `spec`: the same keys and types, none required (lists replace whole)."""
+    if not isinstance(spec, Table):
+        return spec
+    return Table({key: _partial(value) for key, value in spec.fields.items()}, (), _partial(spec.any_key), spec.doc)
+
+
+SETTING = Table({"mode": str, "ratio": NUMBER, "pattern": str}, ("mode", "ratio"),
+                doc="a table {mode, ratio[, pattern]}")
+LEVEL = Table({"name": str}, ("name",), FLAG_VALUE, doc="a table {name, training flags...}")
+TABLE = Table({"title": str, "setting": str, "note": str}, ("title", "setting"), doc="a table {title, setting[, note]}")
+CURVE = Table({"label": str, "mode": str, "pattern": str, "ratios": ListOf(NUMBER, True)}, ("label", "mode"),
+              doc="a table {label, mode[, pattern, ratios]}")
+STAGE_FLAGS = Table({}, (), FLAG_VALUE, doc="a table of the script's flags")
+STAGE_NAMES = ("victim", "synthetic", "perturb", "train", *(f"train_{method}" for method in METHOD_SCRIPTS),
+               *ATTACK_SCRIPTS, "evaluate")
+CONFIG_SCHEMA = Table({
+    "experiment": Table({
+        "name": str, "seed": int, "build_victim": bool, "pretrained_model_name_or_path": str, "member_dataset": str,
+        "nonmember_dataset": str, "domains_file": str, "rprecision_model": str, "clip_pretrained": str,
+        "num_domains": int, "num_member_images": int, "methods": ListOf(Choice(tuple(METHOD_SCRIPTS), "method"), True),
+        "training_seeds": ListOf(int, True), "attacks": ListOf(Choice(tuple(ATTACK_SCRIPTS), "attack"), True),
+        "workers": int,
+    }, ("name", "pretrained_model_name_or_path", "member_dataset", "nonmember_dataset", "domains_file", "methods",
+        "training_seeds", "attacks")),
+    "settings": Table({}, (), SETTING),
+    "strength": Table({"settings": ListOf(str, True), "utility_fraction": NUMBER, "levels": ListOf(LEVEL, True)},
+                      ("settings", "utility_fraction", "levels")),
+    "tables": Table({}, (), TABLE),
+    "table5": Table({"title": str, "setting": str, "training_seeds": ListOf(int, True), "note": str,
+                     "rows": Table({}, (), ListOf(str, True))}, ("title", "setting", "training_seeds", "rows")),
+    "figure4": Table({"ratios": ListOf(NUMBER, True), "training_seeds": ListOf(int, True),
+                      "seeded_settings": ListOf(str), "curves": ListOf(CURVE, True)},
+                     ("ratios", "training_seeds", "curves")),
+    "extraction": Table({"settings": ListOf(str), "generations_per_prompt": int, "num_inference_steps": int, "k": int,
+                         "delta": NUMBER}, ("settings", "generations_per_prompt")),
+    "stages": Table({name: STAGE_FLAGS for name in STAGE_NAMES}, ("synthetic", "perturb", "evaluate")),
+}, ("experiment", "settings", "strength", "tables", "stages"))
+QUICK_SCHEMA = Table(dict(_partial(CONFIG_SCHEMA).fields, drop=ListOf(str)))
+
+
+def _type_name(spec):
+    if isinstance(spec, ListOf):
+        plural = {str: "strings", int: "integers", bool: "booleans", NUMBER: "numbers"}.get(spec.item, "tables")
+        plural = f"{spec.item.what} names" if isinstance(spec.item, Choice) else plural
+        return f"a {'non-empty ' if spec.non_empty else ''}list of {plural}"
+    if isinstance(spec, Table):
+        return spec.doc
+    return {str: "a string", int: "an integer", bool: "true or false", NUMBER: "a number",
+            FLAG_VALUE: "a string, number, boolean or a list of them"}[spec]
+
+
+def _matches(value, spec):
+    """Whether a scalar value has the type `spec` (TOML booleans are not numbers)."""
+    if isinstance(spec, Choice):
+        return isinstance(value, str)
+    if spec is FLAG_VALUE:
+        scalar = (str, int, float, bool)
+        return isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(v, scalar) for v in value))
+    if spec is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if spec is NUMBER:
+        return isinstance(value, (int, float))
+    return isinstance(value, spec)
+
+
+def _where(parts):
+    """How an error names a place: [section.sub] for tables, [section] key for a key."""
+    return f"[{'.'.join(parts)}]" if parts else "the top level"
+
+
+def check_config(value, spec, path, *parts):
+    """Raise `InputError` at the first place `value` does not match `spec` (see `CONFIG_SCHEMA`)."""
+    prefix = f"--config {path}:"
+    if isinstance(spec, Table):
+        if not isinstance(value, dict):
+            raise InputError(f"{prefix} {_where(parts)} must be {spec.doc}, got {json.dumps(value)}")
+        for key, item in value.items():
+            if key in spec.fields:
+                check_config(item, spec.fields[key], path, *parts, key)
+            elif spec.any_key is not None:
+                check_config(item, spec.any_key, path, *parts, key)
+            else:
+                near = difflib.get_close_matches(key, list(spec.fields), n=1, cutoff=0.6)
+                kind = "section" if isinstance(item, dict) else "key"
+                shown = f"[{'.'.join((*parts, key))}]" if kind == "section" else f"{key!r} in {_where(parts)}"
+                hint = (f"did you mean [{'.'.join((*parts, near[0]))}]?" if near and kind == "section" else
+                        f"did you mean {near[0]!r}?" if near else f"valid: {', '.join(spec.fields)}")
+                raise InputError(f"{prefix} unknown {kind} {shown} ({hint})")
+        missing = [key for key in spec.required if key not in value]
+        if missing:
+            raise InputError(f"{prefix} {_where(parts)} has no {missing[0]!r}"
+                             + (f" (a table {spec.doc.removeprefix('a table ')})" if spec.doc != "a table" else ""))
+        return
+    if isinstance(spec, ListOf):
+        if not isinstance(value, list) or (spec.non_empty and not value):
+            raise InputError(f"{prefix} {_where(parts[:-1])} {parts[-1]} must be {_type_name(spec)}, "
+                             f"got {json.dumps(value)}")
+        for index, item in enumerate(value):
+            if isinstance(spec.item, Choice) and isinstance(item, str) and item not in spec.item.choices:
+                near = difflib.get_close_matches(item, spec.item.choices, n=1, cutoff=0.6)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise InputError(f"{prefix} unknown {spec.item.what} {item!r} in {_where(parts[:-1])} {parts[-1]} "
+                                 f"({hint}choose from {', '.join(spec.item.choices)})")
+            if isinstance(spec.item, (Table, ListOf)):
+                check_config(item, spec.item, path, *parts[:-1], f"{parts[-1]}[{index}]")
+            elif not _matches(item, spec.item):
+                raise InputError(f"{prefix} {_where(parts[:-1])} {parts[-1]} must be {_type_name(spec)}, "
+                                 f"got {json.dumps(value)}")
+        return
+    if not _matches(value, spec):
+        raise InputError(f"{prefix} {_where(parts[:-1])} {parts[-1]} must be {_type_name(spec)}, "
+                         f"got {json.dumps(value)}")
+
+
+def find_dotted(config, dotted):
+    """(table, key) of a dotted name such as `settings.pixel-0.3-block` (keys may contain dots), or (None, None)."""
+    table, parts = config, dotted.split(".")
+    while parts:
+        for cut in range(len(parts), 0, -1):
+            key = ".".join(parts[:cut])
+            if isinstance(table, dict) and key in table:
+                if cut == len(parts):
+                    return table, key
+                table, parts = table[key], parts[cut:]
+                break
+        else:
+            return None, None
+    return None, None
 
 
 # ----------------------------------------------------------------------------------------------
