@@ -2,11 +2,13 @@
 
 Checked before any work (the helpers at the end): an output that is, contains or lies inside an input
 (`check_output_outside_inputs`), one that cannot be written (`check_output_writable`), and one another run is
-writing (`OutputLock`).
+writing (`OutputLock`). A write failing anyway (a full disk) is one line, no staging left (`output_write_errors`).
 """
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -196,3 +198,48 @@ class OutputLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# A write that fails (full disk, quota, read-only, I/O error): one line, and no staging folder left
+# ----------------------------------------------------------------------------------------------
+
+# errno values that mean "this output cannot be written", whichever library was writing.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG})
+
+
+def write_errno(error):
+    """The errno of a failed write, or None: an `OSError`'s own, or the `(os error N)` / `Os { code: N, ... }` that
+    Rust writers (safetensors) put in their message; only codes of `WRITE_ERRNOS` count."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(error))
+        code = int(found.group(1) or found.group(2)) if found else None
+    return code if code in WRITE_ERRNOS else None
+
+
+def remove_staging(final_path):
+    """Remove the hidden staging siblings `temp_sibling` made for `final_path` (`.<name>.tmp-*`); returns them.
+
+    The `.old-*` sibling `atomic_replace_dir` makes is left alone: it may hold the previous output."""
+    final_path = Path(final_path)
+    removed = sorted(final_path.parent.glob(f".{final_path.name}.tmp-*")) if final_path.parent.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return removed
+
+
+@contextlib.contextmanager
+def output_write_errors(final_path, flag="--output_dir"):
+    """Around the code that writes `final_path`: a failed write (`write_errno`) becomes one `InputError` naming `flag`
+    and the OS reason, after the staging siblings of `final_path` are removed (`remove_staging`), so a rerun once
+    space is freed is not refused as an occupied folder. Any other exception passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        code = write_errno(error)
+        if code is None:
+            raise
+        remove_staging(final_path)
+        raise InputError(f"{flag} {final_path}: cannot write ({os.strerror(code)}); nothing partial was kept, "
+                         "rerun once it can be written") from None
