@@ -71,7 +71,7 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     num_train_timesteps,
     score_all,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.metrics import clid_threshold_fit, clid_threshold_score  # CLiD_th's α and robust scalers
@@ -102,7 +102,7 @@ def weak_caption_type(value):
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="CLiD (conditional likelihood discrepancy) membership inference.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)

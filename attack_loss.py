@@ -67,7 +67,7 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     score_all,
     timestep_columns,
 )
-from mixsyn_utils.cli import run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.metrics import most_separating  # SimA's t: best calibration AUC
@@ -85,7 +85,7 @@ DEFAULT_TIMESTEPS = {"loss": [450], "sima": list(range(0, 200, 10))}
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Loss / SimA membership inference on a diffusion model.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)

@@ -66,7 +66,7 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, p
     num_train_timesteps,
     score_all,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.images import center_crop_zoom  # the neighbour x_λ
@@ -82,7 +82,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="PFAMI (probabilistic fluctuation) membership inference.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)

@@ -47,9 +47,9 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     score_all,
     timestep_columns,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
-from mixsyn_utils.flags import flag_values  # flags written out; range checks
+from mixsyn_utils.flags import flag_values, require_non_negative, require_positive  # flags written out; ranges
 from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
@@ -62,7 +62,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="PIA / PIAN membership inference on a diffusion model.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
@@ -81,8 +81,8 @@ def parse_args(input_args=None):
                              "2 rows per image); 1 = no guidance, as in CLiD's and SimA's re-runs.")
     args = parser.parse_args(input_args)
     check_attack_args(args)
-    if args.lp <= 0:
-        raise InputError(f"--lp must be positive, got {args.lp}")
+    require_positive(args, "lp")
+    require_non_negative(args, "guidance_scale")
     check_attack_timesteps(args.attack_timesteps)
     return args
 

@@ -44,9 +44,9 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     num_train_timesteps,
     score_all,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
-from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
+from mixsyn_utils.flags import flag_values, require_positive, require_range  # flags written out; range checks
 from mixsyn_utils.models import native_resolution, vae_scale_factor, weight_dtype_of  # sizes; --mixed_precision -> dtype
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
@@ -59,7 +59,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="SecMI (t-error) membership inference on a diffusion model.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
@@ -84,10 +84,11 @@ def parse_args(input_args=None):
         raise InputError(f"--t_sec must be in (0, T), got {args.t_sec}")
     if args.t_sec % args.k != 0:
         raise InputError(f"--t_sec must be a multiple of --k, got --t_sec {args.t_sec} --k {args.k}")
-    if args.secmi_nn:
-        fractions = (args.nn_train_fraction, args.nn_val_fraction)
-        if min(fractions) <= 0 or sum(fractions) >= 1:
-            raise InputError(f"--nn_train_fraction and --nn_val_fraction must be > 0 and sum below 1, got {fractions}")
+    for flag in ("nn_train_fraction", "nn_val_fraction"):  # checked without --secmi_nn too: a bad value is a typo
+        require_range(args, flag, 0, 1, include_low=False, include_high=False)
+    if args.nn_train_fraction + args.nn_val_fraction >= 1:
+        raise InputError(f"--nn_train_fraction and --nn_val_fraction must sum below 1 (the rest is the scored test "
+                         f"split), got {args.nn_train_fraction} + {args.nn_val_fraction}")
     return args
 
 

@@ -53,7 +53,6 @@ results.json schema (version 1):
      "bootstrap": B, "seed": S, "confidence": 0.95}
 """
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -64,7 +63,7 @@ from diffusers.utils import check_min_version
 
 # Shared with the other scripts (mixsyn_utils/):
 from mixsyn_utils.brisque import is_installed as brisque_is_installed  # offline BRISQUE model present?
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import (  # datasets in and out, images and captions checked before any sampling
     check_images_decode,
     check_text_column,
@@ -114,8 +113,8 @@ LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Privacy (MIA), utility and extraction metrics with honest CIs.",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Privacy (MIA), utility and extraction metrics with honest CIs.",
+                            allow_abbrev=False)
     parser.add_argument("--scores", type=str, nargs="+", default=[], help="Scores datasets written by attack_*.py.")
     parser.add_argument("--reference_scores", type=str, nargs="+", default=None,
                         help="Scores of the pre-fine-tuning model, one per --scores (same order, same images): "
@@ -166,7 +165,8 @@ def parse_args(input_args=None):
     if not args.scores and not (args.generate or args.generations):
         raise InputError("nothing to evaluate: pass --scores and/or --generate / --generations")
     require_positive(args, "bootstrap", "num_images_per_prompt", "sample_batch_size", "extraction_tiles",
-                     "extraction_k", "extraction_delta", "num_inference_steps")
+                     "extraction_k", "num_inference_steps")
+    require_range(args, "extraction_delta", 0, 1, include_low=False)  # an RMS distance of [0, 1] pixels
     require_non_negative(args, "num_extraction_samples", "guidance_scale", "seed")
     require_range(args, "target_fpr", 0, 1, include_low=False, include_high=False)
     if args.reference_scores is not None and len(args.reference_scores) != len(args.scores):

@@ -12,7 +12,6 @@ finished batch is saved at once and a killed run resumes without regenerating it
       --output_dir outputs/synthetic
 """
 
-import argparse
 import logging
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
@@ -22,7 +21,7 @@ from accelerate.logging import get_logger
 from diffusers.utils import check_min_version
 
 # Shared with the other scripts (mixsyn_utils/):
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import dataset_provenance, save_dataset, with_provenance  # saved whole, with provenance
 from mixsyn_utils.domains import draw_prompt, load_domains  # domains and the paper's prompt templates
 from mixsyn_utils.flags import (  # flag groups shared with the other scripts, written out by flag_values
@@ -55,8 +54,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Self-synthesize images per private domain (MixSyn step 1).",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Self-synthesize images per private domain (MixSyn step 1).",
+                            allow_abbrev=False)
     add_pretrained_model_args(parser)
     parser.add_argument("--domains_file", type=str, default=None,
                         help="A .json ({'domains': [...], 'templates': [...]}) or .txt (one name per line) file.")

@@ -17,7 +17,6 @@ Usage:
     python make_tiny_victim.py --output_dir outputs/victim --seed 0
 """
 
-import argparse
 import copy
 import gzip
 import json
@@ -33,7 +32,7 @@ from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
 
 # Shared with the other scripts (mixsyn_utils/):
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import load_image_dataset  # the saved member / non-member sets
 # Pretraining captions use the paper's templates too, so self-synthesis prompts come from the same
 # distribution as the victim's own training captions.
@@ -67,8 +66,8 @@ RESOLUTION = 16
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.",
+                            allow_abbrev=False)
     parser.add_argument("--output_dir", type=str, required=True, help="Where pipeline/, members/, nonmembers/ go.")
     parser.add_argument("--seed", type=int, default=0, help="Fixes the split, the captions and all weights.")
     parser.add_argument("--members_per_domain", type=int, default=25, help="Pretraining images per digit class.")
@@ -106,7 +105,7 @@ def parse_args(input_args=None):
     parser.add_argument("--attention_heads", type=int, default=2,
                         help="Attention heads of the UNet's transformer blocks (diffusers' attention_head_dim).")
     parser.add_argument("--snr_gamma", type=float, default=1.0,
-                        help="Min-SNR-γ weighting of the UNet pretraining loss (Hang et al. 2023); <= 0 = plain "
+                        help="Min-SNR-γ weighting of the UNet pretraining loss (Hang et al. 2023); 0 = plain "
                              "MSE as SD-1.x. Weighting towards high-noise steps is what makes the prompt matter "
                              "within the step budget (README: measured curves).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
@@ -114,7 +113,9 @@ def parse_args(input_args=None):
     args = parser.parse_args(input_args)
     require_positive(args, "members_per_domain", "nonmembers_per_domain", "train_batch_size", "vae_batch_size",
                      "rprecision_steps", "learning_rate", "cross_attention_dim", "attention_heads")
-    require_non_negative(args, "vae_steps", "unet_steps", "seed", "text_encoder_lr")
+    require_non_negative(args, "vae_steps", "unet_steps", "seed", "text_encoder_lr", "snr_gamma")
+    # exp(-30) ≈ 1e-13: a narrower posterior is a point; above 0 it is wider than the latent spread it must stay under.
+    require_range(args, "vae_logvar_init", -30, 0)
     if args.cross_attention_dim % 4:
         raise InputError(f"--cross_attention_dim must be a multiple of 4 (the text encoder's 4 heads), "
                          f"got {args.cross_attention_dim}")

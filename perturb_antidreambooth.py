@@ -36,7 +36,7 @@ from mixsyn_utils.adversarial import (  # ASPL / FSMG for one group, the budget-
     quantize_within_budget,
 )
 from mixsyn_utils.class_images import class_data_dir_of, ensure_class_images  # prior-preservation images, cached
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import (  # datasets in and out (checked before any model loads), with provenance
     check_images_decode,
     check_text_column,
@@ -81,8 +81,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Anti-DreamBooth (ASPL / FSMG) perturbation of a dataset.",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Anti-DreamBooth (ASPL / FSMG) perturbation of a dataset.",
+                            allow_abbrev=False)
     add_pretrained_model_args(parser, help="Surrogate's starting point: CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
     parser.add_argument("--dataset_name", type=str, required=True,
                         help="Clean images: a save_to_disk folder, an imagefolder directory or a Hub dataset id.")

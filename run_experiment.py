@@ -17,14 +17,13 @@ instead sends the sharded stages through `accelerate launch` (GPUs).
     python run_experiment.py --config configs/sd14_celeb40.toml --output_dir runs/sd14 --dry_run
 """
 
-import argparse
 import json
 import shutil
 import time
 from pathlib import Path
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from study.plan import load_config, plan_phase1, plan_phase2  # the config, its models and stages
 from study.report import choose_default_strength, write_report  # the tables' strength; the report and verdicts
 from study.runner import run_stages  # cached stages, in order, in workers, or through accelerate launch
@@ -36,8 +35,8 @@ GPU_SECONDS = {"sample_image": 2.5, "train_step_per_image": 0.25, "attack_unet_f
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Run the MixSyn study from a config (see configs/).",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Run the MixSyn study from a config (see configs/).",
+                            allow_abbrev=False)
     parser.add_argument("--config", type=str, default="configs/tiny_digits.toml", help="A TOML study config.")
     parser.add_argument("--output_dir", type=str, default="outputs/demo", help="Where every stage writes.")
     parser.add_argument("--quick", action="store_true", help="Apply the config's [quick] profile (CI's e2e test).")

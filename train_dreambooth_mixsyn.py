@@ -13,7 +13,6 @@ and checkpoints whose `checkpoint-N/unet` loads with `UNet2DConditionModel.from_
       --mixup_mode pixel --mixup_ratio 0.5 --max_train_steps 400 --output_dir outputs/dreambooth
 """
 
-import argparse
 import logging
 import math
 from pathlib import Path
@@ -37,7 +36,7 @@ from mixsyn_utils.checkpoints import (  # where to resume, what it must match, c
     training_signature,
 )
 from mixsyn_utils.class_images import class_data_dir_of  # the class-image cache folder
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.flags import (  # flag groups shared with the other scripts, written out by flag_values
     add_prior_preservation_args,
     check_prior_preservation_args,
@@ -80,8 +79,8 @@ TRAINABLE_MODULES = ("unet", "vae_encoder", "text_embeddings", "text_encoder")
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="MixSyn DreamBooth fine-tuning of Stable Diffusion.",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="MixSyn DreamBooth fine-tuning of Stable Diffusion.",
+                            allow_abbrev=False)
     add_training_args(parser)
     add_prior_preservation_args(parser)
     group = parser.add_argument_group("what to fine-tune")

@@ -14,7 +14,6 @@ their adversarially perturbed copies. Output: `pytorch_lora_weights.safetensors`
       --mixup_mode image --mixup_ratio 0.5 --rank 4 --max_train_steps 1000 --output_dir outputs/lora
 """
 
-import argparse
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from mixsyn_utils.checkpoints import (  # where to resume, what it must match, c
     training_signature,
 )
 from mixsyn_utils.class_images import class_data_dir_of  # the class-image cache folder
-from mixsyn_utils.cli import run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.flags import (  # flag groups shared with the other scripts, written out by flag_values
     add_prior_preservation_args,
     check_prior_preservation_args,
@@ -102,7 +101,7 @@ def is_dreambooth(args):
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="MixSyn LoRA / DreamBooth+LoRA fine-tuning of Stable Diffusion.", allow_abbrev=False,
         epilog="Defaults shown are train_dreambooth_lora.py's. With --dataset_name or --train_data_dir and no prior "
                "preservation they are train_text_to_image_lora.py's: " +

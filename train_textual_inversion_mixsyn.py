@@ -24,7 +24,6 @@ Output: `learned_embeds.safetensors` for one concept (`pipe.load_textual_inversi
       --mixup_mode image --mixup_ratio 0.5 --max_train_steps 3000 --output_dir outputs/ti
 """
 
-import argparse
 import json
 import logging
 import math
@@ -49,7 +48,7 @@ from mixsyn_utils.checkpoints import (  # where to resume, what it must match, c
     save_checkpoint,
     training_signature,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import check_text_column, row_names  # a None domain is an error naming its row
 from mixsyn_utils.flags import flag_values  # the flags as the run signature and trackers record them
 from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
@@ -86,7 +85,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="MixSyn Textual Inversion: one learned token per domain.", allow_abbrev=False,
         epilog="As upstream's textual_inversion.py, gradients are not clipped (--max_grad_norm 0) and images are "
                "flipped (--no-random_flip turns it off).")

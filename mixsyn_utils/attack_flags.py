@@ -10,6 +10,7 @@ from .flags import (
     add_resolution_arg,
     require_non_negative,
     require_positive,
+    require_range,
 )
 from .images import check_resolution
 
@@ -76,5 +77,4 @@ def add_calibration_arg(group, attack):
 
 
 def check_calibration_fraction(args):
-    if not 0 < args.calibration_fraction < 1:
-        raise InputError(f"--calibration_fraction must be in (0, 1), got {args.calibration_fraction}")
+    require_range(args, "calibration_fraction", 0, 1, include_low=False, include_high=False)

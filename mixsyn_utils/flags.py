@@ -9,6 +9,7 @@ signatures, dataset provenance, trackers).
 """
 
 import json
+import math
 
 from .cli import InputError
 
@@ -38,10 +39,17 @@ def flag_values(args):
 
 
 def require_range(args, flag, low=None, high=None, include_low=True, include_high=True):
-    """`--flag` must lie in the interval from `low` to `high` (None: unbounded); NaN never does."""
+    """`--flag` must lie in the interval from `low` to `high` (None: unbounded) and be finite.
+
+    NaN never passes; +inf only when `high` is `math.inf` (and -inf only when `low` is `-math.inf`): a bound left
+    open is "any finite number", not infinity.
+    """
     value = getattr(args, flag)
     if value is None:
         return
+    if not math.isfinite(value) and not (value == math.inf and high == math.inf and include_high) \
+            and not (value == -math.inf and low == -math.inf and include_low):
+        raise InputError(f"--{flag} must be a finite number, got {value}")
     above = low is None or (value >= low if include_low else value > low)
     below = high is None or (value <= high if include_high else value < high)
     if not (above and below):  # written so that NaN fails both comparisons

@@ -216,7 +216,7 @@ def check_optimization_args(args):
                      "learning_rate", "lr_num_cycles", "lr_power", "adam_epsilon", "snr_gamma", "checkpointing_steps",
                      "checkpoints_total_limit", "num_validation_images", "validation_steps")
     require_non_negative(args, "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "seed",
-                         "dataloader_num_workers", "mixup_seed")
+                         "dataloader_num_workers", "mixup_seed", "noise_offset")
     for flag in ("adam_beta1", "adam_beta2"):
         require_range(args, flag, 0, 1, include_high=False)
 

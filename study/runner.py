@@ -107,13 +107,14 @@ def check_stage_flags(stage):
     """
     messages = io.StringIO()
     try:
-        with contextlib.redirect_stderr(messages):  # argparse prints its error, then exits
+        with contextlib.redirect_stderr(messages):  # the parser prints its one-line error, then exits
             SCRIPTS[stage.script].parse_args([str(value) for value in stage.argv()])
     except InputError as error:
         raise InputError(f"stage {stage.name}: {error}") from None
     except SystemExit:
         lines = messages.getvalue().strip().splitlines()
-        raise InputError(f"stage {stage.name}: {lines[-1] if lines else 'flags rejected'}") from None
+        reason = lines[-1].removeprefix("error: ") if lines else "flags rejected"
+        raise InputError(f"stage {stage.name}: {reason}") from None
 
 
 def _record_done(stage, key, seconds, log_dir):
