@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CLiD membership-inference attack on a text-to-image diffusion model (Zhai et al., NeurIPS 2024,
+r"""CLiD membership-inference attack on a text-to-image diffusion model (Zhai et al., NeurIPS 2024,
 https://arxiv.org/abs/2405.14800): a member's own caption helps the model much more than a weakened one.
 
 For each image (latent z₀, caption c) and each weakened caption c*_i (i = 1..K), with the same noise for every
@@ -34,9 +34,9 @@ Deviations from the authors:
 - The noise is one documented draw shared by all images (theirs: one unseeded pool, 3 draws per image).
 - CLiD_vec (the XGBoost variant) is not implemented.
 
-    accelerate launch attack_clid.py \\
-      --pretrained_model_name_or_path outputs/victim/pipeline \\
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
+    accelerate launch attack_clid.py \
+      --pretrained_model_name_or_path outputs/victim/pipeline \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
       --output_dir outputs/scores/clid
 """
 

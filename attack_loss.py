@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loss and SimA membership-inference attacks on a Stable Diffusion model: one UNet query per timestep and draw.
+r"""Loss and SimA membership-inference attacks on a Stable Diffusion model: one UNet query per timestep and draw.
 
 `--method loss` (Matsumoto et al. 2023, https://arxiv.org/abs/2301.01024; the Stable Diffusion form of CLiD's
 re-runs): the denoising loss
@@ -27,9 +27,9 @@ unseeded draw per batch of 16; Matsumoto's and SimA's draw per image); z₀ is t
 `--vae_sample`; SimA's t comes from a calibration split, not from the images reported. Captions must be
 present and non-empty (`--null_prompt` is the unconditional variant).
 
-    accelerate launch attack_loss.py --method sima \\
-      --pretrained_model_name_or_path outputs/victim/pipeline \\
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
+    accelerate launch attack_loss.py --method sima \
+      --pretrained_model_name_or_path outputs/victim/pipeline \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
       --output_dir outputs/scores/sima
 
 The scores dataset (id, domain, is_member, score[, score_t{t}]) is what `evaluate.py` reads.

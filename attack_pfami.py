@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PFAMI membership-inference attack on a diffusion model (Fu et al. 2023, "Probabilistic Fluctuation based
+r"""PFAMI membership-inference attack on a diffusion model (Fu et al. 2023, "Probabilistic Fluctuation based
 Membership Inference Attack for Diffusion Models", https://arxiv.org/abs/2308.12143, github wjfu99/MIA-Gen).
 
 A member sits at a local maximum of the model's likelihood: the loss rises more around it than around a
@@ -31,9 +31,9 @@ Deviations from the authors:
 - on a small image the crop size ⌊λ·R⌋ is coarse (16 px: 15, 14, 14, 13, 13, 12, 12, 12, 11, 11); the dataset
   info records the effective strengths.
 
-    accelerate launch attack_pfami.py \\
-      --pretrained_model_name_or_path outputs/victim/pipeline \\
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
+    accelerate launch attack_pfami.py \
+      --pretrained_model_name_or_path outputs/victim/pipeline \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
       --output_dir outputs/scores/pfami
 """
 

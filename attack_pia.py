@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PIA membership-inference attack on a Stable Diffusion model (Kong et al. 2023, https://arxiv.org/abs/2308.06405).
+r"""PIA membership-inference attack on a Stable Diffusion model (Kong et al. 2023, https://arxiv.org/abs/2308.06405).
 
 For each image, ε₀ = ε̂(z₀, 0) is the model's own noise prediction at t = 0; the image is noised with it,
 z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀, and the score is Σ|ε̂(z_t, t) − ε₀|^p: a member's noise is recovered more

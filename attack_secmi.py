@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SecMI membership-inference attack on a Stable Diffusion model (Duan et al. 2023, https://arxiv.org/abs/2302.01316).
+r"""SecMI membership-inference attack on a Stable Diffusion model (Duan et al. 2023, https://arxiv.org/abs/2302.01316).
 
 Each image's latent z₀ is inverted with deterministic DDIM steps of size k to z̃ = z_{t_sec−k}; one more DDIM
 step goes up to t_sec and one comes back down. The t-error ℓ = ‖D(D(z̃; t_sec−k → t_sec); t_sec → t_sec−k) − z̃‖²₂

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate membership-inference scores, utility and data extraction; write results.json, report.md and plots.
+r"""Evaluate membership-inference scores, utility and data extraction; write results.json, report.md and plots.
 
     python evaluate.py --scores outputs/pia outputs/secmi --output_dir outputs/eval \
       --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn step 1: self-synthesize N images per private domain from the pretrained model itself.
+r"""MixSyn step 1: self-synthesize N images per private domain from the pretrained model itself.
 
 For each domain, image i gets a prompt template drawn with the template probabilities (the paper's
 "The face of {}" p=0.7 / "A photo of {}" p=0.3 by default) and a seed derived from `--seed` and i, so the

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn step 2: Anti-DreamBooth adversarial noise for every image of a clean synthetic dataset.
+r"""MixSyn step 2: Anti-DreamBooth adversarial noise for every image of a clean synthetic dataset.
 
 Le et al. 2023, "Anti-DreamBooth" (arXiv:2303.15433); MixSyn Eq. 2-4. For each group of images (a
 domain by default, as the reference protects one identity at a time) a DreamBooth surrogate is trained

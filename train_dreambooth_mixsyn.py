@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn fine-tuning with DreamBooth (full fine-tuning, optional prior preservation).
+r"""MixSyn fine-tuning with DreamBooth (full fine-tuning, optional prior preservation).
 
 The flags are those of diffusers' `examples/dreambooth/train_dreambooth.py` plus the MixSyn data flags.
 `--trainable_modules` picks what is fine-tuned (the MixSyn paper's Table 5 ablation): the denoising

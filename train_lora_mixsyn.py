@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn fine-tuning with LoRA (and DreamBooth+LoRA with `--with_prior_preservation`).
+r"""MixSyn fine-tuning with LoRA (and DreamBooth+LoRA with `--with_prior_preservation`).
 
 A drop-in for two diffusers examples: `examples/dreambooth/train_dreambooth_lora.py` (with `--instance_data_dir`
 or `--with_prior_preservation`, whose defaults it then takes) and `examples/text_to_image/train_text_to_image_lora.py`

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn fine-tuning with Textual Inversion: one learned placeholder token per private domain.
+r"""MixSyn fine-tuning with Textual Inversion: one learned placeholder token per private domain.
 
 The flags are those of diffusers' `examples/textual_inversion/textual_inversion.py` plus the MixSyn data
 flags. Each domain d gets the placeholder `--placeholder_token_template` (default "<{domain}>") filled with the
