@@ -4,6 +4,8 @@ they use)."""
 from .cli import InputError
 from .flags import (
     add_dataset_output_args,
+    check_outputs_apart,
+    check_paths_or_hub_ids,
     add_mixed_precision_arg,
     add_model_variant_args,
     add_pretrained_model_args,
@@ -13,6 +15,7 @@ from .flags import (
     require_range,
 )
 from .images import check_resolution
+from .outputs import check_output_dir, check_output_writable
 
 
 def add_attack_args(parser):
@@ -43,13 +46,27 @@ def add_attack_args(parser):
     return parser
 
 
+# The flags naming what an attack reads: its outputs must stay clear of them.
+ATTACK_INPUTS = ("member_dataset", "nonmember_dataset", "pretrained_model_name_or_path", "unet_path", "lora_weights",
+                 "textual_inversion")
+
+
 def check_attack_args(args):
-    """Flag checks of `add_attack_args` that need no model or data."""
+    """Flag checks of `add_attack_args` that need no model or data; the outputs lie outside every input."""
     require_positive(args, "batch_size")
     require_non_negative(args, "seed")
     check_resolution(args.resolution)
     if args.null_prompt and args.textual_inversion:
         raise InputError("--null_prompt ignores captions, so --textual_inversion placeholders would never be used")
+    check_outputs_apart(args, ("output_dir", "latents_cache_dir"), ATTACK_INPUTS)
+
+
+def check_attack_paths(args):
+    """At the start of `main`, under the run's `OutputLock`: --output_dir writable and free (or --overwrite),
+    --latents_cache_dir writable, and every input an existing path or a Hub id."""
+    check_output_dir(args.output_dir, args.overwrite)
+    check_output_writable(args.latents_cache_dir, "--latents_cache_dir")
+    check_paths_or_hub_ids(args, *ATTACK_INPUTS)
 
 
 def check_attack_timesteps(timesteps, allow_zero=False, flag="--attack_timesteps"):

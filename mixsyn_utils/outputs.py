@@ -14,16 +14,19 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .cli import InputError
+from .cli import InputError, launch_rank
 
 
 def check_output_dir(output_dir, overwrite=False, flag="--output_dir", hint="pass --overwrite to replace it"):
-    """Refuse an output folder that is a file, or exists and is not empty unless `overwrite`. Call before heavy work."""
+    """Refuse an output folder that cannot be written (`unwritable_reason`: a symbolic link, a read-only place), that
+    is a file, or that exists and is not empty unless `overwrite`. Call before heavy work, and again under the run's
+    `OutputLock`, so the check and the lock are one step."""
     if output_dir is None:
         raise InputError(f"{flag} is required")
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
+    if path.exists() and not path.is_dir() and not path.is_symlink():
         raise InputError(f"{flag} {output_dir} exists and is a file")
+    check_output_writable(output_dir, flag)
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise InputError(f"{flag} {output_dir} exists and is not empty ({hint})")
 
@@ -35,6 +38,17 @@ def temp_sibling(final_dir, tag="tmp"):
     tmp_dir = final_dir.with_name(f".{final_dir.name}.{tag}-{uuid.uuid4().hex[:8]}")
     tmp_dir.mkdir()
     return tmp_dir
+
+
+@contextlib.contextmanager
+def staging_folder(final_path, tag="tmp"):
+    """A fresh hidden sibling of `final_path` (`temp_sibling`) to write into, removed on exit whatever happened: a
+    finished write has moved its content into place, a failed one (a full disk) leaves no staging behind."""
+    folder = temp_sibling(final_path, tag)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def atomic_replace_dir(tmp_dir, final_dir):
@@ -64,10 +78,11 @@ def move_entries_into(staging_dir, output_dir):
 # Checks before any work: an output that is an input, an output that cannot be written, a concurrent run
 # ----------------------------------------------------------------------------------------------
 
-def overlapping_input(output, inputs):
+def overlapping_input(output, inputs, existing_only=True):
     """The first input that an output would overwrite: (flag, input path, relation) or None.
 
-    `inputs`: {flag: path or None}; a name that is not a local path (a Hub id) cannot overlap and is skipped.
+    `inputs`: {flag: path, a list of paths, or None}; a name that is not a local path (a Hub id) cannot overlap
+    and is skipped (with `existing_only=False` every path counts: the other outputs of a run, not written yet).
     Paths are compared resolved (symbolic links, `..`, a trailing slash), so `out/../data` is `data`.
     `relation`: "is" (the same folder or file), "contains" (the input lies inside the output, so `--overwrite`
     would delete it) or "lies inside" (the output is written into the input's folder, which changes it).
@@ -75,8 +90,10 @@ def overlapping_input(output, inputs):
     if output is None:
         return None
     target = Path(output).resolve()
-    for flag, path in inputs.items():
-        if path is None or not Path(path).exists():
+    listed = [(flag, path) for flag, paths in inputs.items()
+              for path in (paths if isinstance(paths, (list, tuple)) else [paths])]
+    for flag, path in listed:
+        if path is None or (existing_only and not Path(path).exists()):
             continue
         source = Path(path).resolve()
         if target == source:
@@ -88,13 +105,13 @@ def overlapping_input(output, inputs):
     return None
 
 
-def check_output_outside_inputs(output, inputs, flag="--output_dir"):
+def check_output_outside_inputs(output, inputs, flag="--output_dir", existing_only=True):
     """Raise `InputError` when `output` is, contains or lies inside one of `inputs` (`overlapping_input`)."""
-    found = overlapping_input(output, inputs)
+    found = overlapping_input(output, inputs, existing_only)
     if found is not None:
         input_flag, path, relation = found
         raise InputError(f"{flag} {output} {relation} {input_flag} {path}: writing there would change or delete "
-                         "an input; pick a folder outside every input")
+                         f"{'an input' if existing_only else input_flag}; pick a folder outside it")
 
 
 def unwritable_reason(output_dir):
@@ -119,8 +136,8 @@ def unwritable_reason(output_dir):
 
 
 def check_output_writable(output_dir, flag="--output_dir"):
-    """Raise `InputError` naming `flag` when `output_dir` cannot be written (`unwritable_reason`)."""
-    reason = unwritable_reason(output_dir)
+    """Raise `InputError` naming `flag` when `output_dir` cannot be written (`unwritable_reason`); None passes."""
+    reason = unwritable_reason(output_dir) if output_dir is not None else None
     if reason is not None:
         raise InputError(f"{flag} {output_dir} {reason}")
 
@@ -134,23 +151,31 @@ def lock_path_of(output_dir):
 class OutputLock:
     """An exclusive lock on an output folder for the lifetime of one run; a second run is refused in one line.
 
+    Before the lock file is made, the output must be writable (`check_output_writable`: not a symbolic link, not
+    in a read-only place). `output_dir` None locks nothing (an optional output that was not asked for).
+
     `fcntl.flock` on `lock_path_of(output_dir)`: the kernel releases it when the process ends, however it ends,
     so a killed run never leaves a stale lock (the file may stay; an unlocked file locks nothing). The lock
     belongs to an open file, so a second acquisition fails in the same process too. The file records the pid
     of its holder, which the refusal names. Missing parent folders are created, and removed again on release
-    when still empty. Use on the main process only (the run's other processes write under its lock).
+    when still empty. Only the launcher's rank 0 takes it (`cli.launch_rank`): the run's other processes write
+    under its lock.
 
         with OutputLock(args.output_dir):
             ...  # the run
     """
 
     def __init__(self, output_dir, flag="--output_dir"):
-        self.output_dir, self.flag, self.path = output_dir, flag, lock_path_of(output_dir)
+        self.output_dir, self.flag = output_dir, flag
+        self.path = lock_path_of(output_dir) if output_dir is not None else None
         self.file, self.created = None, []
 
     def acquire(self):
         import fcntl
 
+        if self.output_dir is None or launch_rank() != 0:
+            return self
+        check_output_writable(self.output_dir, self.flag)
         for parent in reversed(self.path.parents):
             if not parent.exists():
                 parent.mkdir()
@@ -210,11 +235,11 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
 
 def write_errno(error):
     """The errno of a failed write, or None: an `OSError`'s own, or the `(os error N)` / `Os { code: N, ... }` that
-    Rust writers (safetensors) put in their message; only codes of `WRITE_ERRNOS` count."""
+    Rust writers (safetensors) and the `[Errno N]` that Arrow put in their message; only `WRITE_ERRNOS` count."""
     code = error.errno if isinstance(error, OSError) else None
     if code is None:
-        found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(error))
-        code = int(found.group(1) or found.group(2)) if found else None
+        found = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)|\[Errno (\d+)\]", str(error))
+        code = int(next(group for group in found.groups() if group)) if found else None
     return code if code in WRITE_ERRNOS else None
 
 
