@@ -110,6 +110,14 @@ def resize_and_crop(image, resolution, center_crop=True, rng=None, interpolation
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def difference_hash(image):
+    """64-bit dHash of an image: grayscale resized to 9 × 8 (bilinear), bit (r, c) = pixel (r, c) brighter than
+    pixel (r, c + 1), row-major. Near-identical images (a rescaled copy) share most bits; used only to find
+    candidate pairs, which are then compared pixel by pixel."""
+    gray = np.asarray(decode_rgb(image).convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    return int.from_bytes(np.packbits(gray[:, :-1] > gray[:, 1:]).tobytes(), "big")
+
+
 def pil_to_tensor(image):
     """RGB PIL image -> float32 tensor (3, H, W) in [-1, 1]: x = u / 127.5 − 1 for uint8 u."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
