@@ -51,7 +51,7 @@ from mixsyn_utils.models import (  # SD components, z₀ and prompt encoding
     native_resolution,
     tokenize_prompts,
 )
-from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
+from mixsyn_utils.outputs import OutputLock, atomic_replace_dir, check_output_dir, temp_sibling  # whole or not at all
 from mixsyn_utils.seeds import derive_seed  # the build's random streams
 from mixsyn_utils.utility import train_domain_classifier  # the offline R-precision scorer
 
@@ -425,18 +425,19 @@ def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50,
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    print(f"Building the tiny victim (seed {args.seed}, {args.vae_steps} VAE + {args.unet_steps} UNet steps)...")
-    figures = build_tiny_victim(args)
-    print(f"Saved to {args.output_dir} in {figures['build_seconds']} s")
-    if not args.skip_report:
-        membership = victim_membership_figures(args.output_dir)
-        for name, value in membership.items():
-            print(f"{name}: {value}")
-        figures.update(membership)
-        info_path = Path(args.output_dir) / "victim_info.json"
-        info_path.write_text(json.dumps(figures, indent=2))
-    return figures
+    with OutputLock(args.output_dir):  # a second build into this folder is refused
+        check_output_dir(args.output_dir, args.overwrite)
+        print(f"Building the tiny victim (seed {args.seed}, {args.vae_steps} VAE + {args.unet_steps} UNet steps)...")
+        figures = build_tiny_victim(args)
+        print(f"Saved to {args.output_dir} in {figures['build_seconds']} s")
+        if not args.skip_report:
+            membership = victim_membership_figures(args.output_dir)
+            for name, value in membership.items():
+                print(f"{name}: {value}")
+            figures.update(membership)
+            info_path = Path(args.output_dir) / "victim_info.json"
+            info_path.write_text(json.dumps(figures, indent=2))
+        return figures
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
 from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
+from mixsyn_utils.outputs import OutputLock  # one study at a time per output folder
 from study.plan import load_config, plan_phase1, plan_phase2  # the config, its models and stages
 from study.report import choose_default_strength, write_report  # the tables' strength; the report and verdicts
 from study.runner import run_stages  # cached stages, in order, in workers, or through accelerate launch
@@ -93,40 +94,41 @@ def copy_report(report_dir, results_dir):
 
 
 def main(args):
-    config, output_dir = load_config(args.config, quick=args.quick), Path(args.output_dir)
-    workers = args.workers or config["experiment"].get("workers", 1)
-    stages, models = plan_phase1(config, output_dir)
-    placeholder = config["strength"]["levels"][0]["name"]  # phase 2's stages are checked at some strength
-    phase2_stages, _ = plan_phase2(config, output_dir, placeholder)
-    for stage in stages + phase2_stages:
-        if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":
-            stage.num_processes = args.num_processes
-    print(f"MixSyn study '{config['experiment']['name']}': phase 1 {len(stages)} stages ({len(models)} fine-tuned "
-          f"models), phase 2 {len(phase2_stages)} stages at the strength phase 1 chooses")
-    if args.dry_run:
-        run_stages(stages + phase2_stages, output_dir / "logs", dry_run=True)
-        print(f"Estimated cost: {gpu_hours_estimate(config, stages + phase2_stages):.1f} GPU-hours "
-              "(A100-class; see GPU_SECONDS)")
-        return None
-    start, timings_path = time.time(), output_dir / "report" / "timings.json"
-    # Every stage's run time as recorded when it ran (a resumed or re-reported study keeps the earlier ones).
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    if not args.report_only:
-        timings.update(run_stages(stages, output_dir / "logs", workers=workers))
-    strength = choose_default_strength(config, output_dir, list(models.values()))
-    print(f"Default strength: {strength['level']} ({strength['rule']})")
-    phase2_stages, phase2_models = plan_phase2(config, output_dir, strength["level"])
-    if not args.report_only:
-        # Phase 1's stages come along (all cached) because phase 2's depend on them.
-        timings.update(run_stages(stages + phase2_stages, output_dir / "logs", workers=workers))
-        timings_path.parent.mkdir(parents=True, exist_ok=True)
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
-    summary = write_report(config, output_dir, list(models.values()) + list(phase2_models.values()), strength,
-                           output_dir / "report", stage_seconds=sum(timings.values()), workers=workers)
-    print(f"Report: {output_dir / 'report' / 'REPORT.md'} ({time.time() - start:.0f} s)")
-    if args.results_dir:
-        copy_report(output_dir / "report", Path(args.results_dir))
-    return summary
+    with OutputLock(args.output_dir):  # a second study into this folder is refused
+        config, output_dir = load_config(args.config, quick=args.quick), Path(args.output_dir)
+        workers = args.workers or config["experiment"].get("workers", 1)
+        stages, models = plan_phase1(config, output_dir)
+        placeholder = config["strength"]["levels"][0]["name"]  # phase 2's stages are checked at some strength
+        phase2_stages, _ = plan_phase2(config, output_dir, placeholder)
+        for stage in stages + phase2_stages:
+            if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":
+                stage.num_processes = args.num_processes
+        print(f"MixSyn study '{config['experiment']['name']}': phase 1 {len(stages)} stages ({len(models)} fine-tuned "
+              f"models), phase 2 {len(phase2_stages)} stages at the strength phase 1 chooses")
+        if args.dry_run:
+            run_stages(stages + phase2_stages, output_dir / "logs", dry_run=True)
+            print(f"Estimated cost: {gpu_hours_estimate(config, stages + phase2_stages):.1f} GPU-hours "
+                  "(A100-class; see GPU_SECONDS)")
+            return None
+        start, timings_path = time.time(), output_dir / "report" / "timings.json"
+        # Every stage's run time as recorded when it ran (a resumed or re-reported study keeps the earlier ones).
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        if not args.report_only:
+            timings.update(run_stages(stages, output_dir / "logs", workers=workers))
+        strength = choose_default_strength(config, output_dir, list(models.values()))
+        print(f"Default strength: {strength['level']} ({strength['rule']})")
+        phase2_stages, phase2_models = plan_phase2(config, output_dir, strength["level"])
+        if not args.report_only:
+            # Phase 1's stages come along (all cached) because phase 2's depend on them.
+            timings.update(run_stages(stages + phase2_stages, output_dir / "logs", workers=workers))
+            timings_path.parent.mkdir(parents=True, exist_ok=True)
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        summary = write_report(config, output_dir, list(models.values()) + list(phase2_models.values()), strength,
+                               output_dir / "report", stage_seconds=sum(timings.values()), workers=workers)
+        print(f"Report: {output_dir / 'report' / 'REPORT.md'} ({time.time() - start:.0f} s)")
+        if args.results_dir:
+            copy_report(output_dir / "report", Path(args.results_dir))
+        return summary
 
 
 if __name__ == "__main__":

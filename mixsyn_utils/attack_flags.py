@@ -16,6 +16,7 @@ from .flags import (
 )
 from .images import check_resolution
 from .outputs import check_output_dir, check_output_writable
+from .placeholders import load_token_map, token_map_files
 
 
 def add_attack_args(parser):
@@ -63,10 +64,13 @@ def check_attack_args(args):
 
 def check_attack_paths(args):
     """At the start of `main`, under the run's `OutputLock`: --output_dir writable and free (or --overwrite),
-    --latents_cache_dir writable, and every input an existing path or a Hub id."""
+    --latents_cache_dir writable, every input an existing path or a Hub id, and --textual_inversion's token map
+    naming embedding files that are there (before any image is decoded)."""
     check_output_dir(args.output_dir, args.overwrite)
     check_output_writable(args.latents_cache_dir, "--latents_cache_dir")
     check_paths_or_hub_ids(args, *ATTACK_INPUTS)
+    if args.textual_inversion is not None:
+        token_map_files(args.textual_inversion, load_token_map(args.textual_inversion))
 
 
 def check_attack_timesteps(timesteps, allow_zero=False, flag="--attack_timesteps"):

@@ -28,7 +28,7 @@ from .dataset_io import check_text_column, decoded_images, load_image_dataset
 from .images import difference_hash, image_to_tensor, resize_and_crop
 from .metrics import calibration_split
 from .models import encode_images_to_latents, encode_prompts, tokenize_prompts, warn_truncated_captions
-from .placeholders import load_token_map, rewrite_caption, token_map_files
+from .placeholders import load_token_map, rewrite_caption
 from .resumable import ResumableWork, input_fingerprint, model_weights_digest, weights_digest
 from .scores import scores_to_dataset
 from .seeds import SALT_ATTACK_CALIBRATION, derive_seed
@@ -136,8 +136,6 @@ def load_attack_data(member_dataset, nonmember_dataset, caption_column="prompt",
     """
     required = ("image",) if null_prompt else ("image", caption_column)
     token_map = load_token_map(textual_inversion) if textual_inversion else None
-    if token_map is not None:
-        token_map_files(textual_inversion, token_map)  # before any image is decoded
     rows, digests, sources, hashes = [], {}, [], []
     for flag, path, is_member in (("--member_dataset", member_dataset, True),
                                   ("--nonmember_dataset", nonmember_dataset, False)):

@@ -964,10 +964,14 @@ def test_a_two_process_launch_into_an_occupied_folder_prints_the_error_once(two_
     before.assert_unchanged()
 
 
-def test_a_two_process_launch_refusal_exits_2_without_the_launchers_childfailederror_wall(two_process_refusal):
+def test_a_two_process_launch_refusal_exits_2_on_its_ranks_with_no_traceback_from_the_script(two_process_refusal):
+    # `accelerate launch` reports any failed worker with its own ChildFailedError traceback and exits 1: a script
+    # cannot suppress that report without hiding its failure status from the callers that check it (README,
+    # Reliability). What the script controls: its ranks exit with status 2, and none of its frames is printed.
     result, console, _ = two_process_refusal
-    assert result.returncode == 2 and "ChildFailedError" not in result.stderr and len(console) <= 3, \
-        f"exit {result.returncode}, {len(console)} console lines, ends: " + " | ".join(console[-3:])
+    script_frames = [line for line in console if line.strip().startswith("File ") and str(REPO_ROOT) in line]
+    assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", result.stderr) and not script_frames, \
+        f"exit {result.returncode}, script frames {script_frames[:2]}, ends: " + " | ".join(console[-3:])
 
 
 TYPO_PATHS = {
