@@ -153,13 +153,12 @@ def usage_snippet(info, repo_id):
 def training_data_text(info):
     """Whose images the run trained on: self-synthesized (generate_synthetic.py's), the user's own
     (--instance_data_dir), or a dataset, by its Hub id when it has one."""
-    name = info["training_data"] or "a local dataset"
-    source = info.get("source")
+    count, source = info["num_images"], info.get("source")
     if source == "instance_data_dir":
-        return f"your own instance images ({info['num_images']} images)"
+        return f"{count} of your own instance images"
     if source == "generate_synthetic.py":
-        return f"self-synthesized images ({name}, {info['num_images']} images)"
-    return f"{name} ({info['num_images']} images)"
+        return f"{count} self-synthesized images" + (f" ({info['training_data']})" if info["training_data"] else "")
+    return f"{count} images of {info['training_data'] or 'a local dataset'}"
 
 
 def mix_text(mix):
@@ -170,14 +169,13 @@ def mix_text(mix):
         return f"clean images only (no perturbed image: MixSyn ratio 0{unused})"
     budget = ", ".join(f"{key} = {value}" for key, value in sorted(mix["pgd"].items())) or "not recorded"
     if mix["ratio"] >= 1:
-        done = "every image replaced by its adversarially perturbed copy (MixSyn ratio 1)"
-    elif mix["mode"] == "pixel":
-        done = f"MixSyn Mixup-P at ratio {mix['ratio']}: {mix['ratio']:.0%} of every image's pixels taken from its " \
-               "adversarially perturbed copy"
+        return f"every image replaced by its adversarially perturbed copy (MixSyn ratio 1; PGD budget: {budget})"
+    if mix["mode"] == "pixel":
+        done = f"{mix['ratio']:.0%} of every image's pixels taken from its adversarially perturbed copy"
     else:
-        done = f"MixSyn Mixup-I at ratio {mix['ratio']}: {mix['ratio']:.0%} of the images replaced by their " \
-               "adversarially perturbed copies"
-    return f"{done} (PGD budget: {budget})"
+        done = f"{mix['ratio']:.0%} of the images replaced by their adversarially perturbed copies"
+    mode = "Mixup-P" if mix["mode"] == "pixel" else "Mixup-I"
+    return f"MixSyn {mode} at ratio {mix['ratio']}, {done} (PGD budget: {budget})"
 
 
 def model_card_text(info, output_dir, digest, repo_id, privacy_report=None):
