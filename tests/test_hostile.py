@@ -1,9 +1,10 @@
-"""Hostile inputs, round two ("Nothing silently wrong"): one test per case a hostile user found.
+"""Hostile inputs ("Nothing silently wrong"): one test per case a hostile user found.
 
 Every case goes through a script's command line, as a user runs it: `python SCRIPT.py ARGS` is executed
 in this process by `runpy` (the same `if __name__ == "__main__"` entry point, so `SystemExit` and what reaches
-stderr are the user's), or through `accelerate launch` where processes matter. No internal function is called
-(the scripts' internals are being refactored), except `images.decode_rgb`, the shared decoder case 24 names.
+stderr are the user's), or through `accelerate launch` where processes matter. No internal function is called,
+so the battery holds whatever shape the shared package takes, except `images.decode_rgb`, the shared decoder
+whose EXIF rule a test names.
 
 What "refused" means everywhere (`assert_refused`): exit status 2, stderr holds exactly one line, it starts with
 `error: ` and names the flag or file; and nothing was written or replaced (`Tree` snapshots of every input are
@@ -1052,7 +1053,6 @@ def test_pia_prints_one_summary_line_not_one_per_timestep(tiny_victim, tmp_path)
 
 
 def test_a_jpeg_with_exif_orientation_6_decodes_upright_through_the_shared_decoder(tmp_path):
-    # README's table row "EXIF orientation ... not applied yet" is contradicted by this test (note, not edited).
     import numpy as np
     from PIL import Image
 
