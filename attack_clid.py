@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CLiD membership-inference attack on a text-to-image diffusion model (Zhai et al., NeurIPS 2024,
+r"""CLiD membership-inference attack on a text-to-image diffusion model (Zhai et al., NeurIPS 2024,
 https://arxiv.org/abs/2405.14800): a member's own caption helps the model much more than a weakened one.
 
 For each image (latent z₀, caption c) and each weakened caption c*_i (i = 1..K), with the same noise for every
@@ -34,9 +34,9 @@ Deviations from the authors:
 - The noise is one documented draw shared by all images (theirs: one unseeded pool, 3 draws per image).
 - CLiD_vec (the XGBoost variant) is not implemented.
 
-    accelerate launch attack_clid.py \\
-      --pretrained_model_name_or_path outputs/victim/pipeline \\
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
+    accelerate launch attack_clid.py \
+      --pretrained_model_name_or_path outputs/victim/pipeline \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
       --output_dir outputs/scores/clid
 """
 
@@ -52,6 +52,7 @@ from diffusers.utils import check_min_version
 # Shared with the other attack scripts (mixsyn_utils/):
 from mixsyn_utils.attack_flags import (  # flags of every attack
     add_attack_args,
+    check_attack_paths,
     add_calibration_arg,
     add_noise_draws_arg,
     check_attack_args,
@@ -71,12 +72,12 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     num_train_timesteps,
     score_all,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.metrics import clid_threshold_fit, clid_threshold_score  # CLiD_th's α and robust scalers
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
-from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
 
@@ -102,7 +103,7 @@ def weak_caption_type(value):
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="CLiD (conditional likelihood discrepancy) membership inference.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
@@ -176,51 +177,55 @@ def clid_threshold_columns(scores, timesteps, mask):
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    for t in args.attack_timesteps:
-        check_timestep(t, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--attack_timesteps", allow_zero=True)
-    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
-                          args.lora_weights, args.textual_inversion)
-    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
-                            args.textual_inversion)
-    mask = calibration_rows(rows, args.calibration_fraction, args.seed, "CLiD")
-    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = args.resolution or native_resolution(components.unet, components.vae)
-    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        num_timesteps = num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
+        for t in args.attack_timesteps:
+            check_timestep(t, num_timesteps, "--attack_timesteps", allow_zero=True)
+        model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                              args.lora_weights, args.textual_inversion)
+        resolution = args.resolution or configured_resolution(args.pretrained_model_name_or_path, args.revision,
+                                                            args.unet_path)
+        rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                                args.textual_inversion, resolution)
+        mask = calibration_rows(rows, args.calibration_fraction, args.seed, "CLiD")
+        components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+        predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
-    def score_batch(batch):
-        return clid_raw_columns(batch, components, predictor, args)
+        def score_batch(batch):
+            return clid_raw_columns(batch, components, predictor, args)
 
-    calls_per_image = (1 + len(args.weak_caption)) * len(args.attack_timesteps) * args.num_noise_draws
-    logger.info("***** Running CLiD *****")
-    logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members, {int(mask.sum())} for "
-                f"calibration), timesteps = {args.attack_timesteps}, weakened captions = {args.weak_caption}, "
-                f"UNet calls per image = {calls_per_image}")
-    logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
-    scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
-                             signature=signature, resolution=resolution, batch_size=args.batch_size,
-                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
-                             overwrite=args.overwrite, desc="clid")
+        calls_per_image = (1 + len(args.weak_caption)) * len(args.attack_timesteps) * args.num_noise_draws
+        logger.info("***** Running CLiD *****")
+        logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members, {int(mask.sum())} for "
+                    f"calibration), timesteps = {args.attack_timesteps}, weakened captions = {args.weak_caption}, "
+                    f"UNet calls per image = {calls_per_image}")
+        logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, "
+                    f"processes = {accelerator.num_processes}")
+        signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+        scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                                 signature=signature, resolution=resolution, batch_size=args.batch_size,
+                                 vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                                 overwrite=args.overwrite, desc="clid")
 
-    if accelerator.is_main_process:
-        scores, fits = clid_threshold_columns(scores, args.attack_timesteps, mask)
-        fit = dict(fits.pop("all"), per_timestep={str(t): fit for t, fit in fits.items()})
-        extra = {"attack_timesteps": args.attack_timesteps, "num_noise_draws": args.num_noise_draws,
-                 "weak_captions": args.weak_caption, "unet_calls_per_image": calls_per_image,
-                 "resolution": resolution, "calibration": calibration_record(rows, mask, args.calibration_fraction,
-                                                                              args.seed, fit),
-                 "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and captions"}
-        dataset = write_scores(scores, args.output_dir, script="attack_clid.py", attack="clid",
-                               flags=flag_values(args), model=model_record(model), extra=extra,
-                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
-                               hub_token=args.hub_token)
-        work.cleanup()
-        logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if accelerator.is_main_process:
+            scores, fits = clid_threshold_columns(scores, args.attack_timesteps, mask)
+            fit = dict(fits.pop("all"), per_timestep={str(t): fit for t, fit in fits.items()})
+            extra = {"attack_timesteps": args.attack_timesteps, "num_noise_draws": args.num_noise_draws,
+                     "weak_captions": args.weak_caption, "unet_calls_per_image": calls_per_image,
+                     "resolution": resolution, "calibration": calibration_record(rows, mask, args.calibration_fraction,
+                                                                                  args.seed, fit),
+                     "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and captions"}
+            dataset = write_scores(scores, args.output_dir, script="attack_clid.py", attack="clid",
+                                   flags=flag_values(args), model=model_record(model), extra=extra,
+                                   push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                                   hub_token=args.hub_token)
+            work.cleanup()
+            logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loss and SimA membership-inference attacks on a Stable Diffusion model: one UNet query per timestep and draw.
+r"""Loss and SimA membership-inference attacks on a Stable Diffusion model: one UNet query per timestep and draw.
 
 `--method loss` (Matsumoto et al. 2023, https://arxiv.org/abs/2301.01024; the Stable Diffusion form of CLiD's
 re-runs): the denoising loss
@@ -27,9 +27,9 @@ unseeded draw per batch of 16; Matsumoto's and SimA's draw per image); z₀ is t
 `--vae_sample`; SimA's t comes from a calibration split, not from the images reported. Captions must be
 present and non-empty (`--null_prompt` is the unconditional variant).
 
-    accelerate launch attack_loss.py --method sima \\
-      --pretrained_model_name_or_path outputs/victim/pipeline \\
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
+    accelerate launch attack_loss.py --method sima \
+      --pretrained_model_name_or_path outputs/victim/pipeline \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
       --output_dir outputs/scores/sima
 
 The scores dataset (id, domain, is_member, score[, score_t{t}]) is what `evaluate.py` reads.
@@ -50,6 +50,7 @@ from mixsyn_utils.attack_flags import (  # flags of every attack
     add_calibration_arg,
     add_noise_draws_arg,
     check_attack_args,
+    check_attack_paths,
     check_attack_timesteps,
     check_calibration_fraction,
 )
@@ -67,12 +68,12 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     score_all,
     timestep_columns,
 )
-from mixsyn_utils.cli import run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.metrics import most_separating  # SimA's t: best calibration AUC
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
-from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
 
@@ -85,7 +86,7 @@ DEFAULT_TIMESTEPS = {"loss": [450], "sima": list(range(0, 200, 10))}
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="Loss / SimA membership inference on a diffusion model.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
@@ -137,54 +138,59 @@ def choose_sima_timestep(scores, timesteps, mask):
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    timesteps = timesteps_of(args)
-    for t in timesteps:
-        check_timestep(t, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--attack_timesteps", allow_zero=True)
-    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
-                          args.lora_weights, args.textual_inversion)
-    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
-                            args.textual_inversion)
-    choose_timestep = args.method == "sima" and len(timesteps) > 1
-    mask = calibration_rows(rows, args.calibration_fraction, args.seed, "SimA") if choose_timestep else None
-    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = args.resolution or native_resolution(components.unet, components.vae)
-    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        timesteps = timesteps_of(args)
+        num_timesteps = num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
+        for t in timesteps:
+            check_timestep(t, num_timesteps, "--attack_timesteps", allow_zero=True)
+        model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                              args.lora_weights, args.textual_inversion)
+        resolution = args.resolution or configured_resolution(args.pretrained_model_name_or_path, args.revision,
+                                                            args.unet_path)
+        rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                                args.textual_inversion, resolution)
+        choose_timestep = args.method == "sima" and len(timesteps) > 1
+        mask = calibration_rows(rows, args.calibration_fraction, args.seed, "SimA") if choose_timestep else None
+        components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+        predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
-    def score_batch(batch):
-        return score_columns(batch, predictor, args)
+        def score_batch(batch):
+            return score_columns(batch, predictor, args)
 
-    calls_per_image = len(timesteps) * (args.num_noise_draws if args.method == "loss" else 1)
-    logger.info(f"***** Running {args.method} *****")
-    logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), timesteps = {timesteps}, "
-                f"noise draws = {args.num_noise_draws if args.method == 'loss' else 0}, "
-                f"UNet calls per image = {calls_per_image}")
-    logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
-    scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
-                             signature=signature, resolution=resolution, batch_size=args.batch_size,
-                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
-                             overwrite=args.overwrite, desc=args.method)
+        calls_per_image = len(timesteps) * (args.num_noise_draws if args.method == "loss" else 1)
+        logger.info(f"***** Running {args.method} *****")
+        logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), "
+                    f"timesteps = {timesteps}, "
+                    f"noise draws = {args.num_noise_draws if args.method == 'loss' else 0}, "
+                    f"UNet calls per image = {calls_per_image}")
+        logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, "
+                    f"processes = {accelerator.num_processes}")
+        signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+        scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                                 signature=signature, resolution=resolution, batch_size=args.batch_size,
+                                 vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                                 overwrite=args.overwrite, desc=args.method)
 
-    if accelerator.is_main_process:
-        extra = {"attack_timesteps": timesteps, "unet_calls_per_image": calls_per_image, "resolution": resolution,
-                 "noise": f"{FIXED_NOISE_FORMULA}, shared by all images" if args.method == "loss"
-                          else "none (clean z0)"}
-        if args.method == "loss":
-            extra["num_noise_draws"] = args.num_noise_draws
-        if choose_timestep:
-            scores, fit = choose_sima_timestep(scores, timesteps, mask)
-            extra["calibration"] = calibration_record(rows, mask, args.calibration_fraction, args.seed, fit)
-        dataset = write_scores(scores, args.output_dir, script="attack_loss.py", attack=args.method,
-                               flags=flag_values(args), model=model_record(model), extra=extra,
-                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
-                               hub_token=args.hub_token)
-        work.cleanup()
-        logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if accelerator.is_main_process:
+            extra = {"attack_timesteps": timesteps, "unet_calls_per_image": calls_per_image, "resolution": resolution,
+                     "noise": f"{FIXED_NOISE_FORMULA}, shared by all images" if args.method == "loss"
+                              else "none (clean z0)"}
+            if args.method == "loss":
+                extra["num_noise_draws"] = args.num_noise_draws
+            if choose_timestep:
+                scores, fit = choose_sima_timestep(scores, timesteps, mask)
+                extra["calibration"] = calibration_record(rows, mask, args.calibration_fraction, args.seed, fit)
+            dataset = write_scores(scores, args.output_dir, script="attack_loss.py", attack=args.method,
+                                   flags=flag_values(args), model=model_record(model), extra=extra,
+                                   push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                                   hub_token=args.hub_token)
+            work.cleanup()
+            logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

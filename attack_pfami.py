@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PFAMI membership-inference attack on a diffusion model (Fu et al. 2023, "Probabilistic Fluctuation based
+r"""PFAMI membership-inference attack on a diffusion model (Fu et al. 2023, "Probabilistic Fluctuation based
 Membership Inference Attack for Diffusion Models", https://arxiv.org/abs/2308.12143, github wjfu99/MIA-Gen).
 
 A member sits at a local maximum of the model's likelihood: the loss rises more around it than around a
@@ -31,9 +31,9 @@ Deviations from the authors:
 - on a small image the crop size ⌊λ·R⌋ is coarse (16 px: 15, 14, 14, 13, 13, 12, 12, 12, 11, 11); the dataset
   info records the effective strengths.
 
-    accelerate launch attack_pfami.py \\
-      --pretrained_model_name_or_path outputs/victim/pipeline \\
-      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \\
+    accelerate launch attack_pfami.py \
+      --pretrained_model_name_or_path outputs/victim/pipeline \
+      --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
       --output_dir outputs/scores/pfami
 """
 
@@ -49,6 +49,7 @@ from diffusers.utils import check_min_version
 # Shared with the other attack scripts (mixsyn_utils/):
 from mixsyn_utils.attack_flags import (  # flags of every attack
     add_attack_args,
+    check_attack_paths,
     add_noise_draws_arg,
     check_attack_args,
     check_attack_timesteps,
@@ -66,12 +67,12 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, p
     num_train_timesteps,
     score_all,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.images import center_crop_zoom  # the neighbour x_λ
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
-from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
 
@@ -82,7 +83,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="PFAMI (probabilistic fluctuation) membership inference.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
@@ -123,50 +124,55 @@ def pfami_columns(batch, components, predictor, args, resolution):
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    for t in args.attack_timesteps:
-        check_timestep(t, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--attack_timesteps", allow_zero=True)
-    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
-                          args.lora_weights, args.textual_inversion)
-    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
-                            args.textual_inversion)
-    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = args.resolution or native_resolution(components.unet, components.vae)
-    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
-    timesteps = args.attack_timesteps
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        num_timesteps = num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
+        for t in args.attack_timesteps:
+            check_timestep(t, num_timesteps, "--attack_timesteps", allow_zero=True)
+        model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                              args.lora_weights, args.textual_inversion)
+        resolution = args.resolution or configured_resolution(args.pretrained_model_name_or_path, args.revision,
+                                                            args.unet_path)
+        rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                                args.textual_inversion, resolution)
+        components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+        predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
+        timesteps = args.attack_timesteps
 
-    def score_batch(batch):
-        return pfami_columns(batch, components, predictor, args, resolution)
+        def score_batch(batch):
+            return pfami_columns(batch, components, predictor, args, resolution)
 
-    calls_per_image = (1 + len(args.crop_strengths)) * len(timesteps) * args.num_noise_draws
-    effective_strengths = [int(resolution * strength) / resolution for strength in args.crop_strengths]
-    logger.info("***** Running PFAMI *****")
-    logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), timesteps = {timesteps}, "
-                f"crop strengths = {args.crop_strengths} (effective {effective_strengths}), "
-                f"UNet calls per image = {calls_per_image}")
-    logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
-    scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
-                             signature=signature, resolution=resolution, batch_size=args.batch_size,
-                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
-                             overwrite=args.overwrite, desc="pfami")
+        calls_per_image = (1 + len(args.crop_strengths)) * len(timesteps) * args.num_noise_draws
+        effective_strengths = [int(resolution * strength) / resolution for strength in args.crop_strengths]
+        logger.info("***** Running PFAMI *****")
+        logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), "
+                    f"timesteps = {timesteps}, "
+                    f"crop strengths = {args.crop_strengths} (effective {effective_strengths}), "
+                    f"UNet calls per image = {calls_per_image}")
+        logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, "
+                    f"processes = {accelerator.num_processes}")
+        signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+        scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                                 signature=signature, resolution=resolution, batch_size=args.batch_size,
+                                 vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                                 overwrite=args.overwrite, desc="pfami")
 
-    if accelerator.is_main_process:
-        extra = {"attack_timesteps": timesteps, "num_noise_draws": args.num_noise_draws,
-                 "crop_strengths": args.crop_strengths, "effective_crop_strengths": effective_strengths,
-                 "unet_calls_per_image": calls_per_image, "vae_encodes_per_image": 1 + len(args.crop_strengths),
-                 "resolution": resolution,
-                 "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and neighbours"}
-        dataset = write_scores(scores, args.output_dir, script="attack_pfami.py", attack="pfami",
-                               flags=flag_values(args), model=model_record(model), extra=extra,
-                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
-                               hub_token=args.hub_token)
-        work.cleanup()
-        logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if accelerator.is_main_process:
+            extra = {"attack_timesteps": timesteps, "num_noise_draws": args.num_noise_draws,
+                     "crop_strengths": args.crop_strengths, "effective_crop_strengths": effective_strengths,
+                     "unet_calls_per_image": calls_per_image, "vae_encodes_per_image": 1 + len(args.crop_strengths),
+                     "resolution": resolution,
+                     "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and neighbours"}
+            dataset = write_scores(scores, args.output_dir, script="attack_pfami.py", attack="pfami",
+                                   flags=flag_values(args), model=model_record(model), extra=extra,
+                                   push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                                   hub_token=args.hub_token)
+            work.cleanup()
+            logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

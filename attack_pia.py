@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""PIA membership-inference attack on a Stable Diffusion model (Kong et al. 2023, https://arxiv.org/abs/2308.06405).
+r"""PIA membership-inference attack on a Stable Diffusion model (Kong et al. 2023, https://arxiv.org/abs/2308.06405).
 
 For each image, ε₀ = ε̂(z₀, 0) is the model's own noise prediction at t = 0; the image is noised with it,
 z_t = √ᾱ_t z₀ + √(1−ᾱ_t) ε₀, and the score is Σ|ε̂(z_t, t) − ε₀|^p: a member's noise is recovered more
@@ -33,6 +33,7 @@ from diffusers.utils import check_min_version
 from mixsyn_utils.attack_flags import (  # flags of every attack
     add_attack_args,
     check_attack_args,
+    check_attack_paths,
     check_attack_timesteps,
 )
 from mixsyn_utils.attack_scores import pia_scores  # the PIA score (equations there)
@@ -47,11 +48,11 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     score_all,
     timestep_columns,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
-from mixsyn_utils.flags import flag_values  # flags written out; range checks
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
-from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.flags import flag_values, require_non_negative, require_positive  # flags written out; ranges
+from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
 
@@ -62,7 +63,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="PIA / PIAN membership inference on a diffusion model.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
@@ -81,58 +82,62 @@ def parse_args(input_args=None):
                              "2 rows per image); 1 = no guidance, as in CLiD's and SimA's re-runs.")
     args = parser.parse_args(input_args)
     check_attack_args(args)
-    if args.lp <= 0:
-        raise InputError(f"--lp must be positive, got {args.lp}")
+    require_positive(args, "lp")
+    require_non_negative(args, "guidance_scale")
     check_attack_timesteps(args.attack_timesteps)
     return args
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    for t in args.attack_timesteps:
-        check_timestep(t, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--attack_timesteps")
-    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
-                          args.lora_weights, args.textual_inversion)
-    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
-                            args.textual_inversion)
-    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = args.resolution or native_resolution(components.unet, components.vae)
-    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        num_timesteps = num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
+        for t in args.attack_timesteps:
+            check_timestep(t, num_timesteps, "--attack_timesteps")
+        model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                              args.lora_weights, args.textual_inversion)
+        resolution = args.resolution or configured_resolution(args.pretrained_model_name_or_path, args.revision,
+                                                            args.unet_path)
+        rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                                args.textual_inversion, resolution)
+        components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+        predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
-    def score_batch(batch):
-        null_context = batch.null_context() if args.guidance_scale != 1.0 else None
-        by_timestep = pia_scores(predictor, batch.latents, batch.context, args.attack_timesteps, lp=args.lp,
-                                 normalised=args.method == "pian", guidance_scale=args.guidance_scale,
-                                 null_context=null_context)
-        return timestep_columns(by_timestep)
+        def score_batch(batch):
+            null_context = batch.null_context() if args.guidance_scale != 1.0 else None
+            by_timestep = pia_scores(predictor, batch.latents, batch.context, args.attack_timesteps, lp=args.lp,
+                                     normalised=args.method == "pian", guidance_scale=args.guidance_scale,
+                                     null_context=null_context)
+            return timestep_columns(by_timestep)
 
-    calls_per_image = 1 + len(args.attack_timesteps)
-    rows_per_call = 2 if args.guidance_scale != 1.0 else 1
-    logger.info(f"***** Running {args.method.upper()} *****")
-    logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), "
-                f"timesteps = {args.attack_timesteps}, p = {args.lp}, guidance = {args.guidance_scale}, "
-                f"UNet calls per image = {calls_per_image} × {rows_per_call} row(s)")
-    logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
-    scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
-                             signature=signature, resolution=resolution, batch_size=args.batch_size,
-                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
-                             overwrite=args.overwrite, desc=args.method)
+        calls_per_image = 1 + len(args.attack_timesteps)
+        rows_per_call = 2 if args.guidance_scale != 1.0 else 1
+        logger.info(f"***** Running {args.method.upper()} *****")
+        logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), "
+                    f"timesteps = {args.attack_timesteps}, p = {args.lp}, guidance = {args.guidance_scale}, "
+                    f"UNet calls per image = {calls_per_image} × {rows_per_call} row(s)")
+        logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, "
+                    f"processes = {accelerator.num_processes}")
+        signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+        scores, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                                 signature=signature, resolution=resolution, batch_size=args.batch_size,
+                                 vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                                 overwrite=args.overwrite, desc=args.method)
 
-    if accelerator.is_main_process:
-        extra = {"attack_timesteps": args.attack_timesteps, "lp": args.lp, "guidance_scale": args.guidance_scale,
-                 "unet_calls_per_image": calls_per_image, "unet_rows_per_image": calls_per_image * rows_per_call,
-                 "resolution": resolution}
-        dataset = write_scores(scores, args.output_dir, script="attack_pia.py", attack=args.method,
-                               flags=flag_values(args), model=model_record(model), extra=extra,
-                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
-                               hub_token=args.hub_token)
-        work.cleanup()
-        logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if accelerator.is_main_process:
+            extra = {"attack_timesteps": args.attack_timesteps, "lp": args.lp, "guidance_scale": args.guidance_scale,
+                     "unet_calls_per_image": calls_per_image, "unet_rows_per_image": calls_per_image * rows_per_call,
+                     "resolution": resolution}
+            dataset = write_scores(scores, args.output_dir, script="attack_pia.py", attack=args.method,
+                                   flags=flag_values(args), model=model_record(model), extra=extra,
+                                   push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                                   hub_token=args.hub_token)
+            work.cleanup()
+            logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

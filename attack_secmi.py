@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SecMI membership-inference attack on a Stable Diffusion model (Duan et al. 2023, https://arxiv.org/abs/2302.01316).
+r"""SecMI membership-inference attack on a Stable Diffusion model (Duan et al. 2023, https://arxiv.org/abs/2302.01316).
 
 Each image's latent z₀ is inverted with deterministic DDIM steps of size k to z̃ = z_{t_sec−k}; one more DDIM
 step goes up to t_sec and one comes back down. The t-error ℓ = ‖D(D(z̃; t_sec−k → t_sec); t_sec → t_sec−k) − z̃‖²₂
@@ -32,7 +32,7 @@ from accelerate.logging import get_logger
 from diffusers.utils import check_min_version
 
 # Shared with the other attack scripts (mixsyn_utils/):
-from mixsyn_utils.attack_flags import add_attack_args, check_attack_args  # flags of every attack
+from mixsyn_utils.attack_flags import add_attack_args, check_attack_args, check_attack_paths  # flags of every attack
 from mixsyn_utils.attack_scores import secmi_t_error  # the t-error (equations there)
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, output
     AttackedModel,
@@ -44,11 +44,11 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
     num_train_timesteps,
     score_all,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
-from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
-from mixsyn_utils.models import native_resolution, vae_scale_factor, weight_dtype_of  # sizes; --mixed_precision -> dtype
-from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.flags import flag_values, require_positive, require_range  # flags written out; range checks
+from mixsyn_utils.models import configured_resolution, vae_scale_factor, weight_dtype_of  # sizes; the dtype
+from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
 
@@ -59,7 +59,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="SecMI (t-error) membership inference on a diffusion model.", epilog=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     add_attack_args(parser)
@@ -84,10 +84,11 @@ def parse_args(input_args=None):
         raise InputError(f"--t_sec must be in (0, T), got {args.t_sec}")
     if args.t_sec % args.k != 0:
         raise InputError(f"--t_sec must be a multiple of --k, got --t_sec {args.t_sec} --k {args.k}")
-    if args.secmi_nn:
-        fractions = (args.nn_train_fraction, args.nn_val_fraction)
-        if min(fractions) <= 0 or sum(fractions) >= 1:
-            raise InputError(f"--nn_train_fraction and --nn_val_fraction must be > 0 and sum below 1, got {fractions}")
+    for flag in ("nn_train_fraction", "nn_val_fraction"):  # checked without --secmi_nn too: a bad value is a typo
+        require_range(args, flag, 0, 1, include_low=False, include_high=False)
+    if args.nn_train_fraction + args.nn_val_fraction >= 1:
+        raise InputError(f"--nn_train_fraction and --nn_val_fraction must sum below 1 (the rest is the scored test "
+                         f"split), got {args.nn_train_fraction} + {args.nn_val_fraction}")
     return args
 
 
@@ -151,51 +152,55 @@ def secmi_nn_scores(dataset, latent_shape, args):
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    check_timestep(args.t_sec, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--t_sec")
-    model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
-                          args.lora_weights, args.textual_inversion)
-    rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
-                            args.textual_inversion)
-    components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
-    resolution = args.resolution or native_resolution(components.unet, components.vae)
-    predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        check_timestep(args.t_sec, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--t_sec")
+        model = AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                              args.lora_weights, args.textual_inversion)
+        resolution = args.resolution or configured_resolution(args.pretrained_model_name_or_path, args.revision,
+                                                            args.unet_path)
+        rows = load_attack_data(args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                                args.textual_inversion, resolution)
+        components = load_attack_model(model, accelerator.device, weight_dtype_of(accelerator.mixed_precision))
+        predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
 
-    def score_batch(batch):
-        t_error, error_map = secmi_t_error(predictor, batch.latents, batch.context, args.t_sec, args.k)
-        columns = {"score": t_error}
-        if args.secmi_nn:  # the NN variant trains on each image's |error| map
-            columns["error_map"] = error_map.abs()
-        return columns
+        def score_batch(batch):
+            t_error, error_map = secmi_t_error(predictor, batch.latents, batch.context, args.t_sec, args.k)
+            columns = {"score": t_error}
+            if args.secmi_nn:  # the NN variant trains on each image's |error| map
+                columns["error_map"] = error_map.abs()
+            return columns
 
-    calls_per_image = args.t_sec // args.k + 1
-    logger.info("***** Running SecMI *****")
-    logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), t_sec = {args.t_sec}, "
-                f"k = {args.k}, UNet calls per image = {calls_per_image}")
-    logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, processes = {accelerator.num_processes}")
-    signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
-    dataset, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
-                             signature=signature, resolution=resolution, batch_size=args.batch_size,
-                             vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
-                             overwrite=args.overwrite, desc="secmi")
+        calls_per_image = args.t_sec // args.k + 1
+        logger.info("***** Running SecMI *****")
+        logger.info(f"  Images = {len(rows)} ({sum(row['is_member'] for row in rows)} members), t_sec = {args.t_sec}, "
+                    f"k = {args.k}, UNet calls per image = {calls_per_image}")
+        logger.info(f"  Resolution = {resolution}, batch size = {args.batch_size}, "
+                    f"processes = {accelerator.num_processes}")
+        signature = run_signature(flag_values(args), attack_inputs(model, args.member_dataset, args.nonmember_dataset))
+        dataset, work = score_all(rows, components, score_batch, accelerator=accelerator, output_dir=args.output_dir,
+                                 signature=signature, resolution=resolution, batch_size=args.batch_size,
+                                 vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                                 overwrite=args.overwrite, desc="secmi")
 
-    if accelerator.is_main_process:
-        extra = {"t_sec": args.t_sec, "k": args.k, "unet_calls_per_image": calls_per_image, "resolution": resolution}
-        if args.secmi_nn:
-            latent_side = resolution // vae_scale_factor(components.vae)
-            latent_shape = (components.unet.config.in_channels, latent_side, latent_side)
-            dataset, extra["nn"] = secmi_nn_scores(dataset, latent_shape, args)
-        attack = "secmi_nn" if args.secmi_nn else "secmi"
-        dataset = write_scores(dataset, args.output_dir, script="attack_secmi.py", attack=attack,
-                               flags=flag_values(args), model=model_record(model), extra=extra,
-                               push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
-                               hub_token=args.hub_token)
-        work.cleanup()
-        logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if accelerator.is_main_process:
+            extra = {"t_sec": args.t_sec, "k": args.k, "unet_calls_per_image": calls_per_image,
+                     "resolution": resolution}
+            if args.secmi_nn:
+                latent_side = resolution // vae_scale_factor(components.vae)
+                latent_shape = (components.unet.config.in_channels, latent_side, latent_side)
+                dataset, extra["nn"] = secmi_nn_scores(dataset, latent_shape, args)
+            attack = "secmi_nn" if args.secmi_nn else "secmi"
+            dataset = write_scores(dataset, args.output_dir, script="attack_secmi.py", attack=attack,
+                                   flags=flag_values(args), model=model_record(model), extra=extra,
+                                   push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
+                                   hub_token=args.hub_token)
+            work.cleanup()
+            logger.info(f"Saved {len(dataset)} scores to {args.output_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

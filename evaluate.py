@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate membership-inference scores, utility and data extraction; write results.json, report.md and plots.
+r"""Evaluate membership-inference scores, utility and data extraction; write results.json, report.md and plots.
 
     python evaluate.py --scores outputs/pia outputs/secmi --output_dir outputs/eval \
       --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
@@ -23,7 +23,7 @@ with the FPR resolution 1/n (n non-members); when x < 1/n it is "not measurable 
 results.json schema (version 1):
     {"schema_version": 1,
      "privacy": {NAME: {                        # one block per --scores dataset; NAME = its folder name
-         "attack", "model" (its "weights_sha256": {flag: sha256}), "scores_path", "score_column", "member_is_lower",
+         "attack", "model" (its "weights_sha256": {flag: sha256} of every weight loaded), "scores_path", "score_column", "member_is_lower",
          "num_members", "num_nonmembers",
          "auc", "auc_ci": [lo, hi], "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_0.1pct_fpr",
          "tpr_at_0.1pct_fpr_ci", "balanced_accuracy", "balanced_accuracy_ci",
@@ -37,8 +37,10 @@ results.json schema (version 1):
                         "fpr_resolution": 1/num_test_nonmembers, "target_fpr_measurable"},
          "reference": null | {"scores_path", "auc": {"delta", "delta_ci"}, "tpr_at_1pct_fpr": {...}, ...},
          "per_timestep_auc": {"score_t200": auc, ...}}},
-     "worst_case": [{                           # one per attacked model (blocks grouped by their "model")
-         "model", "scores": NAME,               # the block an attacker would pick: largest calibrated test TPR
+     "worst_case": [{                           # one per attacked model: blocks grouped by the sha256 of every
+                                                # weight they attacked (their "model"'s weights_sha256), not paths
+         "model", "model_records",              # the picked block's model record; every record of the group
+         "scores": NAME,                        # the block an attacker would pick: largest calibrated test TPR
          "attack", "direction", "calibrated_tpr", "calibrated_fpr", "target_fpr", "calibrated_fpr_resolution",
          "target_fpr_measurable",               # of the test half the calibrated TPR is measured on
          "auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_0.1pct_fpr", "tpr_at_0.1pct_fpr_ci",
@@ -54,7 +56,6 @@ results.json schema (version 1):
      "bootstrap": B, "seed": S, "confidence": 0.95}
 """
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -65,7 +66,7 @@ from diffusers.utils import check_min_version
 
 # Shared with the other scripts (mixsyn_utils/):
 from mixsyn_utils.brisque import is_installed as brisque_is_installed  # offline BRISQUE model present?
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, first_line, run_cli  # one-line errors for bad input
 from mixsyn_utils.dataset_io import (  # datasets in and out, images and captions checked before any sampling
     check_images_decode,
     check_text_column,
@@ -77,6 +78,8 @@ from mixsyn_utils.flags import (  # shared flags and their range checks, written
     add_hub_token_arg,
     add_model_variant_args,
     add_pretrained_model_args,
+    check_outputs_apart,
+    check_paths_or_hub_ids,
     flag_values,
     require_non_negative,
     require_positive,
@@ -98,9 +101,14 @@ from mixsyn_utils.model_card import (  # the card's privacy numbers, tied to the
     push_to_hub,
     write_model_card,
 )
-from mixsyn_utils.resumable import weights_digest  # sha256 of a folder's weights
 from mixsyn_utils.variants import load_model_variant, model_fingerprints  # the sampled model
-from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
+from mixsyn_utils.outputs import (  # one run per output folder, written whole or not at all; a full disk in one line
+    OutputLock,
+    atomic_replace_dir,
+    check_output_dir,
+    output_write_errors,
+    temp_sibling,
+)
 from mixsyn_utils.placeholders import load_token_map, rewrite_caption  # textual-inversion placeholders in prompts
 from mixsyn_utils.resumable import ResumableWork, run_signature  # sampling batches saved; a resume has the same inputs
 from mixsyn_utils.scores import load_scores  # a scores dataset as arrays
@@ -110,12 +118,19 @@ from mixsyn_utils.utility import utility_metrics  # R-precision, pixel Fréchet 
 check_min_version("0.42.0")
 
 METRIC_KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr", "balanced_accuracy")
+# The flags naming what evaluate.py reads (--output_dir must stay clear of them), and those of them that may be a
+# local path or a Hub id, checked at the start of `main` (the model flags: by `load_model_variant`, before sampling).
+INPUT_FLAGS = ("scores", "reference_scores", "member_dataset", "nonmember_dataset", "generations",
+               "pretrained_model_name_or_path", "unet_path", "lora_weights", "textual_inversion", "rprecision_model",
+               "clip_pretrained", "domains_file", "write_card")
+PATHS_OR_HUB_IDS = ("scores", "reference_scores", "member_dataset", "nonmember_dataset", "generations",
+                    "rprecision_model", "write_card")
 LOW_FPRS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0.1pct_fpr": 0.001}
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Privacy (MIA), utility and extraction metrics with honest CIs.",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Privacy (MIA), utility and extraction metrics with honest CIs.",
+                            allow_abbrev=False)
     parser.add_argument("--scores", type=str, nargs="+", default=[], help="Scores datasets written by attack_*.py.")
     parser.add_argument("--reference_scores", type=str, nargs="+", default=None,
                         help="Scores of the pre-fine-tuning model, one per --scores (same order, same images): "
@@ -166,7 +181,8 @@ def parse_args(input_args=None):
     if not args.scores and not (args.generate or args.generations):
         raise InputError("nothing to evaluate: pass --scores and/or --generate / --generations")
     require_positive(args, "bootstrap", "num_images_per_prompt", "sample_batch_size", "extraction_tiles",
-                     "extraction_k", "extraction_delta", "num_inference_steps")
+                     "extraction_k", "num_inference_steps")
+    require_range(args, "extraction_delta", 0, 1, include_low=False)  # an RMS distance of [0, 1] pixels
     require_non_negative(args, "num_extraction_samples", "guidance_scale", "seed")
     require_range(args, "target_fpr", 0, 1, include_low=False, include_high=False)
     if args.reference_scores is not None and len(args.reference_scores) != len(args.scores):
@@ -193,6 +209,7 @@ def parse_args(input_args=None):
             and args.rprecision_model is None and args.clip_pretrained is None:
         raise InputError("--generate/--generations: no metric to compute (give --rprecision_model, "
                          "--clip_pretrained, --member_dataset, or drop --no_brisque)")
+    check_outputs_apart(args, ("output_dir",), INPUT_FLAGS)
     return args
 
 
@@ -250,19 +267,35 @@ def privacy_block(scores, reference, args):
     return block
 
 
+def attacked_model_key(model):
+    """Which model a scores dataset attacked: the sha256 of every weight it loaded (`weights_sha256`) and the weights
+    variant, so `victim/pipeline` and `/abs/victim/pipeline/` are one model and a LoRA on another base is another.
+    A record without digests falls back to its paths resolved (a Hub id as it is)."""
+    model = model or {}
+    if model.get("weights_sha256"):
+        return json.dumps([sorted(set(model["weights_sha256"].values())), model.get("variant")])
+    resolved = {key: str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+                for key, value in model.items()}
+    return json.dumps(resolved, sort_keys=True)
+
+
 def worst_case(privacy):
-    """Per attacked model (blocks with the same "model"), the block with the largest calibrated test TPR at
-    --target_fpr (ties: the larger test AUC in the calibrated direction): what an attacker choosing among the
-    attacks run would get."""
+    """Per attacked model (blocks with the same `attacked_model_key`), the block with the largest calibrated test
+    TPR at --target_fpr (ties: the larger test AUC in the calibrated direction): what an attacker choosing among
+    the attacks run would get."""
     by_model = {}
     for name, block in privacy.items():
-        by_model.setdefault(json.dumps(block["model"], sort_keys=True), []).append(name)
+        by_model.setdefault(attacked_model_key(block["model"]), []).append(name)
     cases = []
     for names in by_model.values():
         ranking = sorted(names, key=lambda name: (-privacy[name]["calibrated"]["test_tpr"],
                                                   -privacy[name]["calibrated"]["test_auc"]))
         block, calibrated = privacy[ranking[0]], privacy[ranking[0]]["calibrated"]
-        case = {"model": block["model"], "scores": ranking[0], "attack": block["attack"],
+        records = []
+        for name in names:  # every spelling of the model's paths seen among its blocks
+            if privacy[name]["model"] not in records:
+                records.append(privacy[name]["model"])
+        case = {"model": block["model"], "model_records": records, "scores": ranking[0], "attack": block["attack"],
                 "direction": calibrated["direction"], "calibrated_tpr": calibrated["test_tpr"],
                 "calibrated_fpr": calibrated["test_fpr"], "target_fpr": calibrated["target_fpr"],
                 "calibrated_fpr_resolution": calibrated["fpr_resolution"],
@@ -292,7 +325,7 @@ def load_member_sets(args):
         return None, None
     sets = []
     for flag, path in (("--member_dataset", args.member_dataset), ("--nonmember_dataset", args.nonmember_dataset)):
-        dataset = load_image_dataset(path, required_columns=("image", args.caption_column, "domain"))
+        dataset = load_image_dataset(path, required_columns=("image", args.caption_column, "domain"), flag=flag)
         check_text_column(dataset, args.caption_column, f"{flag} {path}")
         check_images_decode(dataset, "image", f"{flag} {path}")
         sets.append(dataset)
@@ -302,15 +335,30 @@ def load_member_sets(args):
     return sets
 
 
+def check_safetensors_file(path, flag):
+    """`path` must be a safetensors file whose header reads (its tensors are read later, after sampling)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            weights.keys()
+    except Exception as error:  # noqa: BLE001 - missing, truncated or another format: all end the same way
+        raise InputError(f"{flag} {path.parent}: {path.name} is not a readable safetensors file "
+                         f"({first_line(error)})") from None
+
+
 def check_before_sampling(args, members, generations):
     """What would otherwise fail or mislead only after the images are sampled, checked before it.
 
-    The R-precision scorer must know every sampled domain; extraction needs the members' resolution divisible
+    The R-precision scorer's weights must be a safetensors file and it must know every sampled domain; extraction
+    needs the members' resolution divisible
     by --extraction_tiles, and every member domain among the sampled ones (a domain never sampled would be
     reported as "0 extracted").
     """
     if args.rprecision_model is not None and not (Path(args.rprecision_model) / "config.json").is_file():
         raise InputError(f"--rprecision_model {args.rprecision_model} has no config.json (train_domain_classifier)")
+    if args.rprecision_model is not None:
+        check_safetensors_file(Path(args.rprecision_model) / "model.safetensors", "--rprecision_model")
     if not (args.generate or args.generations):
         return
     sampled = set(load_domains(args.domains_file)[0]) if args.generate else set(generations["domain"])
@@ -389,72 +437,78 @@ def plot_roc(all_scores, path):
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    all_scores = [load_scores(path, args.score_column) for path in args.scores]
-    references = [load_scores(path, args.score_column) for path in args.reference_scores or []]
-    if all_scores:
-        check_rows_within(all_scores)
-    for scores, reference in zip(all_scores, references):
-        check_same_rows([scores, reference])
-    if args.write_card:  # before any heavy work: the scores must have attacked exactly the folder's weights
-        check_report_matches_weights({"privacy": {s["name"]: s for s in all_scores}}, weights_digest(args.write_card),
-                                     args.write_card, "--write_card")
-    members, nonmembers = load_member_sets(args)
-    generations = None
-    if args.generations:
-        generations = load_image_dataset(args.generations, required_columns=("image", "prompt", "domain"))
-        check_images_decode(generations, "image", f"--generations {args.generations}")
-    check_before_sampling(args, members, generations)
-
-    # Sampling is the only heavy step: it alone is sharded over processes; everything else is main-process work.
-    work = None
-    if args.generate:
-        generations, work = generate_images(args, max(args.num_images_per_prompt, args.num_extraction_samples))
-        if generations is None:  # not the main process
-            return None
-
-    results = {"schema_version": 1, "bootstrap": args.bootstrap, "seed": args.seed, "confidence": 0.95,
-               "privacy": {}, "worst_case": [], "blind_baseline": None, "utility": None, "extraction": None}
-    names = [scores["name"] for scores in all_scores]
-    for index, (scores, reference) in enumerate(zip(all_scores, references or [None] * len(all_scores))):
-        name = scores["name"] if names.count(scores["name"]) == 1 else f"{index}_{scores['name']}"
-        print(f"Evaluating {scores['path']} ({scores['attack']}, {len(scores['scores'])} images)")
-        results["privacy"][name] = privacy_block(scores, reference, args)
-    results["worst_case"] = worst_case(results["privacy"])
-    if args.member_dataset is not None:
-        results["blind_baseline"] = blind_baseline(args, members, nonmembers, all_scores)
-    if generations is not None:
-        # Utility uses the first --num_images_per_prompt samples of each prompt; extraction uses them all.
-        utility_set = generations.filter(lambda row: row["sample_index"] < args.num_images_per_prompt) \
-            if "sample_index" in generations.column_names else generations
-        # Fidelity: the pixel Fréchet distance of the generations to the held-out real images (the non-members).
-        results["utility"] = utility_metrics(utility_set, args.rprecision_model, args.clip_model,
-                                             args.clip_pretrained, with_brisque=not args.no_brisque,
-                                             fidelity_reference=None if nonmembers is None else nonmembers["image"])
-        if members is not None:  # (k, ℓ2, δ)-eidetic extraction; non-members are the false-positive control
-            results["extraction"] = extraction_metrics(members, nonmembers, generations, args.extraction_k,
-                                                       args.extraction_delta, args.extraction_tiles)
-
-    work_dir = temp_sibling(args.output_dir)
-    try:
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_output_dir(args.output_dir, args.overwrite)  # under the lock: the check and the lock are one step
+        check_paths_or_hub_ids(args, *PATHS_OR_HUB_IDS)
+        all_scores = [load_scores(path, args.score_column) for path in args.scores]
+        references = [load_scores(path, args.score_column, "--reference_scores")
+                      for path in args.reference_scores or []]
         if all_scores:
-            plot_roc(all_scores, work_dir / "roc_loglog.png")
+            check_rows_within(all_scores)
+        for scores, reference in zip(all_scores, references):
+            check_same_rows([scores, reference])
+        if args.write_card:  # before any heavy work: the scores must have attacked exactly the folder's weights
+            check_report_matches_weights({"privacy": {s["name"]: s for s in all_scores}}, args.write_card,
+                                         "--write_card")
+        members, nonmembers = load_member_sets(args)
+        generations = None
+        if args.generations:
+            generations = load_image_dataset(args.generations, required_columns=("image", "prompt", "domain"),
+                                             flag="--generations")
+            check_images_decode(generations, "image", f"--generations {args.generations}")
+        check_before_sampling(args, members, generations)
+
+        # Sampling is the only heavy step: it alone is sharded over processes; everything else is main-process work.
+        work = None
         if args.generate:
-            save_dataset(generations, work_dir / "generations")
-        (work_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
-        (work_dir / "report.md").write_text(render_markdown(results))
-        atomic_replace_dir(work_dir, args.output_dir)
-    finally:
-        if work_dir.exists():
-            shutil.rmtree(work_dir, ignore_errors=True)
-    if work is not None:
-        work.cleanup()
-    print(render_markdown(results))
-    if args.write_card:  # the folder's card with these numbers (checked against its weights), then the Hub
-        write_model_card(args.write_card, results, args.hub_model_id, source="--write_card")
-        if args.push_to_hub:
-            push_to_hub(args.write_card, args.hub_model_id, args.hub_token)
-    return results
+            generations, work = generate_images(args, max(args.num_images_per_prompt, args.num_extraction_samples))
+            if generations is None:  # not the main process
+                return None
+
+        results = {"schema_version": 1, "bootstrap": args.bootstrap, "seed": args.seed, "confidence": 0.95,
+                   "privacy": {}, "worst_case": [], "blind_baseline": None, "utility": None, "extraction": None}
+        names = [scores["name"] for scores in all_scores]
+        for index, (scores, reference) in enumerate(zip(all_scores, references or [None] * len(all_scores))):
+            name = scores["name"] if names.count(scores["name"]) == 1 else f"{index}_{scores['name']}"
+            print(f"Evaluating {scores['path']} ({scores['attack']}, {len(scores['scores'])} images)")
+            results["privacy"][name] = privacy_block(scores, reference, args)
+        results["worst_case"] = worst_case(results["privacy"])
+        if args.member_dataset is not None:
+            results["blind_baseline"] = blind_baseline(args, members, nonmembers, all_scores)
+        if generations is not None:
+            # Utility uses the first --num_images_per_prompt samples of each prompt; extraction uses them all.
+            utility_set = generations.filter(lambda row: row["sample_index"] < args.num_images_per_prompt) \
+                if "sample_index" in generations.column_names else generations
+            # Fidelity: the pixel Fréchet distance of the generations to the held-out real images (the non-members).
+            results["utility"] = utility_metrics(utility_set, args.rprecision_model, args.clip_model,
+                                                 args.clip_pretrained, with_brisque=not args.no_brisque,
+                                                 fidelity_reference=None if nonmembers is None else nonmembers["image"])
+            if members is not None:  # (k, ℓ2, δ)-eidetic extraction; non-members are the false-positive control
+                results["extraction"] = extraction_metrics(members, nonmembers, generations, args.extraction_k,
+                                                           args.extraction_delta, args.extraction_tiles)
+
+        with output_write_errors(args.output_dir):  # a full disk: one line, nothing partial left
+            work_dir = temp_sibling(args.output_dir)
+            try:
+                if all_scores:
+                    plot_roc(all_scores, work_dir / "roc_loglog.png")
+                if args.generate:
+                    save_dataset(generations, work_dir / "generations")
+                (work_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+                (work_dir / "report.md").write_text(render_markdown(results))
+                atomic_replace_dir(work_dir, args.output_dir)
+            finally:
+                if work_dir.exists():
+                    shutil.rmtree(work_dir, ignore_errors=True)
+        if work is not None:
+            work.cleanup()
+        print(render_markdown(results))
+        if args.write_card:  # the folder's card with these numbers (checked against its weights), then the Hub
+            with output_write_errors(args.write_card, "--write_card"):
+                write_model_card(args.write_card, results, args.hub_model_id, source="--write_card")
+            if args.push_to_hub:
+                push_to_hub(args.write_card, args.hub_model_id, args.hub_token)
+        return results
 
 
 if __name__ == "__main__":

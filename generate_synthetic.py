@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn step 1: self-synthesize N images per private domain from the pretrained model itself.
+r"""MixSyn step 1: self-synthesize N images per private domain from the pretrained model itself.
 
 For each domain, image i gets a prompt template drawn with the template probabilities (the paper's
 "The face of {}" p=0.7 / "A photo of {}" p=0.3 by default) and a seed derived from `--seed` and i, so the
@@ -12,7 +12,6 @@ finished batch is saved at once and a killed run resumes without regenerating it
       --output_dir outputs/synthetic
 """
 
-import argparse
 import logging
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
@@ -22,14 +21,15 @@ from accelerate.logging import get_logger
 from diffusers.utils import check_min_version
 
 # Shared with the other scripts (mixsyn_utils/):
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import dataset_provenance, save_dataset, with_provenance  # saved whole, with provenance
-from mixsyn_utils.domains import draw_prompt, load_domains  # domains and the paper's prompt templates
+from mixsyn_utils.domains import domain_id, draw_prompt, load_domains  # domains, ids and the paper's prompt templates
 from mixsyn_utils.flags import (  # flag groups shared with the other scripts, written out by flag_values
     add_dataset_output_args,
     add_mixed_precision_arg,
     add_pretrained_model_args,
     add_resolution_arg,
+    check_outputs_apart,
     flag_values,
     require_non_negative,
     require_positive,
@@ -40,7 +40,7 @@ from mixsyn_utils.models import (  # the model checked before loading; default s
     native_resolution,
     weight_dtype_of,
 )
-from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.outputs import OutputLock, check_output_dir  # one run per output folder; occupied ones refused
 from mixsyn_utils.resumable import (  # batches saved as they finish; a killed run with the same inputs resumes
     ResumableWork,
     input_fingerprint,
@@ -55,8 +55,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Self-synthesize images per private domain (MixSyn step 1).",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Self-synthesize images per private domain (MixSyn step 1).",
+                            allow_abbrev=False)
     add_pretrained_model_args(parser)
     parser.add_argument("--domains_file", type=str, default=None,
                         help="A .json ({'domains': [...], 'templates': [...]}) or .txt (one name per line) file.")
@@ -77,6 +77,7 @@ def parse_args(input_args=None):
     check_resolution(args.resolution)
     if args.domains_file is None and not args.domain:
         raise InputError("no domains given: pass --domains_file or --domain NAME")
+    check_outputs_apart(args, ("output_dir",), ("pretrained_model_name_or_path", "domains_file"))
     return args
 
 
@@ -87,7 +88,7 @@ def plan_images(domain_names, templates, num_images_per_domain, seed):
         for k in range(num_images_per_domain):
             index = domain_index * num_images_per_domain + k
             plan.append({
-                "id": f"syn-{domain}-{k:05d}".replace(" ", "_"),
+                "id": f"syn-{domain_id(domain)}-{k:05d}",
                 "domain": domain,
                 "prompt": draw_prompt(domain, templates, seed, index),
                 "seed": derive_seed(seed, index),
@@ -110,49 +111,52 @@ def main(args):
     from datasets import Dataset, Features, Image as ImageFeature, Value
     from diffusers import StableDiffusionPipeline
 
-    check_output_dir(args.output_dir, args.overwrite)
-    domain_names, templates = load_domains(args.domains_file, args.domain)  # a bad file fails before any model loads
-    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    plan = plan_images(domain_names, templates, args.num_images_per_domain, args.seed)
-    batches = [plan[start : start + args.sample_batch_size] for start in range(0, len(plan), args.sample_batch_size)]
-    # The domains file's content, not only its path, fixes the images; so does the model's.
-    signature = run_signature(flag_values(args), inputs={
-        "domains": [domain_names, [list(pair) for pair in templates]],
-        "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision)})
-    work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_output_dir(args.output_dir, args.overwrite)  # under the lock: the check and the lock are one step
+        # A bad domains file or model path fails here, before any model loads.
+        domain_names, templates = load_domains(args.domains_file, args.domain)
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        plan = plan_images(domain_names, templates, args.num_images_per_domain, args.seed)
+        batches = [plan[start : start + args.sample_batch_size]
+                   for start in range(0, len(plan), args.sample_batch_size)]
+        # The domains file's content, not only its path, fixes the images; so does the model's.
+        signature = run_signature(flag_values(args), inputs={
+            "domains": [domain_names, [list(pair) for pair in templates]],
+            "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision)})
+        work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
 
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-        dtype=weight_dtype_of(accelerator.mixed_precision), safety_checker=None, requires_safety_checker=False,
-        use_safetensors=True,
-    ).to(accelerator.device)
-    pipeline.set_progress_bar_config(disable=True)
-    resolution = args.resolution or native_resolution(pipeline.unet, pipeline.vae)
-    features = Features({"id": Value("string"), "image": ImageFeature(), "prompt": Value("string"),
-                         "domain": Value("string"), "seed": Value("int64")})
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+            dtype=weight_dtype_of(accelerator.mixed_precision), safety_checker=None, requires_safety_checker=False,
+            use_safetensors=True,
+        ).to(accelerator.device)
+        pipeline.set_progress_bar_config(disable=True)
+        resolution = args.resolution or native_resolution(pipeline.unet, pipeline.vae)
+        features = Features({"id": Value("string"), "image": ImageFeature(), "prompt": Value("string"),
+                             "domain": Value("string"), "seed": Value("int64")})
 
-    def generate_unit(unit):
-        rows = batches[unit]
-        images = generate_batch(pipeline, rows, resolution, args.num_inference_steps, args.guidance_scale,
-                                args.negative_prompt)
-        return Dataset.from_list([dict(row, image=image) for row, image in zip(rows, images)], features=features)
+        def generate_unit(unit):
+            rows = batches[unit]
+            images = generate_batch(pipeline, rows, resolution, args.num_inference_steps, args.guidance_scale,
+                                    args.negative_prompt)
+            return Dataset.from_list([dict(row, image=image) for row, image in zip(rows, images)], features=features)
 
-    logger.info("***** Generating synthetic images *****")
-    logger.info(f"  Domains = {len(domain_names)}, images per domain = {args.num_images_per_domain}, "
-                f"batches = {len(batches)}, processes = {accelerator.num_processes}")
-    dataset = work.run(len(batches), generate_unit, desc="Generating")
+        logger.info("***** Generating synthetic images *****")
+        logger.info(f"  Domains = {len(domain_names)}, images per domain = {args.num_images_per_domain}, "
+                    f"batches = {len(batches)}, processes = {accelerator.num_processes}")
+        dataset = work.run(len(batches), generate_unit, desc="Generating")
 
-    if accelerator.is_main_process:
-        provenance = dataset_provenance("generate_synthetic.py", flag_values(args),
-                                        extra={"domains": domain_names, "resolution": resolution})
-        save_dataset(with_provenance(dataset, provenance), args.output_dir, args.push_to_hub, args.hub_dataset_id,
-                     hub_token=args.hub_token)
-        work.cleanup()
-        logger.info(f"Saved {len(dataset)} images to {args.output_dir}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if accelerator.is_main_process:
+            provenance = dataset_provenance("generate_synthetic.py", flag_values(args),
+                                            extra={"domains": domain_names, "resolution": resolution})
+            save_dataset(with_provenance(dataset, provenance), args.output_dir, args.push_to_hub, args.hub_dataset_id,
+                         hub_token=args.hub_token)
+            work.cleanup()
+            logger.info(f"Saved {len(dataset)} images to {args.output_dir}")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

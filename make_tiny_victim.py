@@ -17,7 +17,6 @@ Usage:
     python make_tiny_victim.py --output_dir outputs/victim --seed 0
 """
 
-import argparse
 import copy
 import gzip
 import json
@@ -33,7 +32,7 @@ from diffusers.utils import check_min_version
 from tqdm.auto import tqdm
 
 # Shared with the other scripts (mixsyn_utils/):
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import load_image_dataset  # the saved member / non-member sets
 # Pretraining captions use the paper's templates too, so self-synthesis prompts come from the same
 # distribution as the victim's own training captions.
@@ -52,7 +51,7 @@ from mixsyn_utils.models import (  # SD components, z₀ and prompt encoding
     native_resolution,
     tokenize_prompts,
 )
-from mixsyn_utils.outputs import atomic_replace_dir, check_output_dir, temp_sibling  # written whole or not at all
+from mixsyn_utils.outputs import OutputLock, atomic_replace_dir, check_output_dir, temp_sibling  # whole or not at all
 from mixsyn_utils.seeds import derive_seed  # the build's random streams
 from mixsyn_utils.utility import train_domain_classifier  # the offline R-precision scorer
 
@@ -67,8 +66,8 @@ RESOLUTION = 32  # the default --image_size
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.",
+                            allow_abbrev=False)
     parser.add_argument("--output_dir", type=str, required=True, help="Where pipeline/, members/, nonmembers/ go.")
     parser.add_argument("--seed", type=int, default=0, help="Fixes the split, the captions and all weights.")
     parser.add_argument("--members_per_domain", type=int, default=25, help="Pretraining images per digit class.")
@@ -106,7 +105,7 @@ def parse_args(input_args=None):
     parser.add_argument("--attention_heads", type=int, default=2,
                         help="Attention heads of the UNet's transformer blocks (diffusers' attention_head_dim).")
     parser.add_argument("--snr_gamma", type=float, default=1.0,
-                        help="Min-SNR-γ weighting of the UNet pretraining loss (Hang et al. 2023); <= 0 = plain "
+                        help="Min-SNR-γ weighting of the UNet pretraining loss (Hang et al. 2023); 0 = plain "
                              "MSE as SD-1.x. Weighting towards high-noise steps is what makes the prompt matter "
                              "within the step budget (README: measured curves).")
     parser.add_argument("--image_size", type=int, default=RESOLUTION,
@@ -129,7 +128,9 @@ def parse_args(input_args=None):
     if args.image_size % (2 * factor):
         raise InputError(f"--image_size {args.image_size} must be a multiple of {2 * factor} (the VAE factor "
                          f"{factor} times the UNet's one downsampling)")
-    require_non_negative(args, "vae_steps", "unet_steps", "seed", "text_encoder_lr")
+    require_non_negative(args, "vae_steps", "unet_steps", "seed", "text_encoder_lr", "snr_gamma")
+    # exp(-30) ≈ 1e-13: a narrower posterior is a point; above 0 it is wider than the latent spread it must stay under.
+    require_range(args, "vae_logvar_init", -30, 0)
     if args.cross_attention_dim % 4:
         raise InputError(f"--cross_attention_dim must be a multiple of 4 (the text encoder's 4 heads), "
                          f"got {args.cross_attention_dim}")
@@ -454,18 +455,19 @@ def victim_membership_figures(victim_dir, attack_seeds=(0, 1, 2), timesteps=(50,
 
 
 def main(args):
-    check_output_dir(args.output_dir, args.overwrite)
-    print(f"Building the tiny victim (seed {args.seed}, {args.vae_steps} VAE + {args.unet_steps} UNet steps)...")
-    figures = build_tiny_victim(args)
-    print(f"Saved to {args.output_dir} in {figures['build_seconds']} s")
-    if not args.skip_report:
-        membership = victim_membership_figures(args.output_dir)
-        for name, value in membership.items():
-            print(f"{name}: {value}")
-        figures.update(membership)
-        info_path = Path(args.output_dir) / "victim_info.json"
-        info_path.write_text(json.dumps(figures, indent=2))
-    return figures
+    with OutputLock(args.output_dir):  # a second build into this folder is refused
+        check_output_dir(args.output_dir, args.overwrite)
+        print(f"Building the tiny victim (seed {args.seed}, {args.vae_steps} VAE + {args.unet_steps} UNet steps)...")
+        figures = build_tiny_victim(args)
+        print(f"Saved to {args.output_dir} in {figures['build_seconds']} s")
+        if not args.skip_report:
+            membership = victim_membership_figures(args.output_dir)
+            for name, value in membership.items():
+                print(f"{name}: {value}")
+            figures.update(membership)
+            info_path = Path(args.output_dir) / "victim_info.json"
+            info_path.write_text(json.dumps(figures, indent=2))
+        return figures
 
 
 if __name__ == "__main__":

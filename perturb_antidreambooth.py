@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn step 2: Anti-DreamBooth adversarial noise for every image of a clean synthetic dataset.
+r"""MixSyn step 2: Anti-DreamBooth adversarial noise for every image of a clean synthetic dataset.
 
 Le et al. 2023, "Anti-DreamBooth" (arXiv:2303.15433); MixSyn Eq. 2-4. For each group of images (a
 domain by default, as the reference protects one identity at a time) a DreamBooth surrogate is trained
@@ -39,7 +39,7 @@ from mixsyn_utils.adversarial import (  # ASPL / FSMG for one group, the budget-
     random_sign_perturbation,
 )
 from mixsyn_utils.class_images import class_data_dir_of, ensure_class_images  # prior-preservation images, cached
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.dataset_io import (  # datasets in and out (checked before any model loads), with provenance
     check_images_decode,
     check_text_column,
@@ -54,6 +54,8 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts, w
     add_pretrained_model_args,
     add_prior_preservation_args,
     add_resolution_arg,
+    check_outputs_apart,
+    check_paths_or_hub_ids,
     check_prior_preservation_args,
     flag_values,
     require_non_negative,
@@ -69,7 +71,7 @@ from mixsyn_utils.models import (  # SD components, checked before loading; capt
     warn_truncated_captions,
     weight_dtype_of,
 )
-from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
+from mixsyn_utils.outputs import OutputLock, check_output_dir  # one run per output folder; occupied ones refused
 from mixsyn_utils.resumable import (  # groups saved as they finish; a killed run with the same inputs resumes
     ResumableWork,
     input_fingerprint,
@@ -84,8 +86,8 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Anti-DreamBooth (ASPL / FSMG) perturbation of a dataset.",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Anti-DreamBooth (ASPL / FSMG) perturbation of a dataset.",
+                            allow_abbrev=False)
     add_pretrained_model_args(parser, help="Surrogate's starting point: CompVis/stable-diffusion-v1-4 or outputs/victim/pipeline.")
     parser.add_argument("--dataset_name", type=str, required=True,
                         help="Clean images: a save_to_disk folder, an imagefolder directory or a Hub dataset id.")
@@ -137,6 +139,7 @@ def parse_args(input_args=None):
     require_non_negative(args, "max_f_train_steps", "fsmg_train_steps", "seed")
     check_prior_preservation_args(args)
     check_resolution(args.resolution)
+    check_outputs_apart(args, ("output_dir",), ("dataset_name", "pretrained_model_name_or_path", "class_data_dir"))
     return args
 
 
@@ -198,55 +201,59 @@ def perturb_group(components, rows, group_index, class_pixels, class_ids, args, 
 def main(args):
     import datasets
 
-    check_output_dir(args.output_dir, args.overwrite)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    dataset = load_image_dataset(args.dataset_name, args.dataset_split,
-                                 required_columns=("id", args.image_column, args.caption_column, args.group_by))
-    check_text_column(dataset, args.caption_column, f"--dataset_name {args.dataset_name}")
-    groups = plan_groups(dataset, args.group_by)
-    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
-    check_images_decode(dataset, args.image_column, f"--dataset_name {args.dataset_name}")
+    with OutputLock(args.output_dir):  # a second run into this folder is refused
+        check_output_dir(args.output_dir, args.overwrite)  # under the lock: the check and the lock are one step
+        check_paths_or_hub_ids(args, "dataset_name")  # the model path: by check_pretrained_model, after the data
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        dataset = load_image_dataset(args.dataset_name, args.dataset_split, flag="--dataset_name",
+                                     required_columns=("id", args.image_column, args.caption_column, args.group_by))
+        check_text_column(dataset, args.caption_column, f"--dataset_name {args.dataset_name}")
+        groups = plan_groups(dataset, args.group_by)
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
+        check_images_decode(dataset, args.image_column, f"--dataset_name {args.dataset_name}")
 
-    components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
-    warn_truncated_captions(components.tokenizer, dataset[args.caption_column])
-    resolution = args.resolution or native_resolution(components.unet, components.vae)
-    for module in (components.vae, components.unet, components.text_encoder):
-        module.requires_grad_(False)
-    # Frozen: gradients only reach the pixels.
-    components.vae.to(accelerator.device, dtype=weight_dtype_of(accelerator.mixed_precision)).eval()
-    components.unet.to(accelerator.device)
-    components.text_encoder.to(accelerator.device)
-    class_pixels, class_ids = class_image_tensors(components, args, resolution, accelerator)
-    inputs = {"dataset_name": input_fingerprint(args.dataset_name, repo_type="dataset"),
-              "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
-              "class_images": (input_fingerprint(class_data_dir_of(args.class_data_dir, args.output_dir))
-                               if args.with_prior_preservation else None)}
-    work = ResumableWork(args.output_dir, run_signature(flag_values(args), inputs), accelerator,
-                         discard_other_settings=args.overwrite)
+        components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+        warn_truncated_captions(components.tokenizer, dataset[args.caption_column])
+        resolution = args.resolution or native_resolution(components.unet, components.vae)
+        for module in (components.vae, components.unet, components.text_encoder):
+            module.requires_grad_(False)
+        # Frozen: gradients only reach the pixels.
+        components.vae.to(accelerator.device, dtype=weight_dtype_of(accelerator.mixed_precision)).eval()
+        components.unet.to(accelerator.device)
+        components.text_encoder.to(accelerator.device)
+        class_pixels, class_ids = class_image_tensors(components, args, resolution, accelerator)
+        inputs = {"dataset_name": input_fingerprint(args.dataset_name, repo_type="dataset"),
+                  "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
+                  "class_images": (input_fingerprint(class_data_dir_of(args.class_data_dir, args.output_dir))
+                                   if args.with_prior_preservation else None)}
+        work = ResumableWork(args.output_dir, run_signature(flag_values(args), inputs), accelerator,
+                             discard_other_settings=args.overwrite)
 
-    def perturb_unit(group_index):
-        name, row_indices = groups[group_index]
-        saved = perturb_group(components, dataset.select(row_indices)[:], group_index, class_pixels, class_ids, args,
-                              resolution, accelerator)
-        saved["_row"] = row_indices  # restores the input order when the groups are assembled
-        return datasets.Dataset.from_dict(saved)
+        def perturb_unit(group_index):
+            name, row_indices = groups[group_index]
+            saved = perturb_group(components, dataset.select(row_indices)[:], group_index, class_pixels, class_ids,
+                                  args, resolution, accelerator)
+            saved["_row"] = row_indices  # restores the input order when the groups are assembled
+            return datasets.Dataset.from_dict(saved)
 
-    logger.info("***** Running Anti-DreamBooth perturbation *****")
-    logger.info(f"  Method = {args.method}, images = {len(dataset)}, groups ({args.group_by}) = {len(groups)}")
-    logger.info(f"  pgd_eps = {args.pgd_eps}, pgd_alpha = {args.pgd_alpha}, resolution = {resolution}")
-    perturbed = work.run(len(groups), perturb_unit, desc="Groups")
+        logger.info("***** Running Anti-DreamBooth perturbation *****")
+        logger.info(f"  Method = {args.method}, images = {len(dataset)}, groups ({args.group_by}) = {len(groups)}")
+        logger.info(f"  pgd_eps = {args.pgd_eps}, pgd_alpha = {args.pgd_alpha}, resolution = {resolution}")
+        perturbed = work.run(len(groups), perturb_unit, desc="Groups")
 
-    if accelerator.is_main_process:
-        perturbed = perturbed.sort("_row").remove_columns("_row").cast_column(args.image_column, datasets.Image())
-        provenance = dataset_provenance("perturb_antidreambooth.py", flag_values(args), extra={"resolution": resolution})
-        save_dataset(with_provenance(perturbed, provenance), args.output_dir, args.push_to_hub, args.hub_dataset_id,
-                     hub_token=args.hub_token)
-        work.cleanup()
-        logger.info(f"Saved {len(perturbed)} perturbed images to {args.output_dir} "
-                    f"(max ‖δ‖∞ = {max(perturbed['linf']):.4f} ≤ η = {args.pgd_eps})")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        if accelerator.is_main_process:
+            perturbed = perturbed.sort("_row").remove_columns("_row").cast_column(args.image_column, datasets.Image())
+            # The clean set's fingerprint: mixing can tell this set's pairs from those of another set with the same ids.
+            provenance = dataset_provenance("perturb_antidreambooth.py", flag_values(args), extra={
+                "resolution": resolution, "clean_dataset_fingerprint": inputs["dataset_name"]})
+            save_dataset(with_provenance(perturbed, provenance), args.output_dir, args.push_to_hub, args.hub_dataset_id,
+                         hub_token=args.hub_token)
+            work.cleanup()
+            logger.info(f"Saved {len(perturbed)} perturbed images to {args.output_dir} "
+                        f"(max ‖δ‖∞ = {max(perturbed['linf']):.4f} ≤ η = {args.pgd_eps})")
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 if __name__ == "__main__":

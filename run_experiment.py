@@ -16,14 +16,14 @@ instead sends the sharded stages through `accelerate launch` (GPUs).
     python run_experiment.py --config configs/sd14_celeb40.toml --output_dir runs/sd14 --dry_run
 """
 
-import argparse
 import json
 import shutil
 import time
 from pathlib import Path
 
 import mixsyn_utils.quiet  # noqa: F401  (first: silences library messages that are emitted at import time)
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
+from mixsyn_utils.outputs import OutputLock  # one study at a time per output folder
 from study.plan import load_config, plan_study  # the config, its models and stages
 from study.report import write_report  # premises, tables, figures, one verdict per claim
 from study.runner import run_stages  # cached stages, in order, in workers, or through accelerate launch
@@ -35,8 +35,8 @@ GPU_SECONDS = {"sample_image": 2.5, "train_step_per_image": 0.25, "attack_unet_f
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Run the MixSyn study from a config (see configs/).",
-                                     allow_abbrev=False)
+    parser = ArgumentParser(description="Run the MixSyn study from a config (see configs/).",
+                            allow_abbrev=False)
     parser.add_argument("--config", type=str, default="configs/tiny_digits.toml", help="A TOML study config.")
     parser.add_argument("--output_dir", type=str, default="outputs/demo", help="Where every stage writes.")
     parser.add_argument("--quick", action="store_true", help="Apply the config's [quick] profile (CI's e2e test).")
@@ -94,30 +94,32 @@ def copy_report(report_dir, results_dir):
 
 
 def main(args):
-    config, output_dir = load_config(args.config, quick=args.quick), Path(args.output_dir)
-    workers = args.workers or config["experiment"].get("workers", 1)
-    stages, models = plan_study(config, output_dir)
-    for stage in stages:
-        if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":
-            stage.num_processes = args.num_processes
-    print(f"MixSyn study '{config['experiment']['name']}': {len(stages)} stages ({len(models)} fine-tuned models)")
-    if args.dry_run:
-        run_stages(stages, output_dir / "logs", dry_run=True)
-        print(f"Estimated cost: {gpu_hours_estimate(config, stages):.1f} GPU-hours (A100-class; see GPU_SECONDS)")
-        return None
-    start, timings_path = time.time(), output_dir / "report" / "timings.json"
-    # Every stage's run time as recorded when it ran (a resumed or re-reported study keeps the earlier ones).
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-    if not args.report_only:
-        timings.update(run_stages(stages, output_dir / "logs", workers=workers))
-        timings_path.parent.mkdir(parents=True, exist_ok=True)
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
-    summary = write_report(config, output_dir, list(models.values()), output_dir / "report",
-                           stage_seconds=sum(timings.values()), workers=workers)
-    print(f"Report: {output_dir / 'report' / 'REPORT.md'} ({time.time() - start:.0f} s)")
-    if args.results_dir:
-        copy_report(output_dir / "report", Path(args.results_dir))
-    return summary
+    with OutputLock(args.output_dir):  # a second study into this folder is refused
+        config, output_dir = load_config(args.config, quick=args.quick), Path(args.output_dir)
+        workers = args.workers or config["experiment"].get("workers", 1)
+        stages, models = plan_study(config, output_dir)
+        for stage in stages:
+            if args.num_processes > 1 and stage.script != "evaluate.py" and stage.name != "victim":
+                stage.num_processes = args.num_processes
+        print(f"MixSyn study '{config['experiment']['name']}': {len(stages)} stages ({len(models)} fine-tuned models)")
+        if args.dry_run:
+            run_stages(stages, output_dir / "logs", dry_run=True)
+            print(f"Estimated cost: {gpu_hours_estimate(config, stages):.1f} GPU-hours (A100-class; see GPU_SECONDS)")
+            return None
+        start, timings_path = time.time(), output_dir / "report" / "timings.json"
+        # Every stage's run time as recorded when it ran (a resumed or re-reported study keeps the earlier ones).
+        timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        if not args.report_only:
+            timings.update(run_stages(stages, output_dir / "logs", workers=workers))
+            timings_path.parent.mkdir(parents=True, exist_ok=True)
+            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        summary = write_report(config, output_dir, list(models.values()), output_dir / "report",
+                               stage_seconds=sum(timings.values()), workers=workers)
+        print(f"Report: {output_dir / 'report' / 'REPORT.md'} ({time.time() - start:.0f} s)")
+        if args.results_dir:
+            copy_report(output_dir / "report", Path(args.results_dir))
+        return summary
+
 
 if __name__ == "__main__":
     run_cli(main, parse_args)

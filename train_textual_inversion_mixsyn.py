@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""MixSyn fine-tuning with Textual Inversion: one learned placeholder token per private domain.
+r"""MixSyn fine-tuning with Textual Inversion: one learned placeholder token per private domain.
 
 The flags are those of diffusers' `examples/textual_inversion/textual_inversion.py` plus the MixSyn data
 flags. Each domain d gets the placeholder `--placeholder_token_template` (default "<{domain}>") filled with the
@@ -24,7 +24,6 @@ Output: `learned_embeds.safetensors` for one concept (`pipe.load_textual_inversi
       --mixup_mode image --mixup_ratio 0.5 --max_train_steps 3000 --output_dir outputs/ti
 """
 
-import argparse
 import json
 import logging
 import math
@@ -42,19 +41,25 @@ from tqdm.auto import tqdm
 
 # Shared with the other training scripts (mixsyn_utils/):
 from mixsyn_utils.checkpoints import (  # where to resume, what it must match, checkpoints saved whole
+    check_resume,
+    load_resume_state,
     register_pretrained_checkpoint_hooks,
     removed_if_nothing_finished,
     resolve_resume_checkpoint,
-    resume_training_state,
     save_checkpoint,
     training_signature,
 )
-from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
-from mixsyn_utils.dataset_io import check_text_column, row_names  # a None domain is an error naming its row
-from mixsyn_utils.flags import flag_values  # the flags as the run signature and trackers record them
+from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
+from mixsyn_utils.dataset_io import check_text_column, row_names, save_dataset  # None domains named; the mixed set
+from mixsyn_utils.flags import check_paths_or_hub_ids, flag_values  # paths checked; the flags as runs record them
 from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
 from mixsyn_utils.models import LatentEncoder, check_pretrained_model, native_resolution, weight_dtype_of
-from mixsyn_utils.outputs import move_entries_into, temp_sibling  # files staged, then moved in whole
+from mixsyn_utils.outputs import (  # one run per output folder; files staged, moved in whole; a full disk
+    OutputLock,
+    move_entries_into,
+    output_write_errors,
+    staging_folder,
+)
 from mixsyn_utils.placeholders import (  # placeholder names, the token map and the caption rewrite the attacks use
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -77,7 +82,13 @@ from mixsyn_utils.training import (  # the batch loss, the output folder, valida
     validation_pipeline,
 )
 from mixsyn_utils.training_data import TrainingImages, caption_of_row, load_training_images, make_dataloader
-from mixsyn_utils.training_flags import add_training_args, check_training_args, noise_offset_of  # training flags
+from mixsyn_utils.training_flags import (  # the training flag groups and their checks
+    TRAINING_PATHS_OR_HUB_IDS,
+    add_training_args,
+    check_training_args,
+    check_training_outputs,
+    noise_offset_of,
+)
 
 # Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
 check_min_version("0.42.0")
@@ -86,7 +97,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="MixSyn Textual Inversion: one learned token per domain.", allow_abbrev=False,
         epilog="As upstream's textual_inversion.py, gradients are not clipped (--max_grad_norm 0) and images are "
                "flipped (--no-random_flip turns it off).")
@@ -269,17 +280,18 @@ def save_learned_embeds(output_dir, text_encoder, token_map, safe_serialization=
     from safetensors.torch import save_file
 
     weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
-    staging_dir = temp_sibling(Path(output_dir) / "learned_embeds")
-    for domain, entry in token_map.items():
-        state = {entry["placeholder"]: weight[entry["token_ids"]].contiguous()}
-        path = staging_dir / embeds_file_name(domain, len(token_map), steps, safe_serialization)
-        if safe_serialization:
-            save_file(state, str(path), metadata={"format": "pt"})
-        else:
-            torch.save(state, path)
-    if steps is None:
-        (staging_dir / TOKEN_MAP_FILE).write_text(json.dumps(public_token_map(token_map), indent=2, sort_keys=True))
-    move_entries_into(staging_dir, output_dir)
+    with staging_folder(Path(output_dir) / "learned_embeds") as staging_dir:
+        for domain, entry in token_map.items():
+            state = {entry["placeholder"]: weight[entry["token_ids"]].contiguous()}
+            path = staging_dir / embeds_file_name(domain, len(token_map), steps, safe_serialization)
+            if safe_serialization:
+                save_file(state, str(path), metadata={"format": "pt"})
+            else:
+                torch.save(state, path)
+        if steps is None:
+            (staging_dir / TOKEN_MAP_FILE).write_text(json.dumps(public_token_map(token_map), indent=2,
+                                                                 sort_keys=True))
+        move_entries_into(staging_dir, output_dir)
 
 
 def save_full_pipeline(output_dir, pretrained_model_name_or_path, text_encoder, tokenizer, revision=None,
@@ -290,193 +302,209 @@ def save_full_pipeline(output_dir, pretrained_model_name_or_path, text_encoder, 
     pipeline = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision,
                                                        variant=variant, text_encoder=text_encoder, tokenizer=tokenizer,
                                                        use_safetensors=True)
-    staging_dir = temp_sibling(Path(output_dir) / "pipeline")
-    pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
-    move_entries_into(staging_dir, output_dir)
+    with staging_folder(Path(output_dir) / "pipeline") as staging_dir:
+        pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
+        move_entries_into(staging_dir, output_dir)
 
 
 def main(args):
-    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to, project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))))
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if args.seed is not None:
-        set_seed(args.seed)
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
-    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    with OutputLock(args.output_dir), OutputLock(args.save_mixed_dataset, "--save_mixed_dataset"):
+        check_training_outputs(args)  # again, under the lock: the check and the lock are one step
+        check_paths_or_hub_ids(args, *TRAINING_PATHS_OR_HUB_IDS)
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+            log_with=args.report_to, project_config=ProjectConfiguration(
+                project_dir=args.output_dir, logging_dir=str(Path(args.output_dir, args.logging_dir))))
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+        if args.seed is not None:
+            set_seed(args.seed)
+        if args.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+        resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
 
-    # The training set: the self-synthesized images, a --mixup_ratio of them (or of their pixels) perturbed.
-    training_set = load_training_images(
-        args.dataset_name, args.train_data_dir, args.instance_data_dir, dataset_config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir, image_column=args.image_column, caption_column=args.caption_column,
-        instance_prompt=args.instance_prompt, instance_domain=args.instance_domain,
-        max_train_samples=args.max_train_samples, seed=args.seed, perturbed_dataset_name=args.perturbed_dataset_name,
-        mixup_mode=args.mixup_mode, mixup_ratio=args.mixup_ratio, mixup_seed=args.mixup_seed,
-        mixup_pattern=args.mixup_pattern, resolution=args.resolution, save_mixed_dataset=args.save_mixed_dataset,
-        is_main_process=accelerator.is_main_process, captions_required=False)
-    domains, caption_fn = concepts_and_captions(args, training_set)
-    components = load_training_components(
-        args.pretrained_model_name_or_path, args.revision, args.variant, tokenizer_name=args.tokenizer_name,
-        prediction_type=args.prediction_type, validation_images=args.validation_images,
-        class_labels_conditioning=args.class_labels_conditioning)
-    unet, text_encoder, vae, tokenizer = components.unet, components.text_encoder, components.vae, components.tokenizer
-    noise_scheduler = components.noise_scheduler
-    resolution = args.resolution or native_resolution(unet, vae)
-    token_map = add_placeholder_tokens(args, domains, tokenizer, text_encoder)
-    trained_ids = [i for entry in token_map.values() for i in entry["token_ids"]]
+        # The training set: the self-synthesized images, a --mixup_ratio of them (or of their pixels) perturbed.
+        training_set = load_training_images(
+            args.dataset_name, args.train_data_dir, args.instance_data_dir,
+            dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir, image_column=args.image_column,
+            caption_column=args.caption_column, instance_prompt=args.instance_prompt,
+            instance_domain=args.instance_domain, max_train_samples=args.max_train_samples, seed=args.seed,
+            perturbed_dataset_name=args.perturbed_dataset_name, mixup_mode=args.mixup_mode,
+            mixup_ratio=args.mixup_ratio, mixup_seed=args.mixup_seed, mixup_pattern=args.mixup_pattern,
+            resolution=args.resolution, captions_required=False)
+        domains, caption_fn = concepts_and_captions(args, training_set)
+        components = load_training_components(
+            args.pretrained_model_name_or_path, args.revision, args.variant, tokenizer_name=args.tokenizer_name,
+            prediction_type=args.prediction_type, validation_images=args.validation_images,
+            class_labels_conditioning=args.class_labels_conditioning)
+        unet, text_encoder = components.unet, components.text_encoder
+        vae, tokenizer = components.vae, components.tokenizer
+        noise_scheduler = components.noise_scheduler
+        resolution = args.resolution or native_resolution(unet, vae)
+        token_map = add_placeholder_tokens(args, domains, tokenizer, text_encoder)
+        trained_ids = [i for entry in token_map.values() for i in entry["token_ids"]]
 
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
-        model.to(accelerator.device)
-    if weight_dtype != torch.float32:
-        unet.to(dtype=weight_dtype)
-        vae.to(dtype=weight_dtype)
-    text_encoder.get_input_embeddings().requires_grad_(True)
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
-    if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
+        for model in (unet, vae, text_encoder):
+            model.requires_grad_(False)
+            model.to(accelerator.device)
+        if weight_dtype != torch.float32:
+            unet.to(dtype=weight_dtype)
+            vae.to(dtype=weight_dtype)
+        text_encoder.get_input_embeddings().requires_grad_(True)
+        if args.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            text_encoder.gradient_checkpointing_enable()
+        if args.enable_xformers_memory_efficient_attention:
+            unet.enable_xformers_memory_efficient_attention()
 
-    if training_set.caption_column is not None:  # a placeholder past the tokenizer's cut would never train
-        captions = [rewrite_caption(caption, domain, token_map) for caption, domain in
-                    zip(training_set.rows[training_set.caption_column], training_set.rows[domain_column_of(args)])
-                    if isinstance(caption, str)]
-        check_placeholders_within_limit(tokenizer, captions, token_map, row_names(training_set.rows, "training set"))
-    # --repeats: each epoch passes over the images that many times (upstream's dataset length).
-    rows = training_set.rows.select(np.tile(np.arange(len(training_set.rows)), args.repeats))
-    train_dataset = TrainingImages(
-        rows, tokenizer, resolution, lambda row, rng: caption_fn(row, rng, token_map), center_crop=args.center_crop,
-        random_flip=args.random_flip, seed=args.seed, interpolation=args.image_interpolation_mode,
-        max_length=args.tokenizer_max_length)
-    train_dataloader, batch_sampler = make_dataloader(train_dataset, args.train_batch_size, args.seed, accelerator,
-                                                      args.dataloader_num_workers)
+        if training_set.caption_column is not None:  # a placeholder past the tokenizer's cut would never train
+            domains_of_rows = training_set.rows[domain_column_of(args)]
+            captions = [rewrite_caption(caption, domain, token_map) for caption, domain in
+                        zip(training_set.rows[training_set.caption_column], domains_of_rows)
+                        if isinstance(caption, str)]
+            check_placeholders_within_limit(tokenizer, captions, token_map,
+                                            row_names(training_set.rows, "training set"))
+        # --repeats: each epoch passes over the images that many times (upstream's dataset length).
+        rows = training_set.rows.select(np.tile(np.arange(len(training_set.rows)), args.repeats))
+        train_dataset = TrainingImages(
+            rows, tokenizer, resolution, lambda row, rng: caption_fn(row, rng, token_map), center_crop=args.center_crop,
+            random_flip=args.random_flip, seed=args.seed, interpolation=args.image_interpolation_mode,
+            max_length=args.tokenizer_max_length)
+        train_dataloader, batch_sampler = make_dataloader(train_dataset, args.train_batch_size, args.seed, accelerator,
+                                                          args.dataloader_num_workers)
 
-    # Updates per epoch and in total (upstream's rule: --max_train_steps wins over --num_train_epochs).
-    updates_per_epoch = math.ceil(batch_sampler.batches_per_epoch() / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params_to_optimize = list(text_encoder.get_input_embeddings().parameters())
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
+        # Updates per epoch and in total (upstream's rule: --max_train_steps wins over --num_train_epochs).
+        updates_per_epoch = math.ceil(batch_sampler.batches_per_epoch() / args.gradient_accumulation_steps)
+        max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+        num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+        learning_rate = args.learning_rate
+        if args.scale_lr:
+            learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        params_to_optimize = list(text_encoder.get_input_embeddings().parameters())
+        if args.use_8bit_adam:
+            import bitsandbytes as bnb
 
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    optimizer = optimizer_class(params_to_optimize, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    # × processes: the prepared scheduler steps once per process at every update.
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, step_rules=args.lr_step_rules,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
-        power=args.lr_power)
-    text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
-    register_pretrained_checkpoint_hooks(accelerator)
-    start_output_dir(accelerator, args.output_dir, args.overwrite)  # --overwrite empties it once inputs are checked
-    if accelerator.is_main_process:
-        accelerator.init_trackers("mixsyn-textual-inversion", config=tracker_config(flag_values(args)))
+            optimizer_class = bnb.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        optimizer = optimizer_class(params_to_optimize, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        # × processes: the prepared scheduler steps once per process at every update.
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer=optimizer, step_rules=args.lr_step_rules,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+            power=args.lr_power)
+        text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
+        register_pretrained_checkpoint_hooks(accelerator)
+        # A resumed run must have the checkpoint's flags, inputs and process count; it then skips the batches already
+        # trained on. Checked before the output folder is touched, loaded once the models are prepared.
+        inputs = dict(training_set.fingerprints,
+                      pretrained_model=input_fingerprint(args.pretrained_model_name_or_path, args.revision))
+        signature = training_signature(flag_values(args), inputs)
+        check_resume(resume_path, signature, accelerator.num_processes, accelerator.process_index)
+        start_output_dir(accelerator, args.output_dir, args.overwrite)  # --overwrite empties it once inputs are checked
+        # From here on the run writes: a failed write (a full disk) is one line naming --output_dir, and a
+        # folder holding only what the run wrote before its first checkpoint (logs, staging) is removed.
+        with removed_if_nothing_finished(accelerator, args.output_dir, args.logging_dir), \
+                output_write_errors(args.output_dir):
+            if args.save_mixed_dataset and accelerator.is_main_process:  # once every input and the model have loaded
+                save_dataset(training_set.rows, args.save_mixed_dataset, flag="--save_mixed_dataset")
+            if accelerator.is_main_process:
+                accelerator.init_trackers("mixsyn-textual-inversion", config=tracker_config(flag_values(args)))
+            global_step = load_resume_state(accelerator, resume_path)
+            first_epoch = global_step // updates_per_epoch
+            batch_sampler.resume_at(first_epoch, (global_step % updates_per_epoch) * args.gradient_accumulation_steps)
+            # Only the placeholders' rows train: every other row is put back after each update.
+            original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
+            frozen_rows = torch.ones(len(original_embeddings), dtype=torch.bool, device=original_embeddings.device)
+            frozen_rows[trained_ids] = False
 
-    # A resumed run must have the checkpoint's flags and inputs; it then skips the batches already trained on.
-    inputs = dict(training_set.fingerprints,
-                  pretrained_model=input_fingerprint(args.pretrained_model_name_or_path, args.revision))
-    signature = training_signature(flag_values(args), inputs)
-    global_step = resume_training_state(accelerator, resume_path, signature)
-    first_epoch = global_step // updates_per_epoch
-    batch_sampler.resume_at(first_epoch, (global_step % updates_per_epoch) * args.gradient_accumulation_steps)
-    # Only the placeholders' rows train: every other row is put back after each update.
-    original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
-    frozen_rows = torch.ones(len(original_embeddings), dtype=torch.bool, device=original_embeddings.device)
-    frozen_rows[trained_ids] = False
+            def validate(step):
+                images = []
+                if accelerator.is_main_process:
+                    pipeline = validation_pipeline(args.pretrained_model_name_or_path, accelerator,
+                                                   args.validation_scheduler, args.revision, args.variant,
+                                                   text_encoder=text_encoder, tokenizer=tokenizer)
+                    images = log_validation(pipeline, accelerator, args.validation_prompt, args.num_validation_images,
+                                            args.seed, step, resolution)
+                accelerator.wait_for_everyone()
+                return images
 
-    def validate(step):
-        images = []
-        if accelerator.is_main_process:
-            pipeline = validation_pipeline(args.pretrained_model_name_or_path, accelerator, args.validation_scheduler,
-                                           args.revision, args.variant, text_encoder=text_encoder, tokenizer=tokenizer)
-            images = log_validation(pipeline, accelerator, args.validation_prompt, args.num_validation_images,
-                                    args.seed, step, resolution)
-        accelerator.wait_for_everyone()
-        return images
-
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(train_dataset)}, batches per epoch = {batch_sampler.batches_per_epoch()}")
-    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
-    logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-    logger.info(f"  Total optimization steps = {max_train_steps}")
-    if global_step > 0:
-        logger.info(f"  Resuming at step {global_step} (epoch {first_epoch})")
-    progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
-    latent_encoder = LatentEncoder(vae)
-    eos_token_id = tokenizer.eos_token_id if args.text_encoder_use_attention_mask else None
-    validation_images, validated_step = [], None
-    with removed_if_nothing_finished(accelerator, args.output_dir, args.logging_dir):
-        for epoch in range(first_epoch, num_train_epochs):
-            text_encoder.train()
-            train_dataloader.set_epoch(epoch)  # the order, crops and captions are functions of (seed, epoch)
-            for batch in train_dataloader:
-                with accelerator.accumulate(text_encoder):
-                    loss, logs = denoising_batch_loss(
-                        batch, unet, latent_encoder, text_encoder, noise_scheduler, weight_dtype,
-                        snr_gamma=args.snr_gamma, noise_offset=noise_offset_of(args),
-                        attention_mask_eos_id=eos_token_id,
-                        class_labels_from_timesteps=args.class_labels_conditioning == "timesteps")
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:  # an update happens every accumulation steps
-                    continue
-                global_step += 1
-                restore_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings, frozen_rows)
-                if global_step % args.save_steps == 0 and accelerator.is_main_process:
-                    save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
-                                        not args.no_safe_serialization, steps=global_step)
-                progress_bar.update(1)
-                logs = {"loss": loss.detach().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
-                progress_bar.set_postfix(**logs)
-                accelerator.log(logs, step=global_step)
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args.output_dir, global_step, signature, args.checkpoints_total_limit)
-                if args.validation_prompt and validation_due(global_step, validation_steps=args.validation_steps):
+            logger.info("***** Running training *****")
+            logger.info(f"  Num examples = {len(train_dataset)}, "
+                        f"batches per epoch = {batch_sampler.batches_per_epoch()}")
+            logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+            logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+            logger.info(f"  Total optimization steps = {max_train_steps}")
+            if global_step > 0:
+                logger.info(f"  Resuming at step {global_step} (epoch {first_epoch})")
+            progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
+                                disable=not accelerator.is_local_main_process)
+            latent_encoder = LatentEncoder(vae)
+            eos_token_id = tokenizer.eos_token_id if args.text_encoder_use_attention_mask else None
+            validation_images, validated_step = [], None
+            for epoch in range(first_epoch, num_train_epochs):
+                text_encoder.train()
+                train_dataloader.set_epoch(epoch)  # the order, crops and captions are functions of (seed, epoch)
+                for batch in train_dataloader:
+                    with accelerator.accumulate(text_encoder):
+                        loss, logs = denoising_batch_loss(
+                            batch, unet, latent_encoder, text_encoder, noise_scheduler, weight_dtype,
+                            snr_gamma=args.snr_gamma, noise_offset=noise_offset_of(args),
+                            attention_mask_eos_id=eos_token_id,
+                            class_labels_from_timesteps=args.class_labels_conditioning == "timesteps")
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(params_to_optimize, args.max_grad_norm)
+                        optimizer.step()
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if not accelerator.sync_gradients:  # an update happens every accumulation steps
+                        continue
+                    global_step += 1
+                    restore_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings,
+                                                frozen_rows)
+                    if global_step % args.save_steps == 0 and accelerator.is_main_process:
+                        save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
+                                            not args.no_safe_serialization, steps=global_step)
+                    progress_bar.update(1)
+                    logs = {"loss": loss.detach().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
+                    progress_bar.set_postfix(**logs)
+                    accelerator.log(logs, step=global_step)
+                    if global_step % args.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, args.output_dir, global_step, signature,
+                                        args.checkpoints_total_limit)
+                    if args.validation_prompt and validation_due(global_step, validation_steps=args.validation_steps):
+                        validation_images, validated_step = validate(global_step), global_step
+                    if global_step >= max_train_steps:
+                        break
+                if args.validation_prompt and validated_step != global_step and validation_due(
+                        global_step, validation_epochs=args.validation_epochs, epoch_end=epoch):
                     validation_images, validated_step = validate(global_step), global_step
                 if global_step >= max_train_steps:
                     break
-            if args.validation_prompt and validated_step != global_step and validation_due(
-                    global_step, validation_epochs=args.validation_epochs, epoch_end=epoch):
-                validation_images, validated_step = validate(global_step), global_step
-            if global_step >= max_train_steps:
-                break
-    progress_bar.close()
-    if args.validation_prompt and validated_step != global_step:  # the model card shows the final weights
-        validation_images = validate(global_step)
-    accelerator.wait_for_everyone()
+            progress_bar.close()
+            if args.validation_prompt and validated_step != global_step:  # the model card shows the final weights
+                validation_images = validate(global_step)
+            accelerator.wait_for_everyone()
 
-    if accelerator.is_main_process:
-        save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
-                            not args.no_safe_serialization)
-        if args.save_as_full_pipeline:
-            save_full_pipeline(args.output_dir, args.pretrained_model_name_or_path,
-                               accelerator.unwrap_model(text_encoder), tokenizer, args.revision, args.variant)
-    info = training_info(
-        "textual_inversion", f"Textual Inversion ({args.num_vectors} vector(s) per domain)",
-        pretrained_model_name_or_path=args.pretrained_model_name_or_path, dataset_name=args.dataset_name,
-        mix_info=training_set.mix_info,
-        trained={"steps": max_train_steps, "learning_rate": learning_rate, "resolution": resolution},
-        num_images=len(training_set.rows), instance_prompt=args.instance_prompt,
-        validation_prompt=args.validation_prompt, tokens=public_token_map(token_map))
-    finish_outputs(accelerator, args.output_dir, info, validation_images, privacy_report=args.privacy_report,
-                   push=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token)
+            if accelerator.is_main_process:
+                save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
+                                    not args.no_safe_serialization)
+                if args.save_as_full_pipeline:
+                    save_full_pipeline(args.output_dir, args.pretrained_model_name_or_path,
+                                       accelerator.unwrap_model(text_encoder), tokenizer, args.revision, args.variant)
+            info = training_info(
+                "textual_inversion", f"Textual Inversion ({args.num_vectors} vector(s) per domain)",
+                pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision,
+                dataset_name=args.dataset_name, source=training_set.source, mix_info=training_set.mix_info,
+                trained={"steps": max_train_steps, "learning_rate": learning_rate, "resolution": resolution},
+                num_images=len(training_set.rows), instance_prompt=args.instance_prompt,
+                validation_prompt=args.validation_prompt, tokens=public_token_map(token_map))
+            finish_outputs(accelerator, args.output_dir, info, validation_images, privacy_report=args.privacy_report,
+                           push=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,19 @@ they use)."""
 from .cli import InputError
 from .flags import (
     add_dataset_output_args,
+    check_outputs_apart,
+    check_paths_or_hub_ids,
     add_mixed_precision_arg,
     add_model_variant_args,
     add_pretrained_model_args,
     add_resolution_arg,
     require_non_negative,
     require_positive,
+    require_range,
 )
 from .images import check_resolution
+from .outputs import check_output_dir, check_output_writable
+from .placeholders import load_token_map, token_map_files
 
 
 def add_attack_args(parser):
@@ -42,13 +47,30 @@ def add_attack_args(parser):
     return parser
 
 
+# The flags naming what an attack reads: its outputs must stay clear of them.
+ATTACK_INPUTS = ("member_dataset", "nonmember_dataset", "pretrained_model_name_or_path", "unet_path", "lora_weights",
+                 "textual_inversion")
+
+
 def check_attack_args(args):
-    """Flag checks of `add_attack_args` that need no model or data."""
+    """Flag checks of `add_attack_args` that need no model or data; the outputs lie outside every input."""
     require_positive(args, "batch_size")
     require_non_negative(args, "seed")
     check_resolution(args.resolution)
     if args.null_prompt and args.textual_inversion:
         raise InputError("--null_prompt ignores captions, so --textual_inversion placeholders would never be used")
+    check_outputs_apart(args, ("output_dir", "latents_cache_dir"), ATTACK_INPUTS)
+
+
+def check_attack_paths(args):
+    """At the start of `main`, under the run's `OutputLock`: --output_dir writable and free (or --overwrite),
+    --latents_cache_dir writable, every input an existing path or a Hub id, and --textual_inversion's token map
+    naming embedding files that are there (before any image is decoded)."""
+    check_output_dir(args.output_dir, args.overwrite)
+    check_output_writable(args.latents_cache_dir, "--latents_cache_dir")
+    check_paths_or_hub_ids(args, *ATTACK_INPUTS)
+    if args.textual_inversion is not None:
+        token_map_files(args.textual_inversion, load_token_map(args.textual_inversion))
 
 
 def check_attack_timesteps(timesteps, allow_zero=False, flag="--attack_timesteps"):
@@ -76,5 +98,4 @@ def add_calibration_arg(group, attack):
 
 
 def check_calibration_fraction(args):
-    if not 0 < args.calibration_fraction < 1:
-        raise InputError(f"--calibration_fraction must be in (0, 1), got {args.calibration_fraction}")
+    require_range(args, "calibration_fraction", 0, 1, include_low=False, include_high=False)

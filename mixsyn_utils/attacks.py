@@ -25,17 +25,21 @@ import torch
 
 from .cli import InputError, first_line
 from .dataset_io import check_text_column, decoded_images, load_image_dataset
-from .images import image_to_tensor
+from .images import difference_hash, image_to_tensor, resize_and_crop
 from .metrics import calibration_split
 from .models import encode_images_to_latents, encode_prompts, tokenize_prompts, warn_truncated_captions
 from .placeholders import load_token_map, rewrite_caption
-from .resumable import ResumableWork, input_fingerprint, weights_digest
+from .resumable import ResumableWork, input_fingerprint, model_weights_digest, weights_digest
 from .scores import scores_to_dataset
 from .seeds import SALT_ATTACK_CALIBRATION, derive_seed
 from .variants import components_from_pipeline, load_model_variant, model_fingerprints
 
 # Bumped whenever image preprocessing or the latent encoding changes, so older cached z₀ are not reused.
 LATENT_CACHE_VERSION = 1
+# Mean |Δ| in uint8 levels at or below which a member and a non-member are the same image after the shared
+# preprocessing: on the fast victim (16 px) a 2× upscale of a member differs from it by 2.6 levels, the closest
+# distinct member / non-member pair by 13.0.
+SAME_IMAGE_MEAN_LEVELS = 4.0
 # Fewest calibration images per class an attack may fit on: below 10 × 10 pairs, one pair moves the calibration
 # AUC by more than 0.01, the size of the differences α or t are chosen by.
 MIN_CALIBRATION_PER_CLASS = 10
@@ -83,8 +87,43 @@ def _pixel_digest(rgb):
     return hashlib.sha1(repr(rgb.size).encode() + rgb.tobytes()).hexdigest()
 
 
+def check_no_image_in_both_sets(rows, hashes, resolution):
+    """No member and non-member may be one image after the shared preprocessing (`images.resize_and_crop` to the
+    attack `resolution`, what the model sees), e.g. a member saved again upscaled among the non-members.
+
+    Candidates are the pairs whose `difference_hash` (`hashes[i]` of row i, preprocessed) agrees on one of its
+    four 16-bit bands, which finds every pair within 3 differing bits without comparing all pairs; a candidate
+    with mean |Δ| ≤ `SAME_IMAGE_MEAN_LEVELS` uint8 levels is refused, naming both ids.
+    """
+    members_by_band = {}
+    for index, row in enumerate(rows):
+        if row["is_member"]:
+            for band in range(4):
+                members_by_band.setdefault((band, hashes[index] >> (16 * band) & 0xFFFF), []).append(index)
+    cache = {}
+
+    def pixels(index):
+        if index not in cache:
+            if len(cache) > 256:
+                cache.clear()
+            cache[index] = np.asarray(resize_and_crop(batch_images([rows[index]])[0], resolution), dtype=np.int16)
+        return cache[index]
+
+    for index, row in enumerate(rows):
+        if row["is_member"]:
+            continue
+        candidates = {member for band in range(4)
+                      for member in members_by_band.get((band, hashes[index] >> (16 * band) & 0xFFFF), [])}
+        for member in sorted(candidates):
+            difference = float(np.abs(pixels(member) - pixels(index)).mean())
+            if difference <= SAME_IMAGE_MEAN_LEVELS:
+                raise InputError(f"--member_dataset and --nonmember_dataset hold the same image after preprocessing "
+                                 f"to {resolution} px (mean difference {difference:.1f}/255): {rows[member]['id']} "
+                                 f"and {row['id']}")
+
+
 def load_attack_data(member_dataset, nonmember_dataset, caption_column="prompt", null_prompt=False,
-                     textual_inversion=None):
+                     textual_inversion=None, resolution=None):
     """Members and non-members as one list of rows {id, domain, is_member, caption, digest, source}, checked.
 
     `source` = (image-only view of the dataset, index): images are decoded again batch by batch rather than
@@ -92,16 +131,17 @@ def load_attack_data(member_dataset, nonmember_dataset, caption_column="prompt",
 
     Raises `InputError` for an empty set, a missing caption column, a None or empty caption, an image that does
     not decode (`dataset_io.decoded_images`, before any model loads), or any id or identical image present in
-    both sets (such an image's label is undefined and would poison the evaluation).
+    both sets (such an image's label is undefined and would poison the evaluation); with the attack `resolution`,
+    also for an image present in both sets after preprocessing (`check_no_image_in_both_sets`).
     """
     required = ("image",) if null_prompt else ("image", caption_column)
     token_map = load_token_map(textual_inversion) if textual_inversion else None
-    rows, digests, sources = [], {}, []
+    rows, digests, sources, hashes = [], {}, [], []
     for flag, path, is_member in (("--member_dataset", member_dataset, True),
                                   ("--nonmember_dataset", nonmember_dataset, False)):
         if path is None:
             raise InputError(f"{flag} is required")
-        dataset = load_image_dataset(path, required_columns=required)
+        dataset = load_image_dataset(path, required_columns=required, flag=flag)
         if token_map is not None and "domain" not in dataset.column_names:
             raise InputError(f"{flag} {path} has no 'domain' column, needed to apply --textual_inversion placeholders")
         if not null_prompt:
@@ -118,6 +158,8 @@ def load_attack_data(member_dataset, nonmember_dataset, caption_column="prompt",
                          "is_member": is_member, "caption": caption, "digest": _pixel_digest(rgb),
                          "source": (sources[-1], index)})
             digests.setdefault(rows[-1]["digest"], set()).add((is_member, rows[-1]["id"]))
+            if resolution is not None:
+                hashes.append(difference_hash(resize_and_crop(rgb, resolution)))
     member_ids = {row["id"] for row in rows if row["is_member"]}
     shared_ids = sorted(member_ids & {row["id"] for row in rows if not row["is_member"]})
     if shared_ids:
@@ -126,6 +168,8 @@ def load_attack_data(member_dataset, nonmember_dataset, caption_column="prompt",
         if len({is_member for is_member, _ in owners}) == 2:
             names = sorted(name for _, name in owners)
             raise InputError(f"--member_dataset and --nonmember_dataset hold identical pixels: {', '.join(names[:4])}")
+    if resolution is not None:
+        check_no_image_in_both_sets(rows, hashes, resolution)
     return rows
 
 
@@ -301,11 +345,19 @@ def score_all(rows, components, score_batch, *, accelerator, output_dir, signatu
 
 
 def attacked_weights_digests(model):
-    """{flag: `weights_digest`} of the `AttackedModel`'s own weights: each local fine-tuned part, or the local
-    pretrained folder when there is none (a DreamBooth pipeline). A model card attaches scores only to these."""
-    parts = [flag for flag in ("unet_path", "lora_weights", "textual_inversion") if getattr(model, flag)]
-    return {flag: weights_digest(getattr(model, flag)) for flag in parts or ["pretrained_model_name_or_path"]
-            if Path(getattr(model, flag)).exists()}
+    """{flag: digest} of every weight the `AttackedModel` loads: the pretrained pipeline (`model_weights_digest`: the
+    sha256 of a local folder's weights, `id@commit` of a Hub id) and each fine-tuned part (`weights_digest`).
+
+    A model card attaches scores only when its folder's digest is among them and, for weights trained on a base
+    model (LoRA, textual inversion), when the pretrained digest is that base's; `evaluate.py` groups attacks on one
+    model by these digests, whatever the spelling of its paths.
+    """
+    digests = {"pretrained_model_name_or_path": model_weights_digest(model.pretrained_model_name_or_path,
+                                                                      model.revision)}
+    for flag in ("unet_path", "lora_weights", "textual_inversion"):
+        if getattr(model, flag):
+            digests[flag] = weights_digest(getattr(model, flag))
+    return digests
 
 
 def attack_inputs(model, member_dataset, nonmember_dataset):

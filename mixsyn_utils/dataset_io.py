@@ -16,7 +16,7 @@ import torch
 
 from .cli import InputError, first_line
 from .images import decode_rgb
-from .outputs import atomic_replace_dir, temp_sibling
+from .outputs import atomic_replace_dir, output_write_errors, temp_sibling
 
 HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 PROVENANCE_FILE = "provenance.json"
@@ -28,53 +28,68 @@ def is_hub_id(name_or_path):
     return HUB_ID.fullmatch(text) is not None and not text.startswith(".") and not Path(text).exists()
 
 
+def check_path_or_hub_id(name_or_path, flag):
+    """A flag that takes a local path or a Hub id must name one: a path that exists, or `owner/name`.
+
+    A missing local path (a separator beyond owner/name, a leading `.` or `~`, an absolute path) is a typo, not a
+    Hub id: it is refused here, naming the flag, instead of reaching the Hub client's own error (or a download).
+    `name_or_path` may be None (flag not given) or a list (every entry is checked).
+    """
+    for value in name_or_path if isinstance(name_or_path, (list, tuple)) else [name_or_path]:
+        if value is not None and not Path(value).exists() and not is_hub_id(value):
+            raise InputError(f"{flag} {value} does not exist: no such local folder, and not a Hub id (owner/name)")
 
 
 def load_image_dataset(name_or_path, split="train", required_columns=("image",), cache_dir=None, config_name=None,
-                       data_dir=None):
-    """Load a dataset from a `save_to_disk` folder, an imagefolder directory or a Hub id (`config_name`, `data_dir`).
+                       data_dir=None, flag="dataset"):
+    """Load a dataset from a `save_to_disk` folder, an imagefolder directory, a folder of parquet files (the Hub's
+    layout) or a Hub id (`config_name`, `data_dir`).
 
-    Returns a `datasets.Dataset` (one split). Raises `InputError` naming the path when it is missing,
-    empty, or lacks one of `required_columns`.
+    Returns a `datasets.Dataset` (one split). Raises `InputError` naming `flag` and the path when it is missing,
+    empty, or lacks one of `required_columns`, and for a local folder holding a dataset script (`*.py`): code in a
+    dataset folder is never run.
     """
     import datasets
 
     if name_or_path is None or str(name_or_path).strip() == "":
-        raise InputError("no dataset given (empty name or path)")
+        raise InputError(f"{flag}: no dataset given (empty name or path)")
     path = Path(name_or_path)
+    scripts = sorted(p.name for p in path.glob("*.py")) if path.is_dir() else []
+    if scripts:
+        raise InputError(f"{flag} {name_or_path} holds a dataset script ({', '.join(scripts)}), which is never run; "
+                         "remove it")
     try:
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             if (path / "state.json").is_file() and not json.loads((path / "state.json").read_text()).get("_data_files"):
-                raise InputError(f"dataset {name_or_path} is empty")  # datasets itself fails with an IndexError
+                raise InputError(f"{flag} {name_or_path} is empty")  # datasets itself fails with an IndexError
             loaded = datasets.load_from_disk(str(path))
         elif path.is_dir() and any(path.rglob("*.parquet")):  # the Hub's layout, e.g. a clone of a dataset repo
             loaded = datasets.load_dataset(str(path), cache_dir=cache_dir)
         elif path.is_dir():
             if not any(p.is_file() for p in path.rglob("*")):
-                raise InputError(f"dataset folder {name_or_path} is empty")
+                raise InputError(f"{flag} {name_or_path}: the folder is empty")
             loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
         elif path.exists():
-            raise InputError(f"dataset path {name_or_path} is a file, expected a folder or a Hub id")
-        elif not is_hub_id(name_or_path):
-            raise InputError(f"dataset folder {name_or_path} does not exist")
+            raise InputError(f"{flag} {name_or_path} is a file, expected a folder or a Hub id")
         else:
+            check_path_or_hub_id(name_or_path, flag)
             loaded = datasets.load_dataset(str(name_or_path), config_name, cache_dir=cache_dir, data_dir=data_dir)
     except InputError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
-        raise InputError(f"cannot load dataset {name_or_path}: {first_line(error)}") from error
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, RuntimeError) as error:
+        raise InputError(f"cannot load {flag} {name_or_path}: {first_line(error)}") from error
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
-            raise InputError(f"dataset {name_or_path} has no split {split!r} (has {sorted(loaded)})")
+            raise InputError(f"{flag} {name_or_path} has no split {split!r} (has {sorted(loaded)})")
         loaded = loaded[split]
     if len(loaded) == 0:
-        raise InputError(f"dataset {name_or_path} is empty")
+        raise InputError(f"{flag} {name_or_path} is empty")
     if not loaded.info.description:
         with_provenance(loaded, stored_provenance_file(name_or_path, config_name) or "")
     missing = [column for column in required_columns if column not in loaded.column_names]
     if missing:
         raise InputError(
-            f"dataset {name_or_path} has no column {missing[0]!r} (columns: {', '.join(loaded.column_names)})"
+            f"{flag} {name_or_path} has no column {missing[0]!r} (columns: {', '.join(loaded.column_names)})"
         )
     return loaded
 
@@ -145,19 +160,22 @@ def check_text_column(dataset, column, label="dataset"):
             raise InputError(f"{name}: column {column!r} is {'empty' if value is not None else 'None'}")
 
 
-def save_dataset(dataset, output_dir, push_to_hub=False, hub_dataset_id=None, private=True, hub_token=None):
+def save_dataset(dataset, output_dir, push_to_hub=False, hub_dataset_id=None, private=True, hub_token=None,
+                 flag="--output_dir"):
     """Save `dataset` to `output_dir` atomically, then optionally push it to the Hub.
 
-    The local copy is complete before any network call. A failed push (offline, no rights) leaves
-    the local copy in place and is reported as a warning; it returns False instead of raising.
+    The local copy is complete before any network call. A write that fails (a full disk) is one `InputError`
+    naming `flag`, with nothing partial left (`outputs.output_write_errors`). A failed push (offline, no rights)
+    leaves the local copy in place and is reported as a warning; it returns False instead of raising.
     """
-    tmp_dir = temp_sibling(output_dir)
-    try:
-        dataset.save_to_disk(str(tmp_dir))
-        atomic_replace_dir(tmp_dir, output_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+    with output_write_errors(output_dir, flag):
+        tmp_dir = temp_sibling(output_dir)
+        try:
+            dataset.save_to_disk(str(tmp_dir))
+            atomic_replace_dir(tmp_dir, output_dir)
+        finally:
+            if tmp_dir.exists():
+                shutil.rmtree(tmp_dir, ignore_errors=True)
     if not push_to_hub:
         return True
     from huggingface_hub import HfApi

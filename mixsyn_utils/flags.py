@@ -9,8 +9,11 @@ signatures, dataset provenance, trackers).
 """
 
 import json
+import math
 
 from .cli import InputError
+from .dataset_io import check_path_or_hub_id
+from .outputs import check_output_outside_inputs
 
 RESOLUTION_HELP = ("Image size in pixels (a multiple of 8) fed to the VAE; default: the model's native size "
                    "(unet sample_size × 8, i.e. 512 for SD-1.4).")
@@ -38,10 +41,17 @@ def flag_values(args):
 
 
 def require_range(args, flag, low=None, high=None, include_low=True, include_high=True):
-    """`--flag` must lie in the interval from `low` to `high` (None: unbounded); NaN never does."""
+    """`--flag` must lie in the interval from `low` to `high` (None: unbounded) and be finite.
+
+    NaN never passes; +inf only when `high` is `math.inf` (and -inf only when `low` is `-math.inf`): a bound left
+    open is "any finite number", not infinity.
+    """
     value = getattr(args, flag)
     if value is None:
         return
+    if not math.isfinite(value) and not (value == math.inf and high == math.inf and include_high) \
+            and not (value == -math.inf and low == -math.inf and include_low):
+        raise InputError(f"--{flag} must be a finite number, got {value}")
     above = low is None or (value >= low if include_low else value > low)
     below = high is None or (value <= high if include_high else value < high)
     if not (above and below):  # written so that NaN fails both comparisons
@@ -52,6 +62,25 @@ def require_range(args, flag, low=None, high=None, include_low=True, include_hig
         else:
             bound = f"in {'[' if include_low else '('}{low}, {high}{']' if include_high else ')'}"
         raise InputError(f"--{flag} must be {bound}, got {value}")
+
+
+def check_outputs_apart(args, outputs, inputs):
+    """Every output flag in `outputs` (names, e.g. "output_dir") must lie outside the path of every flag in `inputs`
+    (an input written over, deleted by --overwrite, or changed under a run reading it) and outside the other
+    outputs; one line naming both flags otherwise (`outputs.check_output_outside_inputs`)."""
+    input_paths = {f"--{name}": getattr(args, name, None) for name in inputs}
+    for name in outputs:
+        check_output_outside_inputs(getattr(args, name), input_paths, f"--{name}")
+        others = {f"--{other}": getattr(args, other) for other in outputs if other != name}
+        check_output_outside_inputs(getattr(args, name), others, f"--{name}", existing_only=False)
+
+
+def check_paths_or_hub_ids(args, *names):
+    """Each named flag (a local path or a Hub id, or a list of them) must name an existing path or a Hub id
+    (`dataset_io.check_path_or_hub_id`). Called at the start of `main`, not in `parse_args`: a study's earlier
+    stages write these paths after its plan's flags are parsed."""
+    for name in names:
+        check_path_or_hub_id(getattr(args, name), f"--{name}")
 
 
 def require_positive(args, *flags):

@@ -2,6 +2,7 @@
 training, extraction, the blind baseline, the utility metrics)."""
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -26,8 +27,13 @@ def _open(source, name):
     if source is None:
         raise InputError(f"{name}: cannot decode (no image stored)")
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-        image.load()
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that, then allocates: refuse both the same way.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InputError(f"{name}: cannot decode (a decompression bomb: {first_line(error)})") from None
     except FileNotFoundError:
         raise InputError(f"{name}: cannot decode (file not found)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
@@ -46,7 +52,9 @@ def decode_rgb(source, name="image"):
     - F (32-bit float, taken in [0, 1]): u8 = round(255 · clip(v, 0, 1));
     - with alpha (LA, PA, RGBA, premultiplied La/RGBa, and P, L or RGB with a transparent colour): composited
       over white, u8 = round(a · c + (1 − a) · 255) with a = alpha / 255.
-    A missing, empty, truncated or unknown file raises `InputError("<name>: cannot decode (<reason>)")`.
+    A missing, empty, truncated or unknown file raises `InputError("<name>: cannot decode (<reason>)")`, and so
+    does a header claiming more than Pillow's `Image.MAX_IMAGE_PIXELS` (a decompression bomb), before any pixel
+    is allocated.
     """
     image = _open(source, name)
     mode = image.mode
@@ -100,6 +108,14 @@ def resize_and_crop(image, resolution, center_crop=True, rng=None, interpolation
     else:
         left = top = 0
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def difference_hash(image):
+    """64-bit dHash of an image: grayscale resized to 9 × 8 (bilinear), bit (r, c) = pixel (r, c) brighter than
+    pixel (r, c + 1), row-major. Near-identical images (a rescaled copy) share most bits; used only to find
+    candidate pairs, which are then compared pixel by pixel."""
+    gray = np.asarray(decode_rgb(image).convert("L").resize((9, 8), Image.BILINEAR), dtype=np.int16)
+    return int.from_bytes(np.packbits(gray[:, :-1] > gray[:, 1:]).tobytes(), "big")
 
 
 def pil_to_tensor(image):

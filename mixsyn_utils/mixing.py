@@ -103,10 +103,36 @@ def _pair_by_id(clean, perturbed):
     return [perturbed_row[i] for i in clean_ids]
 
 
-def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resolution=None, cache_dir=None):
+def check_perturbation_pairs(clean, perturbed, perturbed_rows, pgd_eps):
+    """Every perturbed image must be its clean image plus a perturbation within the budget it records:
+
+        ℓ∞ = max |u_pert − u_clean| ≤ 127.5 · η + 1   (uint8 levels; η = `pgd_eps` in [-1, 1] units)
+
+    with both images brought to the perturbed image's own size by the shared `resize_and_crop` (the size and
+    preprocessing the perturbation was computed at, so it is not resampled), and one level of slack for rounding.
+    A perturbed set made from other images that happen to share the ids (another clean set, a mirrored copy) is far
+    outside it. `perturbed_rows[i]` is the perturbed row paired with clean row i. Cost: one decode of each pair.
+    """
+    limit = 127.5 * pgd_eps + 1
+    clean_images, perturbed_images = clean.select_columns(["image"]), perturbed.select_columns(["image"])
+    for row, perturbed_row in enumerate(perturbed_rows):
+        perturbed_image = perturbed_images[int(perturbed_row)]["image"]
+        size = min(perturbed_image.size)
+        difference = (np.asarray(resize_and_crop(perturbed_image, size), dtype=np.int16)
+                      - np.asarray(resize_and_crop(clean_images[row]["image"], size), dtype=np.int16))
+        linf = int(np.abs(difference).max())
+        if linf > limit:
+            raise InputError(f"--perturbed_dataset_name: row id {clean[row]['id']} differs from its clean image by "
+                             f"{linf} levels (ℓ∞) > η + 1 = {limit:.1f} (pgd_eps {pgd_eps}): it was not made from "
+                             "these clean images (--dataset_name)")
+
+
+def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resolution=None, cache_dir=None,
+                 pgd_eps=None):
     """The MixSyn training set: the clean dataset's rows with `image` mixed, plus `perturbed_fraction`, `mask_seed`.
 
-    Rows are paired by `id` (a missing or extra id raises `InputError` naming it). Images are converted
+    Rows are paired by `id` (a missing or extra id raises `InputError` naming it); with `pgd_eps` (the perturbed
+    set's budget) every pair must also lie within it (`check_perturbation_pairs`). Images are converted
     to RGB and brought to `resolution` by the shared `resize_and_crop`; by default the perturbed images'
     size (the perturbation was computed there, so it is never resampled). Mixing is exact on uint8.
     `mask_seed`: the seed of the row's pixel mask (pixel mode) or of the per-domain selection (image mode).
@@ -128,6 +154,8 @@ def mix_datasets(clean, perturbed, mode, ratio, seed, pattern="random", resoluti
     if not 0.0 <= ratio <= 1.0:
         raise InputError(f"--mixup_ratio must be in [0, 1], got {ratio}")
     perturbed_rows = _pair_by_id(clean, perturbed)
+    if pgd_eps is not None:  # here, not in the generator below: `datasets` would wrap the error
+        check_perturbation_pairs(clean, perturbed, perturbed_rows, pgd_eps)
     if resolution is None:
         resolution = min(perturbed[0]["image"].size)
     domains = clean["domain"] if "domain" in clean.column_names else ["all"] * len(clean)

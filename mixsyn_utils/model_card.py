@@ -2,10 +2,12 @@
 
 A training run writes `training_info.json` (what was trained, on what, how; no local path) and the card. The card
 follows the diffusers examples (YAML: base_model, license, tags, instance_prompt, widget; validation images; how to
-load the weights) and adds the MixSyn mix, the PGD budget and, when attached, the measured membership-inference
-risk. Privacy numbers are attached only when the scores record the sha256 of exactly the weights in the folder
-(`weights_digest`), so a card never shows numbers of other weights. `evaluate.py --write_card` attaches them to a
-finished folder without retraining.
+load the weights) and says what the run trained on: whose images (self-synthesized, the user's own, a dataset) and
+what MixSyn did to them (nothing at ratio 0, a Mixup-I or Mixup-P ratio with its PGD budget), then, when attached,
+the measured membership-inference risk. Privacy numbers are attached only when the scores record the sha256 of
+exactly the weights in the folder (`weights_digest`) and, for weights trained on a base model (LoRA, textual
+inversion), of that base model (`base_model_sha256`), so a card never shows numbers of other weights.
+`evaluate.py --write_card` attaches them to a finished folder without retraining.
 
 The Hub token is only handed to `huggingface_hub`; it never reaches a model card, a tracker or a log,
 and an upload error is reported with the token masked.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from .audit_report import privacy_lines
 from .cli import InputError
-from .resumable import weights_digest
+from .resumable import model_weights_digest, weights_digest
 
 TRAINING_INFO_FILE = "training_info.json"
 # The diffusers examples write the licence of the SD-1.x weights they fine-tune.
@@ -61,30 +63,68 @@ def hub_id_or_none(name_or_path):
 
 
 def training_info(kind, method, *, pretrained_model_name_or_path, dataset_name, mix_info, trained, num_images,
-                  instance_prompt=None, validation_prompt=None, train_text_encoder=False, trigger_words=(),
-                  tokens=None):
+                  source="dataset", revision=None, instance_prompt=None, validation_prompt=None,
+                  train_text_encoder=False, trigger_words=(), tokens=None):
     """What a training run did, for its card: `CARD_KINDS` kind, method, data, mix, steps; Hub ids only.
 
-    `trained`: {"steps", "learning_rate", "resolution"} as run (after --scale_lr and the native-resolution
-    default); `trigger_words`: the domain names its captions use; `tokens`: textual inversion's public token map.
+    `source`: where the images came from (`training_data.TrainingSet.source`); `trained`: {"steps",
+    "learning_rate", "resolution"} as run (after --scale_lr and the native-resolution default); `trigger_words`:
+    the domain names its captions use; `tokens`: textual inversion's public token map. `base_model_sha256` names the
+    base model's weights (`resumable.model_weights_digest`), which the scores attached to the card must have
+    attacked too. `mix.perturbed` is true only when perturbed images were trained on (a perturbed set and a ratio
+    above 0).
     """
+    given = mix_info["perturbed_dataset"] is not None
     return {"kind": kind, "method": method, "base_model": hub_id_or_none(pretrained_model_name_or_path),
-            "training_data": hub_id_or_none(dataset_name), "num_images": num_images,
+            "base_model_sha256": model_weights_digest(pretrained_model_name_or_path, revision),
+            "training_data": hub_id_or_none(dataset_name), "source": source, "num_images": num_images,
             "instance_prompt": instance_prompt, "trigger_words": sorted(trigger_words), "tokens": tokens,
             "train_text_encoder": bool(train_text_encoder), "trained": trained,
             "mix": dict(mix_info, perturbed_dataset=hub_id_or_none(mix_info["perturbed_dataset"]),
-                        perturbed=mix_info["perturbed_dataset"] is not None),
+                        perturbed_set_given=given, perturbed=given and mix_info["ratio"] > 0),
             "validation_prompt": validation_prompt}
 
 
-def check_report_matches_weights(report, digest, output_dir, source):
-    """Every privacy block of `report` must have attacked the weights whose `weights_digest` is `digest`."""
+def read_training_info(output_dir, source="--write_card"):
+    """The training_info.json of a folder a MixSyn training script wrote; `InputError` naming `source` without it."""
+    info_file = Path(output_dir) / TRAINING_INFO_FILE
+    if not info_file.is_file():
+        raise InputError(f"{source} {output_dir} has no {TRAINING_INFO_FILE}: not a folder written by a MixSyn "
+                         "training script")
+    return json.loads(info_file.read_text())
+
+
+def short_digest(digest):
+    """A sha256 cut to 12 characters for a message; a Hub `id@commit` as it is."""
+    return digest if "@" in str(digest) else str(digest)[:12]
+
+
+def check_report_matches_weights(report, output_dir, source):
+    """Every privacy block of `report` must have attacked the weights in `output_dir`; returns their digest.
+
+    The folder's `weights_digest` must be among the block's recorded `weights_sha256`, and for weights trained on a
+    base model (every kind but a DreamBooth pipeline, which is its own base) the block's pretrained model must be
+    that base (training_info.json's `base_model_sha256`): a LoRA measured on another base model is another model.
+    """
+    info, digest = read_training_info(output_dir, source), weights_digest(output_dir)
+    base = info.get("base_model_sha256")
     for name, block in report["privacy"].items():
-        attacked = ((block.get("model") or {}).get("weights_sha256") or {}).values()
-        if digest not in attacked:
-            found = ", ".join(value[:12] for value in attacked) or "no weights hash"
+        attacked = (block.get("model") or {}).get("weights_sha256") or {}
+        if digest not in attacked.values():
+            found = ", ".join(short_digest(value) for value in attacked.values()) or "no weights hash"
             raise InputError(f"{source}: the scores {name!r} were measured on other weights ({found}) than those in "
                              f"{output_dir} ({digest[:12]}); attack these weights and evaluate again")
+        if info.get("kind") == "dreambooth":
+            continue
+        if base is None:
+            raise InputError(f"{source}: {output_dir}/{TRAINING_INFO_FILE} records no base_model_sha256, so the base "
+                             f"model the scores {name!r} attacked cannot be checked; retrain to record it")
+        attacked_base = attacked.get("pretrained_model_name_or_path")
+        if attacked_base != base:
+            raise InputError(f"{source}: the scores {name!r} attacked these {info.get('method', '')} weights on "
+                             f"another base model (sha {short_digest(attacked_base)}) than the one they were "
+                             f"trained on (sha {short_digest(base)}); attack them on their base model")
+    return digest
 
 
 def usage_snippet(info, repo_id):
@@ -110,6 +150,34 @@ def usage_snippet(info, repo_id):
     return lines + [f'image = pipe("{prompt}").images[0]', "```"]
 
 
+def training_data_text(info):
+    """Whose images the run trained on: self-synthesized (generate_synthetic.py's), the user's own
+    (--instance_data_dir), or a dataset, by its Hub id when it has one."""
+    count, source = info["num_images"], info.get("source")
+    if source == "instance_data_dir":
+        return f"{count} of your own instance images"
+    if source == "generate_synthetic.py":
+        return f"{count} self-synthesized images" + (f" ({info['training_data']})" if info["training_data"] else "")
+    return f"{count} images of {info['training_data'] or 'a local dataset'}"
+
+
+def mix_text(mix):
+    """What MixSyn did to the training images, as the run did it: nothing (ratio 0, or no perturbed set), every
+    image perturbed (ratio 1), or a Mixup-I / Mixup-P ratio, with the perturbed set's PGD budget."""
+    if not mix["perturbed"]:
+        unused = "; the perturbed set given was not used" if mix.get("perturbed_set_given") else ", no perturbed set"
+        return f"clean images only (no perturbed image: MixSyn ratio 0{unused})"
+    budget = ", ".join(f"{key} = {value}" for key, value in sorted(mix["pgd"].items())) or "not recorded"
+    if mix["ratio"] >= 1:
+        return f"every image replaced by its adversarially perturbed copy (MixSyn ratio 1; PGD budget: {budget})"
+    if mix["mode"] == "pixel":
+        done = f"{mix['ratio']:.0%} of every image's pixels taken from its adversarially perturbed copy"
+    else:
+        done = f"{mix['ratio']:.0%} of the images replaced by their adversarially perturbed copies"
+    mode = "Mixup-P" if mix["mode"] == "pixel" else "Mixup-I"
+    return f"MixSyn {mode} at ratio {mix['ratio']}, {done} (PGD budget: {budget})"
+
+
 def model_card_text(info, output_dir, digest, repo_id, privacy_report=None):
     """README.md of a fine-tuned folder: diffusers' card YAML and sections, the MixSyn mix, the weights' sha256
     and, when given, the privacy table of evaluate.py (`privacy_lines`)."""
@@ -125,8 +193,7 @@ def model_card_text(info, output_dir, digest, repo_id, privacy_report=None):
     trained, mix = info["trained"], info["mix"]
     lines = ["---", data.to_yaml(), "---", "", f"# {title} - {repo_id}", "",
              f"{info['method']} weights for {info['base_model'] or 'a local Stable Diffusion pipeline'}, fine-tuned "
-             f"with MixSyn (a mix of clean and adversarially perturbed self-synthesized images) on "
-             f"{info['training_data'] or 'a local dataset'} ({info['num_images']} images)."]
+             f"on {training_data_text(info)}: {mix_text(mix)}."]
     if widget:
         lines += ["", "<Gallery />"]
     lines += [""] + [f"![img_{i}](./{image.name})" for i, image in enumerate(images)]
@@ -140,14 +207,15 @@ def model_card_text(info, output_dir, digest, repo_id, privacy_report=None):
         lines += [f"Domains named in the captions: {', '.join(info['trigger_words'])}"] if info["trigger_words"] else []
     if info["kind"] in ("dreambooth", "dreambooth_lora"):
         lines += ["", f"Text encoder trained: {info['train_text_encoder']}."]
-    pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix["pgd"].items())) or "n/a"
+    pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix["pgd"].items())) or "not recorded"
+    perturbed_set = (f"{mix['perturbed_dataset'] or 'a local dataset'}; PGD budget: {pgd}" if mix["perturbed"] else
+                     "none" + (" (given, not used at ratio 0)" if mix.get("perturbed_set_given") else ""))
     lines += ["", "## How to use", ""] + usage_snippet(info, repo_id) + [
         "", "## Training details", "",
         f"- Method: {info['method']}, {trained['steps']} steps, learning rate {trained['learning_rate']}, "
         f"resolution {trained['resolution']}",
         f"- MixSyn mixup: mode = {mix['mode']}, ratio = {mix['ratio']}, seed = {mix['seed']}, pattern = {mix['pattern']}",
-        f"- Perturbed set: {(mix['perturbed_dataset'] or 'a local dataset') if mix['perturbed'] else 'none'}; "
-        f"PGD budget: {pgd}",
+        f"- Perturbed set: {perturbed_set}",
         f"- Weights sha256: `{digest}` (of the weight files in this repository)", ""]
     if privacy_report:
         lines += privacy_lines(privacy_report)
@@ -163,13 +231,10 @@ def write_model_card(output_dir, privacy_report=None, repo_id=None, source="--pr
 
     Returns the sha256 of the folder's weights (`weights_digest`).
     """
-    info_file = Path(output_dir) / TRAINING_INFO_FILE
-    if not info_file.is_file():
-        raise InputError(f"{output_dir} has no {TRAINING_INFO_FILE}: not a folder written by a MixSyn training script")
-    info = json.loads(info_file.read_text())
+    info = read_training_info(output_dir, source)
     digest = weights_digest(output_dir)
     if privacy_report is not None:
-        check_report_matches_weights(privacy_report, digest, output_dir, source)
+        check_report_matches_weights(privacy_report, output_dir, source)
     text = model_card_text(info, output_dir, digest, repo_id or Path(output_dir).resolve().name, privacy_report)
     (Path(output_dir) / "README.md").write_text(text)
     return digest

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 
 from .cli import InputError, first_line
-from .dataset_io import is_hub_id
+from .dataset_io import check_path_or_hub_id
 
 
 def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model_name_or_path"):
@@ -24,10 +24,10 @@ def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model
     from huggingface_hub import constants, snapshot_download
 
     path = Path(name_or_path)
-    if path.exists() or not is_hub_id(name_or_path):
+    check_path_or_hub_id(name_or_path, flag)
+    if path.exists():
         if not (path / "model_index.json").is_file():
-            reason = "is not a diffusers pipeline folder (no model_index.json)" if path.exists() else "does not exist"
-            raise InputError(f"{flag} {name_or_path} {reason}")
+            raise InputError(f"{flag} {name_or_path} is not a diffusers pipeline folder (no model_index.json)")
     elif constants.HF_HUB_OFFLINE:
         try:
             snapshot_download(str(name_or_path), revision=revision, local_files_only=True)
@@ -46,10 +46,14 @@ def load_components(pretrained_model_name_or_path, revision=None, variant=None, 
     from transformers import CLIPTextModel, CLIPTokenizer
 
     source = pretrained_model_name_or_path
-    try:
-        if tokenizer_name is not None:
+    if tokenizer_name is not None:  # its own flag: an error blames --tokenizer_name, not the pipeline
+        check_path_or_hub_id(tokenizer_name, "--tokenizer_name")
+        try:
             tokenizer = CLIPTokenizer.from_pretrained(tokenizer_name, revision=revision)
-        else:
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot load --tokenizer_name {tokenizer_name}: {first_line(error)}") from error
+    try:
+        if tokenizer_name is None:
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision,
                                                      variant=variant, use_safetensors=True)
@@ -75,6 +79,26 @@ def vae_scale_factor(vae):
 def native_resolution(unet, vae):
     """The resolution a pipeline was trained at: `unet.config.sample_size × vae_scale_factor` (512 for SD-1.4)."""
     return int(unet.config.sample_size) * vae_scale_factor(vae)
+
+
+def configured_resolution(pretrained_model_name_or_path, revision=None, unet_path=None):
+    """`native_resolution` from the UNet's and the VAE's config.json alone, before any weight loads (the attacks
+    check their images at this size first). `unet_path`: a fine-tuned UNet folder, or a pipeline folder whose
+    `unet/` replaces the pretrained UNet (as `variants.load_model_variant` reads it)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    try:
+        if unet_path is not None and Path(unet_path).is_dir():
+            subfolder = "unet" if (Path(unet_path) / "unet" / "config.json").is_file() else None
+            unet_config = UNet2DConditionModel.load_config(str(unet_path), subfolder=subfolder)
+        else:
+            unet_config = UNet2DConditionModel.load_config(pretrained_model_name_or_path, subfolder="unet",
+                                                           revision=revision)
+        vae_config = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", revision=revision)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load --pretrained_model_name_or_path {pretrained_model_name_or_path}: "
+                         f"{first_line(error)}") from error
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def tokenize_prompts(tokenizer, prompts, max_length=None):

@@ -38,12 +38,60 @@ STYLE_TEMPLATES = [
 ]
 
 
-def load_token_map(textual_inversion_dir):
-    """{domain: {"placeholder": "<zero>", "file": "learned_embeds-zero.safetensors", "num_vectors": 1}}."""
-    path = Path(textual_inversion_dir) / TOKEN_MAP_FILE
+def load_token_map(textual_inversion_dir, flag="--textual_inversion"):
+    """{domain: {"placeholder": "<zero>", "file": "learned_embeds-zero.safetensors", "num_vectors": 1}}, checked.
+
+    `token_map.json` must be valid JSON holding an object of domains; each entry an object with a non-empty
+    string "placeholder" (distinct across domains), a "file" named as a `.safetensors` file of the folder itself
+    (a pickled `.bin`/`.pt` embedding is never loaded) and an optional integer "num_vectors" ≥ 1 (default 1,
+    filled in). Anything else is one `InputError` naming `flag`, before any model loads. Captions need only the
+    map; whoever loads the embeddings checks the files exist (`token_map_files`).
+    """
+    folder = Path(textual_inversion_dir)
+    path = folder / TOKEN_MAP_FILE
+    where = f"{flag} {textual_inversion_dir}"
     if not path.is_file():
-        raise InputError(f"--textual_inversion {textual_inversion_dir} has no {TOKEN_MAP_FILE}")
-    return json.loads(path.read_text())
+        raise InputError(f"{where} has no {TOKEN_MAP_FILE}")
+    try:
+        token_map = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{where}: {TOKEN_MAP_FILE} is not valid JSON ({getattr(error, 'msg', error)})") from None
+    if not isinstance(token_map, dict) or not token_map:
+        raise InputError(f"{where}: {TOKEN_MAP_FILE} must be a non-empty object {{domain: {{placeholder, file, "
+                         f"num_vectors}}}}, got {type(token_map).__name__}")
+    checked, placeholders = {}, {}
+    for domain, entry in token_map.items():
+        if not isinstance(entry, dict):
+            raise InputError(f"{where}: {TOKEN_MAP_FILE} entry {domain!r} must be an object, got {json.dumps(entry)}")
+        placeholder, file, num_vectors = entry.get("placeholder"), entry.get("file"), entry.get("num_vectors", 1)
+        if not isinstance(placeholder, str) or not placeholder.strip():
+            raise InputError(f"{where}: {TOKEN_MAP_FILE} entry {domain!r} has no \"placeholder\" string")
+        if placeholder in placeholders:
+            raise InputError(f"{where}: {TOKEN_MAP_FILE} gives domains {placeholders[placeholder]!r} and {domain!r} "
+                             f"the same placeholder {placeholder!r}")
+        placeholders[placeholder] = domain
+        if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+            raise InputError(f"{where}: {TOKEN_MAP_FILE} entry {domain!r} needs a \"file\" name inside the folder, "
+                             f"got {json.dumps(file)}")
+        if not file.endswith(".safetensors"):
+            raise InputError(f"{where}: {TOKEN_MAP_FILE} entry {domain!r} names {file}, not a .safetensors file "
+                             "(pickled embeddings are never loaded)")
+        if isinstance(num_vectors, bool) or not isinstance(num_vectors, int) or num_vectors < 1:
+            raise InputError(f"{where}: {TOKEN_MAP_FILE} entry {domain!r} \"num_vectors\" must be an integer >= 1, "
+                             f"got {json.dumps(num_vectors)}")
+        checked[domain] = dict(entry, num_vectors=num_vectors)
+    return checked
+
+
+def token_map_files(textual_inversion_dir, token_map, flag="--textual_inversion"):
+    """{domain: path} of the embedding files a checked token map names; `InputError` naming `flag` for a missing one
+    (diffusers' loader would take the missing name for a Hub id and fail with a network error)."""
+    files = {domain: Path(textual_inversion_dir) / entry["file"] for domain, entry in token_map.items()}
+    for domain, path in files.items():
+        if not path.is_file():
+            raise InputError(f"{flag} {textual_inversion_dir}: {TOKEN_MAP_FILE} entry {domain!r} names {path.name}, "
+                             "which is not in the folder")
+    return files
 
 
 def domain_slug(domain):

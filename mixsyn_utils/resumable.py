@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from .cli import InputError
-from .outputs import atomic_replace_dir, temp_sibling
+from .outputs import atomic_replace_dir, output_write_errors, temp_sibling
 
 # Flags that change where results go or how they are logged, never a result: a resumed run may differ in these.
 OUTPUT_FLAGS = frozenset({
@@ -107,6 +107,14 @@ def weights_digest(path):
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
+def model_weights_digest(name_or_path, revision=None):
+    """What names the weights a model flag loads: `weights_digest` of a local folder or file; for a Hub id, the
+    `id@commit` of its cached snapshot (`input_fingerprint`; `id@revision` when none is cached)."""
+    if Path(name_or_path).exists():
+        return weights_digest(name_or_path)
+    return input_fingerprint(name_or_path, revision)
+
+
 def run_signature(flags, inputs=None):
     """{"flags": every flag but OUTPUT_FLAGS, "inputs": {name: fingerprint}} as plain JSON values.
 
@@ -144,10 +152,12 @@ class ResumableWork:
     `signature`: the run's `run_signature` (or any JSON dict that fixes the results). A `.partial` folder with
     finished units of another signature is an error naming the differences, or is discarded with
     `discard_other_settings` (the scripts' `--overwrite`); one without finished units is simply replaced, so a
-    run that failed before finishing a unit never blocks the corrected rerun.
+    run that failed before finishing a unit never blocks the corrected rerun. A write that fails (a full disk) is
+    one `InputError` naming `flag` (`outputs.output_write_errors`); the finished units stay for the rerun.
     """
 
-    def __init__(self, output_dir, signature, accelerator=None, discard_other_settings=False):
+    def __init__(self, output_dir, signature, accelerator=None, discard_other_settings=False, flag="--output_dir"):
+        self.output_dir, self.flag = Path(output_dir), flag
         self.work_dir = Path(f"{Path(output_dir)}.partial")
         self.signature, self.accelerator = json.loads(json.dumps(signature)), accelerator
         self.discard_other_settings = discard_other_settings
@@ -178,16 +188,21 @@ class ResumableWork:
                 raise InputError(f"{self.work_dir} holds {len(finished)} finished unit(s) of a killed run with other "
                                  f"{changed}; rerun with the same flags and inputs, or pass --overwrite to discard them")
             shutil.rmtree(self.work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        write_signature(self.work_dir, self.signature)
+        with output_write_errors(self.output_dir, self.flag):
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            write_signature(self.work_dir, self.signature)
 
     def _save(self, unit, dataset):
         import datasets
 
         datasets.disable_progress_bars()  # one bar per unit would drown the job's own progress bar
-        tmp_dir = temp_sibling(self._unit_dir(unit))
-        dataset.save_to_disk(str(tmp_dir))
-        atomic_replace_dir(tmp_dir, self._unit_dir(unit))
+        with output_write_errors(self.output_dir, self.flag):
+            tmp_dir = temp_sibling(self._unit_dir(unit))
+            try:
+                dataset.save_to_disk(str(tmp_dir))
+                atomic_replace_dir(tmp_dir, self._unit_dir(unit))
+            finally:
+                shutil.rmtree(tmp_dir, ignore_errors=True)  # gone after the rename; a half-written unit otherwise
 
     def run(self, num_units, compute_unit, desc="units"):
         """Compute this process's unfinished units with `compute_unit(unit) -> datasets.Dataset`; gather them.
@@ -198,7 +213,12 @@ class ResumableWork:
         from tqdm.auto import tqdm
 
         if self.is_main_process:
-            self._claim()
+            try:
+                self._claim()
+            except BaseException:
+                if not self.finished_units():
+                    shutil.rmtree(self.work_dir, ignore_errors=True)
+                raise
         self._barrier()
         process_index, num_processes = ((0, 1) if self.accelerator is None else
                                         (self.accelerator.process_index, self.accelerator.num_processes))

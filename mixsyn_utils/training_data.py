@@ -21,7 +21,6 @@ from .dataset_io import (
     image_files,
     load_image_dataset,
     read_provenance,
-    save_dataset,
 )
 from .images import pil_to_tensor, resize_and_crop
 from .mixing import mix_datasets
@@ -53,13 +52,15 @@ def load_instance_folder(instance_data_dir, instance_prompt, instance_domain="",
 @dataclass
 class TrainingSet:
     """The (mixed) training images: `rows` with an `image` column, the name of their caption column (None when
-    the images have no captions), the mix, and the content fingerprints of the datasets or folder they came from
-    (for the run signature)."""
+    the images have no captions), the mix, the content fingerprints of the datasets or folder they came from
+    (for the run signature), and their `source`: "instance_data_dir" (the user's own images),
+    "generate_synthetic.py" (a self-synthesized set, by its provenance) or "dataset"."""
 
     rows: object
     caption_column: str
     mix_info: dict
     fingerprints: dict
+    source: str = "dataset"
 
 
 def caption_column_of(caption_column, column_names):
@@ -84,9 +85,10 @@ def load_clean_images(dataset_name=None, train_data_dir=None, instance_data_dir=
         return clean, "prompt", {"instance_data_dir": input_fingerprint(instance_data_dir)}
     if dataset_name is not None:
         clean = load_image_dataset(dataset_name, required_columns=(image_column,), cache_dir=cache_dir,
-                                   config_name=dataset_config_name, data_dir=train_data_dir)
+                                   config_name=dataset_config_name, data_dir=train_data_dir, flag="--dataset_name")
     else:
-        clean = load_image_dataset(train_data_dir, required_columns=(image_column,), cache_dir=cache_dir)
+        clean = load_image_dataset(train_data_dir, required_columns=(image_column,), cache_dir=cache_dir,
+                                   flag="--train_data_dir")
     if image_column != "image":
         clean = clean.rename_column(image_column, "image")
     column = caption_column_of(caption_column, clean.column_names)
@@ -107,36 +109,61 @@ def load_clean_images(dataset_name=None, train_data_dir=None, instance_data_dir=
     return clean, column, fingerprints
 
 
+def perturbation_budget(perturbed_dataset_name, provenance, clean_fingerprint):
+    """The ℓ∞ budget η (`pgd_eps`) a perturbed set records, which its pairs are checked against
+    (`mixing.check_perturbation_pairs`); None when it records none but names the clean set's fingerprint, which
+    then matches this one (`perturb_antidreambooth.py` records both). Else `InputError`: nothing ties the set to
+    these clean images but their ids."""
+    pgd_eps = (provenance.get("flags") or {}).get("pgd_eps")
+    if pgd_eps is not None:
+        return float(pgd_eps)
+    recorded = provenance.get("clean_dataset_fingerprint")
+    if recorded is None:
+        raise InputError(f"--perturbed_dataset_name {perturbed_dataset_name} records no pgd_eps (nor the clean set it "
+                         "was made from), so its images cannot be checked against the clean ones; make it with "
+                         "perturb_antidreambooth.py")
+    if recorded != clean_fingerprint:
+        raise InputError(f"--perturbed_dataset_name {perturbed_dataset_name} was made from another clean dataset "
+                         "(its recorded fingerprint differs) and records no pgd_eps to check its pairs against")
+    return None
+
+
 def load_training_images(dataset_name=None, train_data_dir=None, instance_data_dir=None, *,
                          perturbed_dataset_name=None, mixup_mode="image", mixup_ratio=0.0, mixup_seed=0,
-                         mixup_pattern="random", resolution=None, save_mixed_dataset=None, is_main_process=True,
-                         **clean_options):
+                         mixup_pattern="random", resolution=None, **clean_options):
     """The training set: `load_clean_images` (its options in `clean_options`), mixed with `perturbed_dataset_name`.
 
     Returns a `TrainingSet`: rows with `image` and their captions; with a perturbed set the images are
-    `mix_datasets(clean, perturbed, ...)`. mix_info holds mode, ratio, seed, pattern and the perturbed set's PGD
-    flags from its provenance (for the model card). `save_mixed_dataset` saves the rows trained on.
+    `mix_datasets(clean, perturbed, ...)`, every pair checked against the set's budget (`perturbation_budget`).
+    mix_info holds mode, ratio, seed, pattern and the perturbed set's PGD flags from its provenance (for the model
+    card). Nothing is written: a script saves the rows (--save_mixed_dataset) once its model has loaded too.
     """
     clean, caption_column, fingerprints = load_clean_images(dataset_name, train_data_dir, instance_data_dir,
                                                             **clean_options)
+    if instance_data_dir is not None:
+        source = "instance_data_dir"
+    else:
+        source = "generate_synthetic.py" if read_provenance(clean).get("script") == "generate_synthetic.py" else "dataset"
     mix_info = {"mode": mixup_mode, "ratio": mixup_ratio, "seed": mixup_seed, "pattern": mixup_pattern,
                 "perturbed_dataset": perturbed_dataset_name, "pgd": {}}
     training_rows = clean
     if perturbed_dataset_name is not None:
-        perturbed = load_image_dataset(perturbed_dataset_name, required_columns=("image",))
+        perturbed = load_image_dataset(perturbed_dataset_name, required_columns=("image",),
+                                       flag="--perturbed_dataset_name")
         check_images_decode(perturbed, "image", f"--perturbed_dataset_name {perturbed_dataset_name}")
         fingerprints["perturbed_dataset_name"] = input_fingerprint(perturbed_dataset_name, repo_type="dataset")
-        flags = read_provenance(perturbed).get("flags", {})
+        provenance = read_provenance(perturbed)
+        flags = provenance.get("flags", {})
         mix_info["pgd"] = {key: value for key, value in flags.items() if key.startswith("pgd_")}
+        clean_fingerprint = fingerprints.get("dataset_name") or fingerprints.get("train_data_dir")
+        pgd_eps = perturbation_budget(perturbed_dataset_name, provenance, clean_fingerprint)
         if len(clean) < len(perturbed) and clean_options.get("max_train_samples") is not None \
                 and "id" in clean.column_names:
             kept = set(clean["id"])
             perturbed = perturbed.filter(lambda image_id: image_id in kept, input_columns=["id"])
         training_rows = mix_datasets(clean, perturbed, mixup_mode, mixup_ratio, mixup_seed, pattern=mixup_pattern,
-                                     resolution=resolution)
-    if save_mixed_dataset and is_main_process:
-        save_dataset(training_rows, save_mixed_dataset)
-    return TrainingSet(training_rows, caption_column, mix_info, fingerprints)
+                                     resolution=resolution, pgd_eps=pgd_eps)
+    return TrainingSet(training_rows, caption_column, mix_info, fingerprints, source)
 
 
 def caption_of_row(row, caption_column, rng):

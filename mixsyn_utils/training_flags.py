@@ -15,6 +15,7 @@ from .flags import (
     add_mixed_precision_arg,
     add_pretrained_model_args,
     add_resolution_arg,
+    check_outputs_apart,
     require_non_negative,
     require_positive,
     require_range,
@@ -197,11 +198,23 @@ def add_training_args(parser):
     return parser
 
 
+# The flags naming what a training run reads: its outputs must stay clear of them. --resume_from_checkpoint is
+# not among them: its usual place is inside --output_dir.
+TRAINING_INPUTS = ("dataset_name", "train_data_dir", "instance_data_dir", "perturbed_dataset_name",
+                   "pretrained_model_name_or_path", "tokenizer_name", "class_data_dir", "privacy_report")
+# Those that may name a Hub id, checked at the start of `main` (`check_paths_or_hub_ids`).
+TRAINING_PATHS_OR_HUB_IDS = ("pretrained_model_name_or_path", "tokenizer_name", "dataset_name", "train_data_dir",
+                             "instance_data_dir", "perturbed_dataset_name")
+
+
 def check_training_outputs(args):
-    """An occupied --output_dir or --save_mixed_dataset is replaced only with --overwrite, continued only with
-    --resume_from_checkpoint: a second run can never mix its weights with another run's checkpoints."""
+    """--output_dir and --save_mixed_dataset lie outside every input and each other, and can be written; an
+    occupied one is replaced only with --overwrite, continued only with --resume_from_checkpoint: a second run can
+    never mix its weights with another run's checkpoints. Called in `parse_args` and again at the start of `main`,
+    under the run's `OutputLock`, so the check and the lock are one step."""
     if args.overwrite and args.resume_from_checkpoint:
         raise InputError("pass --overwrite (start over) or --resume_from_checkpoint (continue), not both")
+    check_outputs_apart(args, ("output_dir", "save_mixed_dataset"), TRAINING_INPUTS)
     continuing = args.resume_from_checkpoint is not None
     hint = "pass --overwrite to replace it or --resume_from_checkpoint latest to continue it"
     check_output_dir(args.output_dir, args.overwrite or continuing, hint=hint)
@@ -216,7 +229,7 @@ def check_optimization_args(args):
                      "learning_rate", "lr_num_cycles", "lr_power", "adam_epsilon", "snr_gamma", "checkpointing_steps",
                      "checkpoints_total_limit", "num_validation_images", "validation_steps")
     require_non_negative(args, "lr_warmup_steps", "adam_weight_decay", "max_grad_norm", "seed",
-                         "dataloader_num_workers", "mixup_seed")
+                         "dataloader_num_workers", "mixup_seed", "noise_offset")
     for flag in ("adam_beta1", "adam_beta2"):
         require_range(args, flag, 0, 1, include_high=False)
 

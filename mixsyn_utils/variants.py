@@ -10,7 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from .cli import InputError, first_line
-from .placeholders import load_token_map
+from .dataset_io import check_path_or_hub_id
+from .placeholders import load_token_map, token_map_files
 from .resumable import input_fingerprint
 
 
@@ -24,6 +25,15 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
     """
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+    # Every part is checked before the pipeline loads: a typo'd path fails in milliseconds, not after the weights.
+    check_path_or_hub_id(pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    for flag, path in (("--unet_path", unet_path), ("--lora_weights", lora_weights),
+                       ("--textual_inversion", textual_inversion)):
+        check_path_or_hub_id(path, flag)
+    token_map = None
+    if textual_inversion is not None:
+        token_map = load_token_map(textual_inversion)
+        token_map_files(textual_inversion, token_map)
     try:
         pipeline = StableDiffusionPipeline.from_pretrained(
             pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
@@ -58,9 +68,8 @@ def load_model_variant(pretrained_model_name_or_path, revision=None, variant=Non
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()
     if textual_inversion is not None:
-        for domain, entry in load_token_map(textual_inversion).items():
-            pipeline.load_textual_inversion(str(Path(textual_inversion) / entry["file"]), token=entry["placeholder"],
-                                            use_safetensors=True)
+        for domain, path in token_map_files(textual_inversion, token_map).items():
+            pipeline.load_textual_inversion(str(path), token=token_map[domain]["placeholder"], use_safetensors=True)
     return pipeline
 
 

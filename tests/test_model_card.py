@@ -57,7 +57,8 @@ def test_attack_scores_record_the_sha256_of_the_weights_they_attacked(lora_folde
 
     scores = load_from_disk(str(attack_scores(tiny_victim, lora_folder, tmp_path / "pia")))
     digest = weights_digest(lora_folder)
-    assert read_provenance(scores)["model"]["weights_sha256"] == {"lora_weights": digest}
+    assert read_provenance(scores)["model"]["weights_sha256"] == {
+        "pretrained_model_name_or_path": weights_digest(tiny_victim / "pipeline"), "lora_weights": digest}
     assert weights_digest(lora_folder / LORA_FILE) == digest  # the file alone names the same weights
 
 

@@ -134,18 +134,12 @@ def test_an_existing_save_mixed_dataset_is_refused_without_overwrite(tmp_path):
 
 
 class MainProcess:
-    """What the output-folder and resume helpers use of an `Accelerator`, for one process."""
+    """What the output-folder helpers use of an `Accelerator`, for one process."""
 
     is_main_process, process_index = True, 0
 
     def wait_for_everyone(self):
         pass
-
-    def print(self, *args):
-        pass
-
-    def load_state(self, path):
-        self.loaded = path
 
 
 def test_overwrite_removes_the_old_runs_checkpoints_before_training(tmp_path):
@@ -191,25 +185,21 @@ def lora_flags(**changes):
 
 def test_resume_with_another_learning_rate_is_refused_naming_it(tmp_path):
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.checkpoints import resume_training_state
+    from mixsyn_utils.checkpoints import check_resume
 
     checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", training_signature(lora_flags()))
-    accelerator = MainProcess()
     with pytest.raises(InputError, match=r"made with other --learning_rate; resume with the same flags"):
-        resume_training_state(accelerator, checkpoint, training_signature(lora_flags(learning_rate=1e-1)))
-    assert not hasattr(accelerator, "loaded")
+        check_resume(checkpoint, training_signature(lora_flags(learning_rate=1e-1)), num_processes=1)
 
 
 def test_resume_with_unreadable_random_states_is_refused(tmp_path):
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.checkpoints import resume_training_state
+    from mixsyn_utils.checkpoints import check_resume
 
     signature = training_signature(lora_flags())
     checkpoint = fake_checkpoint(tmp_path / "checkpoint-2", signature, random_states=b"not a checkpoint")
-    accelerator = MainProcess()
     with pytest.raises(InputError, match=r"checkpoint-2: random_states_0.pkl cannot be read"):
-        resume_training_state(accelerator, checkpoint, signature)
-    assert not hasattr(accelerator, "loaded")
+        check_resume(checkpoint, signature, num_processes=1)
 
 
 def test_resume_after_the_training_set_was_replaced_is_refused(tmp_path):
@@ -217,7 +207,7 @@ def test_resume_after_the_training_set_was_replaced_is_refused(tmp_path):
     from PIL import Image
 
     from mixsyn_utils.cli import InputError
-    from mixsyn_utils.checkpoints import resume_training_state
+    from mixsyn_utils.checkpoints import check_resume
     from mixsyn_utils.training_data import load_training_images
 
     def save_set(color):
@@ -242,4 +232,4 @@ def test_resume_after_the_training_set_was_replaced_is_refused(tmp_path):
     save_set((200, 20, 30))
     replaced = training_signature(args, inputs())
     with pytest.raises(InputError, match=r"made with other dataset_name; resume with the same flags and inputs"):
-        resume_training_state(MainProcess(), checkpoint, replaced)
+        check_resume(checkpoint, replaced, num_processes=1)
