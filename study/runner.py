@@ -119,6 +119,11 @@ def check_stage_flags(stage):
     for flag in stage.continues:
         position = argv.index(f"--{flag}")
         argv = argv[:position] + argv[position + 2:]
+    # Whether the output folder is occupied belongs to the run, not to its flags: a cached stage's folder is full, and
+    # a continued stage refuses a full folder without --overwrite. The script checks it when the stage runs.
+    if "--output_dir" in argv:
+        position = argv.index("--output_dir") + 1
+        argv[position] = f"{argv[position]}.flags-check-{os.getpid()}"
     messages = io.StringIO()
     try:
         with contextlib.redirect_stderr(messages):  # argparse prints its error, then exits
