@@ -63,7 +63,7 @@ check_min_version("0.42.0")
 LATENT_RULE = ("UNet pretraining, every fine-tune and PGD train on VAE posterior samples z0 = s(mu + sigma n); "
                "attacks score the mode s mu; the posterior is narrow (mean sigma / std of mu reported)")
 DOMAIN_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-RESOLUTION = 16
+RESOLUTION = 32  # the default --image_size
 
 
 def parse_args(input_args=None):
@@ -109,11 +109,26 @@ def parse_args(input_args=None):
                         help="Min-SNR-γ weighting of the UNet pretraining loss (Hang et al. 2023); <= 0 = plain "
                              "MSE as SD-1.x. Weighting towards high-noise steps is what makes the prompt matter "
                              "within the step budget (README: measured curves).")
+    parser.add_argument("--image_size", type=int, default=RESOLUTION,
+                        help="Pixels per side of the images (8x8 digits are upscaled bicubically to this size).")
+    parser.add_argument("--vae_block_out_channels", type=int, nargs="+", default=[32, 64, 64, 64],
+                        help="Widths of the VAE's blocks; each block but the last halves the size, so the latent "
+                             "is image_size / 2^(n-1) per side (32 64 64 64: factor 8, SD's; 32 64: factor 2). SD's "
+                             "factor keeps SD's 48 pixel values per latent value, so the ℓ∞ budget η = 0.05 buys "
+                             "the same first-order loss change per latent value as on SD-1.4.")
+    parser.add_argument("--vae_data", type=str, default="public", choices=["members", "public"],
+                        help="What the VAE trains on: 'public', every digit of load_digits in neither the member nor "
+                             "the non-member split (disjoint from both, as SD's VAE never saw the attacked LAION "
+                             "images), or the member images (its reconstruction error alone then separates members).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
     parser.add_argument("--skip_report", action="store_true", help="Do not compute the membership figures at the end.")
     args = parser.parse_args(input_args)
     require_positive(args, "members_per_domain", "nonmembers_per_domain", "train_batch_size", "vae_batch_size",
-                     "rprecision_steps", "learning_rate", "cross_attention_dim", "attention_heads")
+                     "rprecision_steps", "learning_rate", "cross_attention_dim", "attention_heads", "image_size")
+    factor = 2 ** (len(args.vae_block_out_channels) - 1)
+    if args.image_size % (2 * factor):
+        raise InputError(f"--image_size {args.image_size} must be a multiple of {2 * factor} (the VAE factor "
+                         f"{factor} times the UNet's one downsampling)")
     require_non_negative(args, "vae_steps", "unet_steps", "seed", "text_encoder_lr")
     if args.cross_attention_dim % 4:
         raise InputError(f"--cross_attention_dim must be a multiple of 4 (the text encoder's 4 heads), "
@@ -164,14 +179,22 @@ def write_clip_tokenizer(tokenizer_dir, model_max_length=77):
 # Data: digits, split per domain into members and non-members
 # ----------------------------------------------------------------------------------------------
 
-def digits_splits(seed, members_per_domain, nonmembers_per_domain):
-    """Two disjoint lists of rows (id, image, prompt, domain), stratified per digit class."""
+def digit_image(digits, index, resolution):
+    """Digit `index` of load_digits as a `resolution`-px RGB PIL image (0–16 scaled to 0–255, bicubic)."""
     from PIL import Image
+
+    gray = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
+    return Image.fromarray(gray).resize((resolution, resolution), Image.BICUBIC).convert("RGB")
+
+
+def digits_splits(seed, members_per_domain, nonmembers_per_domain, resolution=RESOLUTION, with_public=False):
+    """Two disjoint lists of rows (id, image, prompt, domain), stratified per digit class; with `with_public`
+    also a third: every other digit (the public split, disjoint from both)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
-    members, nonmembers = [], []
+    members, nonmembers, public = [], [], []
     for label, domain in enumerate(DOMAIN_NAMES):
         indices = rng.permutation(np.flatnonzero(digits.target == label))
         needed = members_per_domain + nonmembers_per_domain
@@ -179,15 +202,15 @@ def digits_splits(seed, members_per_domain, nonmembers_per_domain):
             raise InputError(f"digit {label} has {len(indices)} images, fewer than the {needed} requested per domain")
         for rows, chosen in ((members, indices[:members_per_domain]), (nonmembers, indices[members_per_domain:needed])):
             for index in chosen:
-                gray = (digits.images[index] * (255.0 / 16.0)).round().astype(np.uint8)
-                image = Image.fromarray(gray).resize((RESOLUTION, RESOLUTION), Image.BICUBIC).convert("RGB")
                 rows.append({
                     "id": f"digit-{int(index):04d}",
-                    "image": image,
+                    "image": digit_image(digits, index, resolution),
                     "prompt": draw_prompt(domain, PAPER_PROMPT_TEMPLATES, seed, int(index)),
                     "domain": domain,
                 })
-    return members, nonmembers
+        public += [{"id": f"digit-{int(index):04d}", "image": digit_image(digits, index, resolution), "domain": domain}
+                   for index in indices[needed:]] if with_public else []
+    return (members, nonmembers, public) if with_public else (members, nonmembers)
 
 
 def rows_to_tensor(rows):
@@ -199,18 +222,20 @@ def rows_to_tensor(rows):
 # Model: the SD-1.x architecture at toy size
 # ----------------------------------------------------------------------------------------------
 
-def build_models(seed, cross_attention_dim=64, attention_heads=2, vae_logvar_init=-10.0):
-    """VAE (16 px -> 8x8x4 latents), cross-attention UNet (cross attention at both levels and the mid block),
-    CLIP text encoder of width `cross_attention_dim`; weights from `seed`."""
+def build_models(seed, cross_attention_dim=64, attention_heads=2, vae_logvar_init=-10.0, resolution=RESOLUTION,
+                 vae_block_out_channels=(32, 64, 64, 64)):
+    """VAE (`resolution` px -> (resolution/f)²×4 latents, f = 2^(len(vae_block_out_channels)-1); default 32 px ->
+    4x4x4, SD's factor 8), cross-attention UNet (cross attention at both levels and the mid block), CLIP text encoder of width
+    `cross_attention_dim`; weights from `seed`."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=RESOLUTION,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=resolution,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_block_out_channels),
+        block_out_channels=tuple(vae_block_out_channels), layers_per_block=1, norm_num_groups=32,
     )
     # quant_conv maps the encoder output to (mean, logvar): a constant, very negative logvar at the start gives
     # a narrow posterior (σ = e^{init/2}) that the reconstruction loss has no reason to widen.
@@ -219,7 +244,7 @@ def build_models(seed, cross_attention_dim=64, attention_heads=2, vae_logvar_ini
         vae.quant_conv.weight[channels:] = 0.0
         vae.quant_conv.bias[channels:] = float(vae_logvar_init)
     unet = UNet2DConditionModel(
-        sample_size=RESOLUTION // 2, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=resolution // 2 ** (len(vae_block_out_channels) - 1), in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -336,7 +361,7 @@ def build_tiny_victim(args):
     try:
         tokenizer = write_clip_tokenizer(work_dir / "_tokenizer")
         vae, unet, text_encoder = build_models(args.seed, args.cross_attention_dim, args.attention_heads,
-                                               args.vae_logvar_init)
+                                               args.vae_logvar_init, args.image_size, args.vae_block_out_channels)
         text_encoder.requires_grad_(False).eval()
         # SD-1.4's scheduler config (scaled_linear β 0.00085–0.012, 1000 steps); training reads it as DDPM.
         scheduler_config = dict(
@@ -347,9 +372,11 @@ def build_tiny_victim(args):
         pndm.register_to_config(clip_sample=False)  # as in SD-1.x's scheduler_config.json, read by DDPM/DDIM
         noise_scheduler = DDPMScheduler.from_config(pndm.config)
 
-        members, nonmembers = digits_splits(args.seed, args.members_per_domain, args.nonmembers_per_domain)
+        members, nonmembers, public = digits_splits(args.seed, args.members_per_domain, args.nonmembers_per_domain,
+                                                    args.image_size, with_public=True)
         member_pixels = rows_to_tensor(members)
-        vae_loss = pretrain_vae(vae, member_pixels, args)
+        # The VAE's training set: the members (default), or the public split disjoint from members and non-members.
+        vae_loss = pretrain_vae(vae, member_pixels if args.vae_data == "members" else rows_to_tensor(public), args)
         vae.requires_grad_(False)
         latent_mean, latent_std, posterior_ratio = posterior_statistics(vae, member_pixels)
         distinct_prompts = sorted({row["prompt"] for row in members})
@@ -380,6 +407,9 @@ def build_tiny_victim(args):
         figures = {"seed": args.seed, "rprecision_heldout_accuracy": classifier["heldout_accuracy_80_20"],
                    "vae_final_loss": vae_loss, "posterior_std_over_latent_std": posterior_ratio,
                    "latent_rule": LATENT_RULE, "prediction_type": args.prediction_type,
+                   "image_size": args.image_size, "vae_block_out_channels": list(args.vae_block_out_channels),
+                   "vae_data": args.vae_data, "vae_training_images": len(members) if args.vae_data == "members"
+                   else len(public),
                    "unet_steps": args.unet_steps, "vae_seconds": round(vae_seconds, 1),
                    "unet_seconds": round(unet_seconds, 1), "build_seconds": round(time.time() - start, 1)}
         (work_dir / "victim_info.json").write_text(json.dumps(figures, indent=2))

@@ -19,7 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+# The builder's 16-px, factor-2 architecture keeps every script's test fast; the default 32-px, factor-8 victim is
+# built by the quick study (test_experiment.py) and tests/test_victim.py.
 FAST_VICTIM_ARGS = [
+    "--image_size", "16", "--vae_block_out_channels", "32", "64",
     "--members_per_domain", "4", "--nonmembers_per_domain", "4",
     "--vae_steps", "60", "--unet_steps", "150", "--train_batch_size", "40", "--rprecision_steps", "60", "--skip_report",
 ]

@@ -101,3 +101,22 @@ def test_victim_v_prediction_is_written_into_the_scheduler(tmp_path):
     components = load_components(str(tmp_path / "v" / "pipeline"))
     assert components.noise_scheduler.config.prediction_type == "v_prediction"
     assert json.loads((tmp_path / "v" / "victim_info.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_the_vae_trains_on_public_digits_outside_both_splits():
+    members, nonmembers, public = make_tiny_victim.digits_splits(0, 25, 25, resolution=32, with_public=True)
+    ids = [{row["id"] for row in rows} for rows in (members, nonmembers, public)]
+    assert not ids[0] & ids[2] and not ids[1] & ids[2] and not ids[0] & ids[1]
+    assert len(ids[0]) + len(ids[1]) + len(ids[2]) == 1797  # every sklearn digit, each in one split
+    assert public[0]["image"].size == (32, 32)
+
+
+def test_the_default_victim_has_sds_vae_factor_at_32_px(tmp_path):
+    argv = ["--members_per_domain", "2", "--nonmembers_per_domain", "2", "--vae_steps", "2", "--unet_steps", "2",
+            "--train_batch_size", "8", "--rprecision_steps", "2", "--skip_report"]
+    make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(tmp_path / "v"), *argv]))
+    components = load_components(str(tmp_path / "v" / "pipeline"))
+    assert 2 ** (len(components.vae.config.block_out_channels) - 1) == 8
+    assert components.unet.config.sample_size * 8 == 32
+    info = json.loads((tmp_path / "v" / "victim_info.json").read_text())
+    assert info["vae_data"] == "public" and info["vae_training_images"] == 1797 - 40
