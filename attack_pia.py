@@ -38,6 +38,7 @@ from mixsyn_utils.attack_flags import (  # flags of every attack
 from mixsyn_utils.attack_scores import pia_scores  # the PIA score (equations there)
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, columns
     AttackedModel,
+    assumed_time_ids,
     attack_inputs,
     check_timestep,
     load_attack_data,
@@ -50,7 +51,11 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
 from mixsyn_utils.cli import InputError, run_cli  # one-line errors for bad input
 from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
 from mixsyn_utils.flags import flag_values  # flags written out; range checks
-from mixsyn_utils.models import native_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.models import (  # the model's kind (SD3/Flux refused); native size; --mixed_precision -> dtype
+    check_pretrained_model,
+    native_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import check_output_dir  # an occupied --output_dir is refused before any work
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
@@ -89,6 +94,7 @@ def parse_args(input_args=None):
 
 def main(args):
     check_output_dir(args.output_dir, args.overwrite)
+    check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # its kind: SD3/Flux fail here
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for t in args.attack_timesteps:
@@ -124,7 +130,8 @@ def main(args):
     if accelerator.is_main_process:
         extra = {"attack_timesteps": args.attack_timesteps, "lp": args.lp, "guidance_scale": args.guidance_scale,
                  "unet_calls_per_image": calls_per_image, "unet_rows_per_image": calls_per_image * rows_per_call,
-                 "resolution": resolution}
+                 "resolution": resolution,
+                 "time_ids": assumed_time_ids(components, resolution)}
         dataset = write_scores(scores, args.output_dir, script="attack_pia.py", attack=args.method,
                                flags=flag_values(args), model=model_record(model), extra=extra,
                                push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,
