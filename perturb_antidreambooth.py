@@ -223,13 +223,13 @@ def main(args):
     import datasets
 
     check_output_dir(args.output_dir, args.overwrite)
-    kind = check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # SD3/Flux fail here, in ms
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     dataset = load_image_dataset(args.dataset_name, args.dataset_split,
                                  required_columns=("id", args.image_column, args.caption_column, args.group_by))
     check_text_column(dataset, args.caption_column, f"--dataset_name {args.dataset_name}")
     groups = plan_groups(dataset, args.group_by)
+    kind = check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # SD3/Flux fail here, in ms
     surrogate = args.surrogate or ("lora" if kind == SDXL else "full")
     check_images_decode(dataset, args.image_column, f"--dataset_name {args.dataset_name}")
 

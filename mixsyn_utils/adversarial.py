@@ -60,20 +60,25 @@ def perturbation_norms(perturbed_uint8, original_uint8):
     return flat.abs().amax(1).numpy(), flat.norm(dim=1).numpy()
 
 
+def per_encoder(input_ids):
+    """Token ids as a list with one (B, L) tensor per text encoder; a bare tensor is SD-1.x/2.x's one encoder's."""
+    return [input_ids] if torch.is_tensor(input_ids) else list(input_ids)
+
+
 def rows_of(input_ids, start, stop):
     """Rows `start:stop` of the token ids of every text encoder."""
-    return [ids[start:stop] for ids in input_ids]
+    return [ids[start:stop] for ids in per_encoder(input_ids)]
 
 
 def stacked(*input_ids):
     """Token ids of several row sets, stacked per text encoder."""
-    return [torch.cat(per_encoder) for per_encoder in zip(*input_ids)]
+    return [torch.cat(ids) for ids in zip(*map(per_encoder, input_ids))]
 
 
 def surrogate_conditioning(components, input_ids, resolution):
     """c of the token ids (`conditioning.encode_prompts`, one tensor per text encoder), with SDXL's square time ids."""
     device = components.unet.device
-    conditioning = encode_prompts(text_encoders_of(components), [ids.to(device) for ids in input_ids])
+    conditioning = encode_prompts(text_encoders_of(components), [ids.to(device) for ids in per_encoder(input_ids)])
     return conditioning.with_time_ids(square_time_ids(resolution, len(conditioning)))
 
 

@@ -78,7 +78,8 @@ def flux_argv(script, folder, tmp_path):
     out = ["--output_dir", str(tmp_path / "out")]
     return {attack_loss: model + data + out, attack_pia: model + data + out, attack_secmi: model + data + out,
             attack_clid: model + data + out, attack_pfami: model + data + out,
-            evaluate: ["--generate", "--domains_file", str(tmp_path / "d.json"), "--no_brisque"] + model + out,
+            evaluate: ["--generate", "--domains_file", str(tmp_path / "d.json"), "--no_brisque",
+                       "--rprecision_model", str(tmp_path / "r")] + model + out,
             generate_synthetic: model + ["--domain", "zero"] + out,
             perturb_antidreambooth: model + ["--dataset_name", str(tmp_path / "s")] + out,
             train_lora_mixsyn: model + ["--dataset_name", str(tmp_path / "s")] + out,
@@ -92,7 +93,15 @@ def flux_argv(script, folder, tmp_path):
                          ids=lambda module: module.__name__)
 def test_every_script_refuses_flux_before_reading_any_data(tmp_path, script):
     folder = pipeline_folder(tmp_path, "flux", FLUX_INDEX)
+    if script is perturb_antidreambooth:  # plans its groups from the rows first (no image is decoded before the check)
+        from datasets import Dataset
+        from PIL import Image
+
+        Dataset.from_dict({"id": ["a"], "image": [Image.new("RGB", (16, 16))], "prompt": ["The face of one"],
+                           "domain": ["one"]}).save_to_disk(str(tmp_path / "s"))
     (tmp_path / "d.json").write_text(json.dumps({"domains": ["zero"]}))
+    (tmp_path / "r").mkdir()  # evaluate.py checks its scorer knows the sampled domains before reading the model
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"domain_names": ["zero"]}))
     with pytest.raises(InputError, match="flow-matching transformer model"):
         script.main(script.parse_args(flux_argv(script, folder, tmp_path)))
     assert not (tmp_path / "out").exists()
