@@ -34,6 +34,12 @@ Deviations from the authors:
 - The noise is one documented draw shared by all images (theirs: one unseeded pool, 3 draws per image).
 - CLiD_vec (the XGBoost variant) is not implemented.
 
+On SDXL the weakened captions go through both text encoders (`conditioning.encode_prompts`), the "null" caption is
+the pipeline's unconditional embedding (zeros with `force_zeros_for_empty_prompt`, as SDXL base's pipeline guides),
+and every UNet call gets the time ids of an uncropped R × R image, (R, R, 0, 0, R, R) with R = --resolution or the
+model's native size: the size and crop a training image was given are not in the image, so the attacker assumes
+the pipeline's default.
+
     accelerate launch attack_clid.py \
       --pretrained_model_name_or_path outputs/victim/pipeline \
       --member_dataset outputs/victim/members --nonmember_dataset outputs/victim/nonmembers \
@@ -62,6 +68,7 @@ from mixsyn_utils.attack_flags import (  # flags of every attack
 from mixsyn_utils.attack_scores import clid_scores  # CLiD's L and D
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, scoring, calibration split, output
     AttackedModel,
+    assumed_time_ids,
     attack_inputs,
     calibration_record,
     calibration_rows,
@@ -76,7 +83,11 @@ from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line err
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.metrics import clid_threshold_fit, clid_threshold_score  # CLiD_th's α and robust scalers
-from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.models import (  # the model's kind (SD3/Flux refused); native size; --mixed_precision -> dtype
+    check_pretrained_model,
+    configured_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
@@ -142,9 +153,13 @@ def weakened_caption(caption, weak, tokenizer):
 
 
 def clid_raw_columns(batch, components, predictor, args):
-    """One batch's L_t and D_t columns (`loss_t{t}`, `discrepancy_t{t}`); `score` waits for the calibration fit."""
-    weak_contexts = [batch.captions([weakened_caption(row["caption"], weak, components.tokenizer)
-                                     for row in batch.rows]) for weak in args.weak_caption]
+    """One batch's L_t and D_t columns (`loss_t{t}`, `discrepancy_t{t}`); `score` waits for the calibration fit.
+
+    The "null" caption is the model's unconditional embedding (`AttackBatch.null_context`: the encoded empty caption
+    for SD-1.x/2.x, zeros for an SDXL pipeline with `force_zeros_for_empty_prompt`)."""
+    weak_contexts = [batch.null_context() if weak == "null" else batch.captions(
+        [weakened_caption(row["caption"], weak, components.tokenizer) for row in batch.rows])
+        for weak in args.weak_caption]
     losses, discrepancies = clid_scores(predictor, batch.latents, batch.context, weak_contexts, args.attack_timesteps,
                                         args.seed, args.num_noise_draws)
     columns = {"score": np.zeros(len(batch.rows))}  # CLiD_th needs the calibration rows: computed at the end
@@ -179,6 +194,7 @@ def clid_threshold_columns(scores, timesteps, mask):
 def main(args):
     with OutputLock(args.output_dir):  # a second run into this folder is refused
         check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # its kind: SD3/Flux fail here
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
         num_timesteps = num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
@@ -215,8 +231,8 @@ def main(args):
             fit = dict(fits.pop("all"), per_timestep={str(t): fit for t, fit in fits.items()})
             extra = {"attack_timesteps": args.attack_timesteps, "num_noise_draws": args.num_noise_draws,
                      "weak_captions": args.weak_caption, "unet_calls_per_image": calls_per_image,
-                     "resolution": resolution, "calibration": calibration_record(rows, mask, args.calibration_fraction,
-                                                                                  args.seed, fit),
+                     "resolution": resolution, "time_ids": assumed_time_ids(components, resolution),
+                     "calibration": calibration_record(rows, mask, args.calibration_fraction, args.seed, fit),
                      "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and captions"}
             dataset = write_scores(scores, args.output_dir, script="attack_clid.py", attack="clid",
                                    flags=flag_values(args), model=model_record(model), extra=extra,

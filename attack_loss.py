@@ -57,6 +57,7 @@ from mixsyn_utils.attack_flags import (  # flags of every attack
 from mixsyn_utils.attack_scores import loss_attack_scores, sima_scores  # the two scores
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, scoring, calibration split, output
     AttackedModel,
+    assumed_time_ids,
     attack_inputs,
     calibration_record,
     calibration_rows,
@@ -72,7 +73,11 @@ from mixsyn_utils.cli import ArgumentParser, run_cli  # one-line errors for bad 
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.metrics import most_separating  # SimA's t: best calibration AUC
-from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.models import (  # the model's kind (SD3/Flux refused); native size; --mixed_precision -> dtype
+    check_pretrained_model,
+    configured_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
@@ -140,6 +145,7 @@ def choose_sima_timestep(scores, timesteps, mask):
 def main(args):
     with OutputLock(args.output_dir):  # a second run into this folder is refused
         check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # its kind: SD3/Flux fail here
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
         timesteps = timesteps_of(args)
@@ -176,6 +182,7 @@ def main(args):
 
         if accelerator.is_main_process:
             extra = {"attack_timesteps": timesteps, "unet_calls_per_image": calls_per_image, "resolution": resolution,
+                     "time_ids": assumed_time_ids(components, resolution),
                      "noise": f"{FIXED_NOISE_FORMULA}, shared by all images" if args.method == "loss"
                               else "none (clean z0)"}
             if args.method == "loss":

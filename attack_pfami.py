@@ -57,6 +57,7 @@ from mixsyn_utils.attack_flags import (  # flags of every attack
 from mixsyn_utils.attack_scores import pfami_fluctuations  # R, the relative loss fluctuation
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, pixels and z₀, scoring, output
     AttackedModel,
+    assumed_time_ids,
     attack_inputs,
     batch_pixel_values,
     check_timestep,
@@ -71,7 +72,11 @@ from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line err
 from mixsyn_utils.diffusion import FIXED_NOISE_FORMULA, NoisePredictor  # ε̂ of the model, the noise formula
 from mixsyn_utils.flags import flag_values, require_positive  # flags written out; range checks
 from mixsyn_utils.images import center_crop_zoom  # the neighbour x_λ
-from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.models import (  # the model's kind (SD3/Flux refused); native size; --mixed_precision -> dtype
+    check_pretrained_model,
+    configured_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
@@ -126,6 +131,7 @@ def pfami_columns(batch, components, predictor, args, resolution):
 def main(args):
     with OutputLock(args.output_dir):  # a second run into this folder is refused
         check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # its kind: SD3/Flux fail here
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
         num_timesteps = num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
@@ -164,6 +170,7 @@ def main(args):
                      "crop_strengths": args.crop_strengths, "effective_crop_strengths": effective_strengths,
                      "unet_calls_per_image": calls_per_image, "vae_encodes_per_image": 1 + len(args.crop_strengths),
                      "resolution": resolution,
+                     "time_ids": assumed_time_ids(components, resolution),
                      "noise": f"{FIXED_NOISE_FORMULA}, shared by all images and neighbours"}
             dataset = write_scores(scores, args.output_dir, script="attack_pfami.py", attack="pfami",
                                    flags=flag_values(args), model=model_record(model), extra=extra,

@@ -39,6 +39,7 @@ from mixsyn_utils.attack_flags import (  # flags of every attack
 from mixsyn_utils.attack_scores import pia_scores  # the PIA score (equations there)
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, columns
     AttackedModel,
+    assumed_time_ids,
     attack_inputs,
     check_timestep,
     load_attack_data,
@@ -51,7 +52,11 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
 from mixsyn_utils.cli import ArgumentParser, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
 from mixsyn_utils.flags import flag_values, require_non_negative, require_positive  # flags written out; ranges
-from mixsyn_utils.models import configured_resolution, weight_dtype_of  # native size; --mixed_precision -> dtype
+from mixsyn_utils.models import (  # the model's kind (SD3/Flux refused); native size; --mixed_precision -> dtype
+    check_pretrained_model,
+    configured_resolution,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
@@ -91,6 +96,7 @@ def parse_args(input_args=None):
 def main(args):
     with OutputLock(args.output_dir):  # a second run into this folder is refused
         check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # its kind: SD3/Flux fail here
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
         num_timesteps = num_train_timesteps(args.pretrained_model_name_or_path, args.revision)
@@ -129,7 +135,8 @@ def main(args):
         if accelerator.is_main_process:
             extra = {"attack_timesteps": args.attack_timesteps, "lp": args.lp, "guidance_scale": args.guidance_scale,
                      "unet_calls_per_image": calls_per_image, "unet_rows_per_image": calls_per_image * rows_per_call,
-                     "resolution": resolution}
+                     "resolution": resolution,
+                     "time_ids": assumed_time_ids(components, resolution)}
             dataset = write_scores(scores, args.output_dir, script="attack_pia.py", attack=args.method,
                                    flags=flag_values(args), model=model_record(model), extra=extra,
                                    push_to_hub=args.push_to_hub, hub_dataset_id=args.hub_dataset_id,

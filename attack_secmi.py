@@ -36,6 +36,7 @@ from mixsyn_utils.attack_flags import add_attack_args, check_attack_args, check_
 from mixsyn_utils.attack_scores import secmi_t_error  # the t-error (equations there)
 from mixsyn_utils.attacks import (  # members/non-members, the attacked model, sharded resumable scoring, output
     AttackedModel,
+    assumed_time_ids,
     attack_inputs,
     check_timestep,
     load_attack_data,
@@ -47,7 +48,12 @@ from mixsyn_utils.attacks import (  # members/non-members, the attacked model, s
 from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line errors for bad input (argparse's included)
 from mixsyn_utils.diffusion import NoisePredictor  # ε̂ of the model
 from mixsyn_utils.flags import flag_values, require_positive, require_range  # flags written out; range checks
-from mixsyn_utils.models import configured_resolution, vae_scale_factor, weight_dtype_of  # sizes; the dtype
+from mixsyn_utils.models import (  # the model's kind (SD3/Flux refused); sizes; --mixed_precision -> dtype
+    check_pretrained_model,
+    configured_resolution,
+    vae_scale_factor,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import OutputLock  # one run at a time per output folder
 from mixsyn_utils.resumable import run_signature  # what a resumed run must share with the killed one
 from mixsyn_utils.scores import write_scores  # the scores dataset evaluate.py reads
@@ -154,6 +160,7 @@ def secmi_nn_scores(dataset, latent_shape, args):
 def main(args):
     with OutputLock(args.output_dir):  # a second run into this folder is refused
         check_attack_paths(args)  # under the lock: the occupancy check and the lock are one step
+        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # its kind: SD3/Flux fail here
         accelerator = Accelerator(mixed_precision=args.mixed_precision)
         logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
         check_timestep(args.t_sec, num_train_timesteps(args.pretrained_model_name_or_path, args.revision), "--t_sec")
@@ -187,7 +194,8 @@ def main(args):
 
         if accelerator.is_main_process:
             extra = {"t_sec": args.t_sec, "k": args.k, "unet_calls_per_image": calls_per_image,
-                     "resolution": resolution}
+                     "resolution": resolution,
+                     "time_ids": assumed_time_ids(components, resolution)}
             if args.secmi_nn:
                 latent_side = resolution // vae_scale_factor(components.vae)
                 latent_shape = (components.unet.config.in_channels, latent_side, latent_side)

@@ -95,6 +95,7 @@ from mixsyn_utils.audit_statistics import (  # CIs, calibrated attack, paired de
 )
 from mixsyn_utils.extraction import extraction_metrics  # (k, ℓ2, δ)-eidetic memorization
 from mixsyn_utils.metrics import low_fpr_measurable, roc_metrics  # ROC figures and their FPR resolution
+from mixsyn_utils.models import check_pretrained_model  # the sampled model's kind, read before sampling
 from mixsyn_utils.evaluation_report import render_markdown  # report.md
 from mixsyn_utils.model_card import (  # the card's privacy numbers, tied to the weights they were measured on
     check_report_matches_weights,
@@ -457,6 +458,8 @@ def main(args):
                                              flag="--generations")
             check_images_decode(generations, "image", f"--generations {args.generations}")
         check_before_sampling(args, members, generations)
+        if args.generate:  # the sampled model's kind (SD-1.x/2.x or SDXL; SD3/Flux refused), read before sampling
+            check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
 
         # Sampling is the only heavy step: it alone is sharded over processes; everything else is main-process work.
         work = None

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-r"""MixSyn step 1: self-synthesize N images per private domain from the pretrained model itself.
+r"""MixSyn step 1: self-synthesize N images per private domain from the pretrained model itself (SD-1.x/2.x or SDXL,
+read from its model_index.json: an SDXL base samples with both text encoders and its default size conditioning).
 
 For each domain, image i gets a prompt template drawn with the template probabilities (the paper's
 "The face of {}" p=0.7 / "A photo of {}" p=0.3 by default) and a seed derived from `--seed` and i, so the
@@ -47,6 +48,7 @@ from mixsyn_utils.resumable import (  # batches saved as they finish; a killed r
     run_signature,
 )
 from mixsyn_utils.seeds import derive_seed  # image i's seed, independent of batch and process
+from mixsyn_utils.variants import load_pipeline  # StableDiffusion(XL)Pipeline by the model's kind
 
 # Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
 check_min_version("0.42.0")
@@ -109,7 +111,6 @@ def generate_batch(pipeline, rows, resolution, num_inference_steps, guidance_sca
 
 def main(args):
     from datasets import Dataset, Features, Image as ImageFeature, Value
-    from diffusers import StableDiffusionPipeline
 
     with OutputLock(args.output_dir):  # a second run into this folder is refused
         check_output_dir(args.output_dir, args.overwrite)  # under the lock: the check and the lock are one step
@@ -127,11 +128,8 @@ def main(args):
             "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision)})
         work = ResumableWork(args.output_dir, signature, accelerator, discard_other_settings=args.overwrite)
 
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
-            dtype=weight_dtype_of(accelerator.mixed_precision), safety_checker=None, requires_safety_checker=False,
-            use_safetensors=True,
-        ).to(accelerator.device)
+        pipeline = load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
+                                 weight_dtype_of(accelerator.mixed_precision)).to(accelerator.device)
         pipeline.set_progress_bar_config(disable=True)
         resolution = args.resolution or native_resolution(pipeline.unet, pipeline.vae)
         features = Features({"id": Value("string"), "image": ImageFeature(), "prompt": Value("string"),

@@ -5,8 +5,15 @@ Everything is offline. The CLIP tokenizer is written from the BPE file that ship
 images come from `sklearn.datasets.load_digits` (10 private domains = 10 digit classes), and the model
 is *pretrained* on a member split only, so that it leaks membership the way SD-1.4 leaks LAION images.
 
+`--architecture sdxl` builds the same victim with SDXL's architecture: two CLIP text encoders (the second with a
+projection, its tokenizer padding with "!"), a UNet without attention at its top level that takes the pooled text
+embedding and the six size/crop time ids (`addition_embed_type="text_time"`), SDXL base's Euler scheduler config,
+saved as a `StableDiffusionXLPipeline` (`force_zeros_for_empty_prompt`: dropped captions train on zeros, as the
+pipeline's unconditional embedding). Same data, VAE, recipe and outputs.
+
 Output (`--output_dir DIR`):
-    DIR/pipeline      StableDiffusionPipeline.save_pretrained (load it like CompVis/stable-diffusion-v1-4)
+    DIR/pipeline      StableDiffusionPipeline.save_pretrained (load it like CompVis/stable-diffusion-v1-4), or
+                      StableDiffusionXLPipeline (like stabilityai/stable-diffusion-xl-base-1.0)
     DIR/members       save_to_disk dataset: id, image, prompt, domain (the pretraining set)
     DIR/nonmembers    same columns, disjoint, stratified per domain, never trained on
     DIR/domains.json  domain names and prompt templates with their probabilities
@@ -44,12 +51,14 @@ from mixsyn_utils.flags import require_non_negative, require_positive, require_r
 from mixsyn_utils.images import image_to_tensor  # the shared preprocessing
 from mixsyn_utils.audit_statistics import blind_baseline_auc, blind_features  # the blind baseline
 from mixsyn_utils.metrics import roc_metrics  # the membership figures
-from mixsyn_utils.models import (  # SD components, z₀ and prompt encoding
+from mixsyn_utils.conditioning import TextConditioning, encode_prompts, square_time_ids  # the UNet's conditioning
+from mixsyn_utils.models import (  # SD / SDXL components, z₀
     encode_images_to_latents,
-    encode_prompts,
     load_components,
     native_resolution,
+    text_encoders_of,
     tokenize_prompts,
+    tokenizers_of,
 )
 from mixsyn_utils.outputs import OutputLock, atomic_replace_dir, check_output_dir, temp_sibling  # whole or not at all
 from mixsyn_utils.seeds import derive_seed  # the build's random streams
@@ -63,20 +72,27 @@ LATENT_RULE = ("UNet pretraining, every fine-tune and PGD train on VAE posterior
                "attacks score the mode s mu; the posterior is narrow (mean sigma / std of mu reported)")
 DOMAIN_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 RESOLUTION = 32  # the default --image_size
+# UNet pretraining steps per architecture (--unet_steps' default): README, "The embedded victim", has the curves.
+DEFAULT_UNET_STEPS = {"sd": 700, "sdxl": 700}
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim (SDXL base: 256), the sinusoid width of each of the 6 time ids
 
 
 def parse_args(input_args=None):
     parser = ArgumentParser(description="Build and pretrain the tiny offline SD-architecture victim.",
                             allow_abbrev=False)
     parser.add_argument("--output_dir", type=str, required=True, help="Where pipeline/, members/, nonmembers/ go.")
+    parser.add_argument("--architecture", type=str, default="sd", choices=["sd", "sdxl"],
+                        help="'sd': SD-1.x's (one CLIP encoder, cross attention at every UNet level); 'sdxl': SDXL's "
+                             "(two CLIP encoders each of width --cross_attention_dim / 2, pooled text and size/crop "
+                             "time ids added to the timestep embedding, no attention at the UNet's top level).")
     parser.add_argument("--seed", type=int, default=0, help="Fixes the split, the captions and all weights.")
     parser.add_argument("--members_per_domain", type=int, default=25, help="Pretraining images per digit class.")
     parser.add_argument("--nonmembers_per_domain", type=int, default=25, help="Held-out images per digit class.")
     parser.add_argument("--vae_steps", type=int, default=400, help="VAE pretraining steps (run first).")
     parser.add_argument(
-        "--unet_steps", type=int, default=700,
-        help="UNet pretraining steps. Membership signal and prompt conditioning grow with them (README: the "
-             "measured curve).",
+        "--unet_steps", type=int, default=None,
+        help="UNet pretraining steps (default: 700). Membership signal and prompt conditioning "
+             "grow with them (README: the measured curves).",
     )
     parser.add_argument("--train_batch_size", type=int, default=64, help="Batch size of UNet pretraining.")
     parser.add_argument("--vae_batch_size", type=int, default=32, help="Batch size of VAE pretraining.")
@@ -122,6 +138,8 @@ def parse_args(input_args=None):
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing non-empty --output_dir.")
     parser.add_argument("--skip_report", action="store_true", help="Do not compute the membership figures at the end.")
     args = parser.parse_args(input_args)
+    if args.unet_steps is None:
+        args.unet_steps = DEFAULT_UNET_STEPS[args.architecture]
     require_positive(args, "members_per_domain", "nonmembers_per_domain", "train_batch_size", "vae_batch_size",
                      "rprecision_steps", "learning_rate", "cross_attention_dim", "attention_heads", "image_size")
     factor = 2 ** (len(args.vae_block_out_channels) - 1)
@@ -131,8 +149,9 @@ def parse_args(input_args=None):
     require_non_negative(args, "vae_steps", "unet_steps", "seed", "text_encoder_lr", "snr_gamma")
     # exp(-30) ≈ 1e-13: a narrower posterior is a point; above 0 it is wider than the latent spread it must stay under.
     require_range(args, "vae_logvar_init", -30, 0)
-    if args.cross_attention_dim % 4:
-        raise InputError(f"--cross_attention_dim must be a multiple of 4 (the text encoder's 4 heads), "
+    multiple = 8 if args.architecture == "sdxl" else 4
+    if args.cross_attention_dim % multiple:
+        raise InputError(f"--cross_attention_dim must be a multiple of {multiple} (the text encoders' 4 heads), "
                          f"got {args.cross_attention_dim}")
     for flag in ("caption_dropout", "ema_decay"):
         require_range(args, flag, 0, 1, include_high=False)
@@ -224,12 +243,11 @@ def rows_to_tensor(rows):
 # ----------------------------------------------------------------------------------------------
 
 def build_models(seed, cross_attention_dim=64, attention_heads=2, vae_logvar_init=-10.0, resolution=RESOLUTION,
-                 vae_block_out_channels=(32, 64, 64, 64)):
+                 vae_block_out_channels=(32, 64, 64, 64), architecture="sd"):
     """VAE (`resolution` px -> (resolution/f)²×4 latents, f = 2^(len(vae_block_out_channels)-1); default 32 px ->
-    4x4x4, SD's factor 8), cross-attention UNet (cross attention at both levels and the mid block), CLIP text encoder of width
-    `cross_attention_dim`; weights from `seed`."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    4x4x4, SD's factor 8), a UNet and its text encoders (`architecture`, see `build_unet_and_text_encoders`);
+    weights from `seed`. Returns (vae, unet, [text encoders])."""
+    from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -244,19 +262,50 @@ def build_models(seed, cross_attention_dim=64, attention_heads=2, vae_logvar_ini
     with torch.no_grad():
         vae.quant_conv.weight[channels:] = 0.0
         vae.quant_conv.bias[channels:] = float(vae_logvar_init)
+    latent_size = resolution // 2 ** (len(vae_block_out_channels) - 1)
+    unet, text_encoders = build_unet_and_text_encoders(latent_size, cross_attention_dim, attention_heads, architecture)
+    return vae, unet, text_encoders
+
+
+def build_unet_and_text_encoders(latent_size, cross_attention_dim=64, attention_heads=2, architecture="sd"):
+    """The UNet and its CLIP text encoders at toy size.
+
+    sd: cross attention at both UNet levels and the mid block; one CLIP encoder of width `cross_attention_dim`.
+    sdxl: SDXL's layout (DownBlock2D then CrossAttnDownBlock2D with 2 transformer layers, linear projections, heads
+    growing with depth) and its added embedding: `text_time`, 6 time ids of `SDXL_TIME_EMBED_DIM` sinusoids each plus
+    the pooled text, `projection_class_embeddings_input_dim` = 6 · 8 + P; two 3-layer CLIP encoders of width
+    D = `cross_attention_dim` / 2 (quick_gelu, padding with <|endoftext|>; gelu with a D → P = D projection, padding
+    with "!" id 0), whose penultimate layers concatenate to the UNet's `cross_attention_dim`.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    clip = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
+                num_attention_heads=4)
+    if architecture == "sd":
+        unet = UNet2DConditionModel(
+            sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_heads, norm_num_groups=32,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            **clip, hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim, num_hidden_layers=2,
+            pad_token_id=49407))
+        return unet, [text_encoder]
+    width = cross_attention_dim // 2
     unet = UNet2DConditionModel(
-        sample_size=resolution // 2 ** (len(vae_block_out_channels) - 1), in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_heads, norm_num_groups=32,
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(attention_heads, 2 * attention_heads), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, cross_attention_dim=cross_attention_dim, norm_num_groups=32,
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + width, flip_sin_to_cos=True, freq_shift=0,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=cross_attention_dim, intermediate_size=2 * cross_attention_dim,
-        num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-    ))
-    return vae, unet, text_encoder
+    sizes = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3, projection_dim=width)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip, **sizes, hidden_act="quick_gelu", pad_token_id=49407))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip, **sizes, hidden_act="gelu", pad_token_id=0))
+    return unet, [text_encoder, text_encoder_2]
 
 
 def cosine_optimizer(parameters, learning_rate, steps):
@@ -298,28 +347,35 @@ def posterior_statistics(vae, pixel_values):
     return mean, std, float(std.mean() / mean.std())
 
 
-def pretrain_unet(unet, text_encoder, latent_mean, latent_std, prompt_index, prompt_ids, noise_scheduler, args):
-    """Pretraining on member latents (target ε or v); returns the EMA copies of the UNet and text encoder.
+def pretrain_unet(unet, text_encoders, latent_mean, latent_std, prompt_index, prompt_ids, noise_scheduler, args,
+                  after_step=None):
+    """Pretraining on member latents (target ε or v); returns the EMA copies of the UNet and text encoders.
 
     z₀ = μ + σ·n, a fresh posterior sample every step, as SD was trained and as every fine-tune and PGD here
-    encode. `prompt_ids` holds each distinct member caption and, last, the empty prompt; image i's caption is
-    `prompt_ids[prompt_index[i]]`. With `--text_encoder_lr > 0` the text encoder trains jointly (its own lr).
+    encode. `prompt_ids` holds, per text encoder, each distinct member caption and, last, the empty prompt; image
+    i's caption is row `prompt_index[i]`. With `--text_encoder_lr > 0` the text encoders train jointly (their own lr).
+    Caption dropout: SD-1.x trains on the empty prompt's embedding; SDXL on zeros (its pipeline's unconditional
+    embedding). SDXL's time ids are those of the uncropped images, (R, R, 0, 0, R, R). `after_step(n, ema_unet,
+    ema_text_encoders)`, when given, sees the EMA models after every update n (the victim benchmark's snapshots).
     """
     train_text = args.text_encoder_lr > 0
     groups = [{"params": list(unet.parameters()), "lr": args.learning_rate}]
     if train_text:
-        text_encoder.requires_grad_(True).train()
-        groups.append({"params": list(text_encoder.parameters()), "lr": args.text_encoder_lr})
+        for text_encoder in text_encoders:
+            text_encoder.requires_grad_(True).train()
+        groups.append({"params": [p for text_encoder in text_encoders for p in text_encoder.parameters()],
+                       "lr": args.text_encoder_lr})
     optimizer, scheduler = cosine_optimizer(groups, args.learning_rate, args.unet_steps)
-    models = [unet, text_encoder] if train_text else [unet]
+    models = [unet, *text_encoders] if train_text else [unet]
     ema_models = [copy.deepcopy(model).requires_grad_(False) for model in models]
     generator = torch.Generator().manual_seed(derive_seed(args.seed, 2))
     num_timesteps = noise_scheduler.config.num_train_timesteps
     alpha_bar = alphas_cumprod(noise_scheduler)
-    empty_index = len(prompt_ids) - 1
+    empty_index = len(prompt_ids[0]) - 1
     snr_gamma = args.snr_gamma if args.snr_gamma > 0 else None
+    zeros_when_dropped = len(text_encoders) > 1
     with torch.no_grad():
-        frozen_embeddings = None if train_text else encode_prompts(text_encoder, prompt_ids)
+        frozen_embeddings = None if train_text else encode_prompts(text_encoders, prompt_ids)
     unet.train()
     for step in tqdm(range(args.unet_steps), desc="UNet pretraining"):
         rows = torch.randint(len(latent_mean), (args.train_batch_size,), generator=generator)
@@ -327,12 +383,16 @@ def pretrain_unet(unet, text_encoder, latent_mean, latent_std, prompt_index, pro
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, num_timesteps, (len(rows),), generator=generator)
         noisy_latents = q_sample(latents, noise, timesteps, alpha_bar)
-        # Caption dropout, as in SD's training: the empty prompt's embedding is what classifier-free guidance
+        # Caption dropout, as in SD's training: the unconditional embedding is what classifier-free guidance
         # subtracts at sampling time, so the model must have seen it.
         drop = torch.rand(len(rows), generator=generator) < args.caption_dropout
-        captions = torch.where(drop, torch.full_like(rows, empty_index), prompt_index[rows])
-        embeddings = encode_prompts(text_encoder, prompt_ids) if train_text else frozen_embeddings
-        prediction = unet(noisy_latents, timesteps, embeddings[captions]).sample
+        embeddings = encode_prompts(text_encoders, prompt_ids) if train_text else frozen_embeddings
+        if zeros_when_dropped:
+            conditioning = zeroed_rows(embeddings.select(prompt_index[rows]), drop)
+        else:
+            conditioning = embeddings.select(torch.where(drop, torch.full_like(rows, empty_index), prompt_index[rows]))
+        conditioning = conditioning.with_time_ids(square_time_ids(args.image_size, len(rows)))
+        prediction = unet(noisy_latents, timesteps, **conditioning.unet_kwargs()).sample
         loss = denoising_loss(prediction, prediction_target(noise_scheduler, latents, noise, timesteps), timesteps,
                               noise_scheduler, snr_gamma)
         loss.backward()
@@ -346,32 +406,80 @@ def pretrain_unet(unet, text_encoder, latent_mean, latent_std, prompt_index, pro
             for ema_model, model in zip(ema_models, models):
                 for ema_param, param in zip(ema_model.parameters(), model.parameters()):
                     ema_param.lerp_(param, 1.0 - decay)
+        if after_step is not None:
+            after_step(step + 1, ema_models[0], ema_models[1:] if train_text else text_encoders)
     ema_unet = ema_models[0].eval()
-    ema_text_encoder = (ema_models[1] if train_text else text_encoder).requires_grad_(False).eval()
-    return ema_unet, ema_text_encoder
+    ema_text_encoders = ema_models[1:] if train_text else text_encoders
+    return ema_unet, [text_encoder.requires_grad_(False).eval() for text_encoder in ema_text_encoders]
 
 
-def build_tiny_victim(args):
-    """Build, pretrain and save the victim under a temp folder; returns a dict of timings and figures."""
+def zeroed_rows(conditioning, drop):
+    """`conditioning` with the text and pooled text of the rows `drop` (B,) set to zero."""
+    keep = (~drop).to(conditioning.hidden_states.dtype)
+    return TextConditioning(conditioning.hidden_states * keep[:, None, None],
+                            None if conditioning.pooled is None else conditioning.pooled * keep[:, None])
+
+
+def write_tokenizers(tokenizer_dir, architecture="sd"):
+    """The CLIP tokenizer (`write_clip_tokenizer`); for SDXL also its second tokenizer: the same BPE files padding with
+    "!" (id 0), as diffusers loads SDXL's OpenCLIP-bigG tokenizer."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = write_clip_tokenizer(tokenizer_dir)
+    if architecture == "sd":
+        return [tokenizer]
+    tokenizer_2 = CLIPTokenizer(str(Path(tokenizer_dir) / "vocab.json"), str(Path(tokenizer_dir) / "merges.txt"),
+                                model_max_length=tokenizer.model_max_length, pad_token="!")
+    return [tokenizer, tokenizer_2]
+
+
+def pipeline_scheduler(architecture, prediction_type="epsilon"):
+    """The sampling scheduler saved with the pipeline, each with the scaled-linear β 0.00085–0.012 schedule over 1000
+    steps: SD-1.4's PNDM config, or SDXL base's Euler config (leading spacing, steps offset 1)."""
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  steps_offset=1, prediction_type=prediction_type)
+    if architecture == "sdxl":
+        return EulerDiscreteScheduler(**common, interpolation_type="linear", timestep_spacing="leading",
+                                      use_karras_sigmas=False)
+    pndm = PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
+    pndm.register_to_config(clip_sample=False)  # as in SD-1.x's scheduler_config.json, read by DDPM/DDIM
+    return pndm
+
+
+def victim_pipeline(vae, unet, text_encoders, tokenizers, scheduler):
+    """A `StableDiffusionPipeline` (one text encoder) or `StableDiffusionXLPipeline` (two) of the parts."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if len(text_encoders) == 1:
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1],
+                                     tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def build_tiny_victim(args, after_step=None):
+    """Build, pretrain and save the victim under a temp folder; returns a dict of timings and figures.
+
+    `after_step`: passed to `pretrain_unet`."""
     from datasets import Dataset, Features, Image as ImageFeature, Value
-    from diffusers import DDPMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
     start = time.time()
     torch.manual_seed(args.seed)
     work_dir = temp_sibling(args.output_dir)
     try:
-        tokenizer = write_clip_tokenizer(work_dir / "_tokenizer")
-        vae, unet, text_encoder = build_models(args.seed, args.cross_attention_dim, args.attention_heads,
-                                               args.vae_logvar_init, args.image_size, args.vae_block_out_channels)
-        text_encoder.requires_grad_(False).eval()
-        # SD-1.4's scheduler config (scaled_linear β 0.00085–0.012, 1000 steps); training reads it as DDPM.
-        scheduler_config = dict(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-            skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-        )
-        pndm = PNDMScheduler(**scheduler_config, prediction_type=args.prediction_type)
-        pndm.register_to_config(clip_sample=False)  # as in SD-1.x's scheduler_config.json, read by DDPM/DDIM
-        noise_scheduler = DDPMScheduler.from_config(pndm.config)
+        tokenizers = write_tokenizers(work_dir / "_tokenizer", args.architecture)
+        vae, unet, text_encoders = build_models(args.seed, args.cross_attention_dim, args.attention_heads,
+                                                args.vae_logvar_init, args.image_size, args.vae_block_out_channels,
+                                                args.architecture)
+        for text_encoder in text_encoders:
+            text_encoder.requires_grad_(False).eval()
+        scheduler = pipeline_scheduler(args.architecture, args.prediction_type)
+        noise_scheduler = DDPMScheduler.from_config(scheduler.config)  # training reads the schedule as DDPM
 
         members, nonmembers, public = digits_splits(args.seed, args.members_per_domain, args.nonmembers_per_domain,
                                                     args.image_size, with_public=True)
@@ -382,17 +490,14 @@ def build_tiny_victim(args):
         latent_mean, latent_std, posterior_ratio = posterior_statistics(vae, member_pixels)
         distinct_prompts = sorted({row["prompt"] for row in members})
         prompt_index = torch.tensor([distinct_prompts.index(row["prompt"]) for row in members])
-        prompt_ids = tokenize_prompts(tokenizer, distinct_prompts + [""])
+        prompt_ids = [tokenize_prompts(tokenizer, distinct_prompts + [""]) for tokenizer in tokenizers]
         vae_seconds = time.time() - start
-        unet, text_encoder = pretrain_unet(unet, text_encoder, latent_mean, latent_std, prompt_index, prompt_ids,
-                                           noise_scheduler, args)
+        unet, text_encoders = pretrain_unet(unet, text_encoders, latent_mean, latent_std, prompt_index, prompt_ids,
+                                            noise_scheduler, args, after_step)
         unet_seconds = time.time() - start - vae_seconds
 
-        pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=pndm,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(work_dir / "pipeline", safe_serialization=True)
+        victim_pipeline(vae, unet, text_encoders, tokenizers, scheduler).save_pretrained(
+            work_dir / "pipeline", safe_serialization=True)
         shutil.rmtree(work_dir / "_tokenizer")
         features = Features({"id": Value("string"), "image": ImageFeature(), "prompt": Value("string"), "domain": Value("string")})
         for name, rows in (("members", members), ("nonmembers", nonmembers)):
@@ -405,7 +510,8 @@ def build_tiny_victim(args):
         # The offline R-precision scorer (no pretrained CLIP here): a domain classifier on the real digits.
         classifier = train_domain_classifier([Dataset.from_list(members), Dataset.from_list(nonmembers)],
                                              work_dir / "rprecision_model", seed=args.seed, steps=args.rprecision_steps)
-        figures = {"seed": args.seed, "rprecision_heldout_accuracy": classifier["heldout_accuracy_80_20"],
+        figures = {"seed": args.seed, "architecture": args.architecture,
+                   "rprecision_heldout_accuracy": classifier["heldout_accuracy_80_20"],
                    "vae_final_loss": vae_loss, "posterior_std_over_latent_std": posterior_ratio,
                    "latent_rule": LATENT_RULE, "prediction_type": args.prediction_type,
                    "image_size": args.image_size, "vae_block_out_channels": list(args.vae_block_out_channels),
@@ -431,7 +537,9 @@ def loss_attack_member_scores(components, dataset, timesteps, seed, batch_size=6
         rows = dataset[start : start + batch_size]
         pixel_values = torch.stack([image_to_tensor(image, resolution) for image in rows["image"]])
         latents = encode_images_to_latents(components.vae, pixel_values)
-        context = encode_prompts(components.text_encoder, tokenize_prompts(components.tokenizer, rows["prompt"]))
+        context = encode_prompts(text_encoders_of(components), [tokenize_prompts(tokenizer, rows["prompt"])
+                                                                for tokenizer in tokenizers_of(components)])
+        context = context.with_time_ids(square_time_ids(resolution, len(context)))
         by_timestep = loss_attack_scores(predictor, latents, context, timesteps, seed=seed)
         scores.append(-torch.stack([by_timestep[t] for t in timesteps]).mean(0))
     return torch.cat(scores).numpy()

@@ -15,6 +15,12 @@ Groups are sharded across `accelerate` processes; every group draws its randomne
 from `--seed` and the group index, so 1 and N processes give identical images. Each finished group is
 saved at once; a killed run resumes at the next group. Saved images satisfy ‖x_saved − x₀‖∞ ≤ η.
 
+The surrogate is the reference's full UNet (+ text encoder) by default on SD-1.x/2.x (`aspl.py`); `--surrogate
+lora` trains LoRA adapters on one frozen base instead (`aspl_lora.py`), the default on SDXL, where a full surrogate
+needs about 37 GB even with every memory saving (README: the memory table). On SDXL both text encoders condition
+the surrogate and every UNet call gets the square images' time ids (R, R, 0, 0, R, R). SDXL at 1024 px in ≤ 24 GB:
+`--mixed_precision bf16 --gradient_checkpointing --pgd_batch_size 1`.
+
     accelerate launch perturb_antidreambooth.py \
       --pretrained_model_name_or_path outputs/victim/pipeline --dataset_name outputs/synthetic \
       --learning_rate 5e-4 --with_prior_preservation --class_prompt "A photo of a number" \
@@ -63,11 +69,15 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts, w
     require_range,
 )
 from mixsyn_utils.images import check_resolution, image_to_tensor  # the shared preprocessing
-from mixsyn_utils.models import (  # SD components, checked before loading; captions cut at the limit are counted
+from mixsyn_utils.lora import UNET_LORA_TARGETS, add_lora_adapters, lora_state  # the LoRA surrogate
+from mixsyn_utils.models import (  # SD / SDXL components, the kind checked before loading; captions cut are counted
+    SDXL,
     check_pretrained_model,
     load_components,
     native_resolution,
+    text_encoders_of,
     tokenize_prompts,
+    tokenizers_of,
     warn_truncated_captions,
     weight_dtype_of,
 )
@@ -77,7 +87,7 @@ from mixsyn_utils.resumable import (  # groups saved as they finish; a killed ru
     input_fingerprint,
     run_signature,
 )
-from mixsyn_utils.seeds import derive_seed  # group g's generator, independent of process
+from mixsyn_utils.seeds import SALT_SURROGATE_LORA, derive_seed  # group g's generator, independent of process
 
 # Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
 check_min_version("0.42.0")
@@ -120,8 +130,21 @@ def parse_args(input_args=None):
                              "use 5e-4: measured on its clean images, 3 surrogate steps lower the denoising loss by "
                              "8%% at 5e-4 and by 0.01%% at 5e-7 (30 steps: 34%% vs 0.1%%), i.e. 5e-7 leaves it frozen.")
     parser.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=True,
-                        help="Train the surrogate's text encoder too, as the reference's scripts do "
+                        help="Train the surrogate's text encoder(s) too, as the reference's scripts do "
                              "(--no-train_text_encoder: UNet only).")
+    parser.add_argument("--surrogate", type=str, default=None, choices=["full", "lora"],
+                        help="What the surrogate trains: 'full', every UNet (and text-encoder) weight, deep-copied for "
+                             "each copy of f (the reference's aspl.py); 'lora', LoRA adapters on one frozen base in "
+                             "--mixed_precision, f and f′ two copies of the adapters (aspl_lora.py). Default: full on "
+                             "SD-1.x/2.x, lora on SDXL.")
+    parser.add_argument("--lora_rank", type=int, default=4, help="--surrogate lora: rank r (α = r), aspl_lora.py's 4.")
+    parser.add_argument("--lora_target_modules", type=str, nargs="+", default=list(UNET_LORA_TARGETS),
+                        help="--surrogate lora: the UNet layers that carry LoRA (default: every attention projection, "
+                             "as the diffusers LoRA examples); the text encoders' q/k/v/out projections carry it with "
+                             "--train_text_encoder.")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="Recompute activations in the backward passes of the UNet, the trained text encoders and "
+                             "the VAE encoder (PGD's pixel gradient): less memory, about 30%% more compute.")
     add_prior_preservation_args(parser)
     add_resolution_arg(parser)
     parser.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
@@ -135,7 +158,8 @@ def parse_args(input_args=None):
     require_range(args, "pgd_eps", 0, 1, include_low=False)  # pixels span [-1, 1]: η > 1 is no budget at all
     if not 0 < args.pgd_alpha <= args.pgd_eps:
         raise InputError(f"--pgd_alpha must be in (0, --pgd_eps={args.pgd_eps}], got {args.pgd_alpha}")
-    require_positive(args, "max_train_steps", "max_adv_train_steps", "fsmg_pgd_steps", "pgd_batch_size", "learning_rate")
+    require_positive(args, "max_train_steps", "max_adv_train_steps", "fsmg_pgd_steps", "pgd_batch_size", "learning_rate",
+                     "lora_rank")
     require_non_negative(args, "max_f_train_steps", "fsmg_train_steps", "seed")
     check_prior_preservation_args(args)
     check_resolution(args.resolution)
@@ -164,21 +188,27 @@ def class_image_tensors(components, args, resolution, accelerator):
         sample_batch_size=args.sample_batch_size, num_inference_steps=args.class_num_inference_steps,
         seed=args.seed, accelerator=accelerator)
     pixels = torch.stack([image_to_tensor(image, resolution, args.center_crop) for image in class_images["image"]])
-    return pixels.to(accelerator.device), tokenize_prompts(components.tokenizer, class_images["prompt"])
+    return pixels.to(accelerator.device), token_ids(components, class_images["prompt"])
 
 
-def perturb_group(components, rows, group_index, class_pixels, class_ids, args, resolution, accelerator):
+def token_ids(components, prompts):
+    """The prompts' token ids, one (B, L) tensor per text encoder (SDXL: two)."""
+    return [tokenize_prompts(tokenizer, prompts) for tokenizer in tokenizers_of(components)]
+
+
+def perturb_group(components, rows, group_index, class_pixels, class_ids, args, resolution, accelerator,
+                  lora_start=None):
     """The group's saved rows: input columns, the budget-respecting perturbed image, `linf` and `l2` of δ."""
     from PIL import Image
 
     clean_pixels = torch.stack([image_to_tensor(image, resolution, args.center_crop)
                                 for image in rows[args.image_column]])
     clean_uint8 = torch.round((clean_pixels + 1.0) * 127.5).to(torch.uint8)  # exact: the tensor came from uint8
-    input_ids = tokenize_prompts(components.tokenizer, rows[args.caption_column])
+    input_ids = token_ids(components, rows[args.caption_column])
     generator = torch.Generator().manual_seed(derive_seed(args.seed, group_index))
     budget = dict(pgd_alpha=args.pgd_alpha, pgd_eps=args.pgd_eps, learning_rate=args.learning_rate,
                   prior_loss_weight=args.prior_loss_weight, train_text_encoder=args.train_text_encoder,
-                  pgd_batch_size=args.pgd_batch_size, autocast=accelerator.autocast)
+                  pgd_batch_size=args.pgd_batch_size, autocast=accelerator.autocast, lora_start=lora_start)
     if args.method == "random":
         perturbed = random_sign_perturbation(clean_pixels, args.pgd_eps, generator)
     elif args.method == "aspl":
@@ -210,18 +240,33 @@ def main(args):
                                      required_columns=("id", args.image_column, args.caption_column, args.group_by))
         check_text_column(dataset, args.caption_column, f"--dataset_name {args.dataset_name}")
         groups = plan_groups(dataset, args.group_by)
-        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)
+        kind = check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # SD3/Flux fail here, in ms
+        surrogate = args.surrogate or ("lora" if kind == SDXL else "full")
         check_images_decode(dataset, args.image_column, f"--dataset_name {args.dataset_name}")
 
         components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant)
+        text_encoders = text_encoders_of(components)
         warn_truncated_captions(components.tokenizer, dataset[args.caption_column])
         resolution = args.resolution or native_resolution(components.unet, components.vae)
-        for module in (components.vae, components.unet, components.text_encoder):
+        weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+        for module in (components.vae, components.unet, *text_encoders):
             module.requires_grad_(False)
         # Frozen: gradients only reach the pixels.
-        components.vae.to(accelerator.device, dtype=weight_dtype_of(accelerator.mixed_precision)).eval()
-        components.unet.to(accelerator.device)
-        components.text_encoder.to(accelerator.device)
+        components.vae.to(accelerator.device, dtype=weight_dtype).eval()
+        for module in (components.unet, *text_encoders):
+            # A full surrogate trains fp32 weights under autocast; a LoRA surrogate's base is frozen in half precision.
+            module.to(accelerator.device, dtype=weight_dtype if surrogate == "lora" else None)
+        lora_start = None
+        if surrogate == "lora":  # the same initial adapters for every group, whichever process runs it
+            torch.manual_seed(derive_seed(args.seed, SALT_SURROGATE_LORA))
+            models = add_lora_adapters(components.unet, text_encoders if args.train_text_encoder else (),
+                                       rank=args.lora_rank, unet_targets=args.lora_target_modules)
+            lora_start = lora_state(models)
+        if args.gradient_checkpointing:
+            components.unet.enable_gradient_checkpointing()
+            components.vae.enable_gradient_checkpointing()
+            for encoder in text_encoders if args.train_text_encoder else ():
+                encoder.gradient_checkpointing_enable()
         class_pixels, class_ids = class_image_tensors(components, args, resolution, accelerator)
         inputs = {"dataset_name": input_fingerprint(args.dataset_name, repo_type="dataset"),
                   "pretrained_model": input_fingerprint(args.pretrained_model_name_or_path, args.revision),
@@ -233,12 +278,13 @@ def main(args):
         def perturb_unit(group_index):
             name, row_indices = groups[group_index]
             saved = perturb_group(components, dataset.select(row_indices)[:], group_index, class_pixels, class_ids,
-                                  args, resolution, accelerator)
+                                  args, resolution, accelerator, lora_start)
             saved["_row"] = row_indices  # restores the input order when the groups are assembled
             return datasets.Dataset.from_dict(saved)
 
         logger.info("***** Running Anti-DreamBooth perturbation *****")
-        logger.info(f"  Method = {args.method}, images = {len(dataset)}, groups ({args.group_by}) = {len(groups)}")
+        logger.info(f"  Method = {args.method} ({surrogate} surrogate), images = {len(dataset)}, "
+                    f"groups ({args.group_by}) = {len(groups)}")
         logger.info(f"  pgd_eps = {args.pgd_eps}, pgd_alpha = {args.pgd_alpha}, resolution = {resolution}")
         perturbed = work.run(len(groups), perturb_unit, desc="Groups")
 

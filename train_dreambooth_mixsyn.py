@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 r"""MixSyn fine-tuning with DreamBooth (full fine-tuning, optional prior preservation).
 
-The flags are those of diffusers' `examples/dreambooth/train_dreambooth.py` plus the MixSyn data flags.
+The flags are those of diffusers' `examples/dreambooth/train_dreambooth.py` plus the MixSyn data flags. SD-1.x/2.x
+only: an SDXL base is refused in one line (DreamBooth+LoRA: `train_lora_mixsyn.py --with_prior_preservation`).
 `--trainable_modules` picks what is fine-tuned (the MixSyn paper's Table 5 ablation): the denoising
 network (`unet`), the image encoder (`vae_encoder`), the token embeddings (`text_embeddings`) or the
 whole text encoder (`text_encoder`). Output: a pipeline loadable by `DiffusionPipeline.from_pretrained`,
@@ -46,7 +47,8 @@ from mixsyn_utils.flags import (  # flag groups shared with the other scripts, w
     flag_values,
 )
 from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import (  # SD components, checked before the data is read
+from mixsyn_utils.models import (  # SD components, checked before the data is read (SDXL refused)
+    SDXL,
     LatentEncoder,
     check_pretrained_model,
     native_resolution,
@@ -164,7 +166,11 @@ def main(args):
     with OutputLock(args.output_dir), OutputLock(args.save_mixed_dataset, "--save_mixed_dataset"):
         check_training_outputs(args)  # again, under the lock: the check and the lock are one step
         check_paths_or_hub_ids(args, *TRAINING_PATHS_OR_HUB_IDS)
-        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
+        if check_pretrained_model(args.pretrained_model_name_or_path, args.revision) == SDXL:  # before the data: in ms
+            raise InputError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is an SDXL model: "
+                             "full DreamBooth of SDXL is not supported (diffusers has no such example; its UNet, AdamW "
+                             "states and copies need far more than one GPU); use train_lora_mixsyn.py "
+                             "--with_prior_preservation (DreamBooth+LoRA)")
         accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
             log_with=args.report_to, project_config=ProjectConfiguration(
@@ -307,8 +313,8 @@ def main(args):
                 for batch in train_dataloader:
                     with accelerator.accumulate(*trained.values()):
                         loss, logs = denoising_batch_loss(
-                            batch, unet_in_use, latent_encoder, text_encoder_in_use, noise_scheduler, weight_dtype,
-                            prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
+                            batch, unet_in_use, latent_encoder, [text_encoder_in_use], noise_scheduler, weight_dtype,
+                            resolution, prior_loss_weight=args.prior_loss_weight, snr_gamma=args.snr_gamma,
                             noise_offset=noise_offset_of(args), attention_mask_eos_id=eos_token_id,
                             class_labels_from_timesteps=args.class_labels_conditioning == "timesteps")
                         accelerator.backward(loss)

@@ -18,6 +18,12 @@ Output: `learned_embeds.safetensors` for one concept (`pipe.load_textual_inversi
 `learned_embeds-<slug>.safetensors` per domain for several (load each with `weight_name=`), and `token_map.json`
 (domain → placeholder, file, vectors).
 
+On an SDXL base (read from its model_index.json; upstream's `textual_inversion_sdxl.py`) each placeholder is added
+to both tokenizers and both text encoders, both embedding rows train, and each concept has a second file
+`learned_embeds_2[-<slug>].safetensors` (`file_2` in the token map) for `text_encoder_2`:
+`pipe.load_textual_inversion(output_dir, weight_name="learned_embeds_2.safetensors", token=..., text_encoder=
+pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)`. The UNet sees each image's size and crop as its time ids.
+
     accelerate launch train_textual_inversion_mixsyn.py \
       --pretrained_model_name_or_path CompVis/stable-diffusion-v1-4 \
       --dataset_name outputs/synthetic --perturbed_dataset_name outputs/perturbed \
@@ -53,7 +59,14 @@ from mixsyn_utils.cli import ArgumentParser, InputError, run_cli  # one-line err
 from mixsyn_utils.dataset_io import check_text_column, row_names, save_dataset  # None domains named; the mixed set
 from mixsyn_utils.flags import check_paths_or_hub_ids, flag_values  # paths checked; the flags as runs record them
 from mixsyn_utils.model_card import finish_outputs, training_info  # model card (with measured privacy) and Hub upload
-from mixsyn_utils.models import LatentEncoder, check_pretrained_model, native_resolution, weight_dtype_of
+from mixsyn_utils.models import (  # SD / SDXL components, the kind checked before the data is read
+    LatentEncoder,
+    check_pretrained_model,
+    native_resolution,
+    text_encoders_of,
+    tokenizers_of,
+    weight_dtype_of,
+)
 from mixsyn_utils.outputs import (  # one run per output folder; files staged, moved in whole; a full disk
     OutputLock,
     move_entries_into,
@@ -89,6 +102,7 @@ from mixsyn_utils.training_flags import (  # the training flag groups and their 
     check_training_outputs,
     noise_offset_of,
 )
+from mixsyn_utils.variants import load_pipeline  # --save_as_full_pipeline: the base pipeline with the new tokens
 
 # Fails with a clear message when the installed diffusers is older than the one these scripts are written for.
 check_min_version("0.42.0")
@@ -200,51 +214,67 @@ def concepts_and_captions(args, training_set):
     return domains, rewritten_caption
 
 
-def embeds_file_name(domain, num_domains, steps=None, safe_serialization=True):
-    """`learned_embeds` (one concept, upstream's name) or `learned_embeds-<slug>`, `-steps-N` for a snapshot."""
-    stem = "learned_embeds" if num_domains == 1 else f"learned_embeds-{domain_slug(domain)}"
+def embeds_file_name(domain, num_domains, steps=None, safe_serialization=True, encoder_index=0):
+    """`learned_embeds` (one concept, upstream's name) or `learned_embeds-<slug>`, `-steps-N` for a snapshot; the
+    second text encoder's (SDXL) `learned_embeds_2…`, as upstream's textual_inversion_sdxl.py names it."""
+    stem = "learned_embeds" + (f"_{encoder_index + 1}" if encoder_index else "")
+    stem += "" if num_domains == 1 else f"-{domain_slug(domain)}"
     stem += f"-steps-{steps}" if steps is not None else ""
     return stem + (".safetensors" if safe_serialization else ".bin")
 
 
-def add_placeholder_tokens(args, domains, tokenizer, text_encoder):
-    """Add `<d>`, `<d>_1`, … per domain, each read back unchanged by the tokenizer; initialise their embeddings.
+def add_placeholder_tokens(args, domains, tokenizers, text_encoders):
+    """Add `<d>`, `<d>_1`, … per domain to every tokenizer, each read back unchanged; initialise their embeddings in
+    every text encoder (SDXL: both, as upstream's textual_inversion_sdxl.py).
 
-    Returns {domain: {"placeholder", "file", "num_vectors", "token_ids"}}. A placeholder already in the
-    vocabulary is an error (its old meaning would leak into training). Every vector starts from
-    --initializer_token's embedding (a one-token word, as upstream), else from the mean of the domain name's.
+    Returns {domain: {"placeholder", "file"[, "file_2"], "num_vectors", "token_ids"[, "token_ids_2"]}}. A
+    placeholder already in a vocabulary is an error (its old meaning would leak into training). Every vector starts
+    from --initializer_token's embedding (a one-token word in every tokenizer, as upstream), else from the mean of
+    the domain name's, in each encoder's own embedding table.
     """
     token_map = {}
     for domain in domains:
         placeholder = args.placeholder_token or args.placeholder_token_template.format(domain=domain_slug(domain))
         tokens = placeholder_tokens(placeholder, args.num_vectors)
-        # A placeholder the tokenizer already reads as one known token (e.g. "zero" → "zero</w>") would
-        # shadow that word, and its old meaning would leak into training.
-        pieces = tokenizer.tokenize(placeholder)
-        known_word = len(pieces) == 1 and pieces[0] in tokenizer.get_vocab()
-        if known_word or tokenizer.add_tokens(tokens) != len(tokens):
-            raise InputError(f"placeholder {placeholder!r} of domain {domain!r} is already in the tokenizer's "
-                             "vocabulary (or another domain's); pick another --placeholder_token(_template)")
-        check_tokens_read_back(tokenizer, tokens, "--placeholder_token" if args.placeholder_token else
-                               f"--placeholder_token_template (domain {domain!r})")
-        token_map[domain] = {"placeholder": placeholder, "num_vectors": args.num_vectors,
-                             "file": embeds_file_name(domain, len(domains), None, not args.no_safe_serialization),
-                             "token_ids": tokenizer.convert_tokens_to_ids(tokens)}
-    if args.initializer_token is not None and len(tokenizer.encode(args.initializer_token,
-                                                                   add_special_tokens=False)) != 1:
-        raise InputError(f"--initializer_token {args.initializer_token!r} must be a single token")
-    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
-    embeddings = text_encoder.get_input_embeddings().weight.data
-    with torch.no_grad():
-        for domain, entry in token_map.items():
-            start_ids = tokenizer.encode(args.initializer_token or domain, add_special_tokens=False)
-            embeddings[entry["token_ids"]] = embeddings[start_ids].mean(dim=0)
+        entry = {"placeholder": placeholder, "num_vectors": args.num_vectors}
+        for index, tokenizer in enumerate(tokenizers):
+            # A placeholder the tokenizer already reads as one known token (e.g. "zero" → "zero</w>") would
+            # shadow that word, and its old meaning would leak into training.
+            pieces = tokenizer.tokenize(placeholder)
+            known_word = len(pieces) == 1 and pieces[0] in tokenizer.get_vocab()
+            if known_word or tokenizer.add_tokens(tokens) != len(tokens):
+                raise InputError(f"placeholder {placeholder!r} of domain {domain!r} is already in the tokenizer's "
+                                 "vocabulary (or another domain's); pick another --placeholder_token(_template)")
+            check_tokens_read_back(tokenizer, tokens, "--placeholder_token" if args.placeholder_token else
+                                   f"--placeholder_token_template (domain {domain!r})")
+            suffix = f"_{index + 1}" if index else ""
+            entry["file" + suffix] = embeds_file_name(domain, len(domains), None, not args.no_safe_serialization,
+                                                      encoder_index=index)
+            entry["token_ids" + suffix] = tokenizer.convert_tokens_to_ids(tokens)
+        token_map[domain] = entry
+    for tokenizer in tokenizers:
+        if args.initializer_token is not None and len(tokenizer.encode(args.initializer_token,
+                                                                       add_special_tokens=False)) != 1:
+            raise InputError(f"--initializer_token {args.initializer_token!r} must be a single token")
+    for index, (tokenizer, text_encoder) in enumerate(zip(tokenizers, text_encoders)):
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows are set just below
+        embeddings = text_encoder.get_input_embeddings().weight.data
+        with torch.no_grad():
+            for domain, entry in token_map.items():
+                start_ids = tokenizer.encode(args.initializer_token or domain, add_special_tokens=False)
+                embeddings[token_ids_of(entry, index)] = embeddings[start_ids].mean(dim=0)
     return token_map
 
 
+def token_ids_of(entry, encoder_index):
+    """A token-map entry's placeholder ids in the tokenizer of text encoder `encoder_index` (0, or SDXL's 1)."""
+    return entry["token_ids" + (f"_{encoder_index + 1}" if encoder_index else "")]
+
+
 def public_token_map(token_map):
-    """The token map as token_map.json and the model card show it: without the tokenizer's ids."""
-    return {domain: {k: v for k, v in entry.items() if k != "token_ids"} for domain, entry in token_map.items()}
+    """The token map as token_map.json and the model card show it: without the tokenizers' ids."""
+    return {domain: {k: v for k, v in entry.items() if not k.startswith("token_ids")}
+            for domain, entry in token_map.items()}
 def check_placeholders_within_limit(tokenizer, captions, token_map, names):
     """Every placeholder token must lie before the tokenizer's cut: ids past `model_max_length` − 1 (the last
     kept position holds the end token) are dropped, and a placeholder there would train nothing.
@@ -274,34 +304,33 @@ def restore_original_embeddings(text_encoder, original_embeddings, frozen):
         weight[frozen] = original_embeddings[frozen]
 
 
-def save_learned_embeds(output_dir, text_encoder, token_map, safe_serialization=True, steps=None):
-    """Each domain's {placeholder: (num_vectors, D) float32} in its file (upstream's format), staged then moved in;
-    the final save (`steps` None) also writes the token map."""
+def save_learned_embeds(output_dir, text_encoders, token_map, safe_serialization=True, steps=None):
+    """Each domain's {placeholder: (num_vectors, D) float32} in its file per text encoder (upstream's format),
+    staged then moved in; the final save (`steps` None) also writes the token map."""
     from safetensors.torch import save_file
 
-    weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
     with staging_folder(Path(output_dir) / "learned_embeds") as staging_dir:
-        for domain, entry in token_map.items():
-            state = {entry["placeholder"]: weight[entry["token_ids"]].contiguous()}
-            path = staging_dir / embeds_file_name(domain, len(token_map), steps, safe_serialization)
-            if safe_serialization:
-                save_file(state, str(path), metadata={"format": "pt"})
-            else:
-                torch.save(state, path)
+        for index, text_encoder in enumerate(text_encoders):
+            weight = text_encoder.get_input_embeddings().weight.detach().float().cpu()
+            for domain, entry in token_map.items():
+                state = {entry["placeholder"]: weight[token_ids_of(entry, index)].contiguous()}
+                path = staging_dir / embeds_file_name(domain, len(token_map), steps, safe_serialization, index)
+                if safe_serialization:
+                    save_file(state, str(path), metadata={"format": "pt"})
+                else:
+                    torch.save(state, path)
         if steps is None:
             (staging_dir / TOKEN_MAP_FILE).write_text(json.dumps(public_token_map(token_map), indent=2,
                                                                  sort_keys=True))
         move_entries_into(staging_dir, output_dir)
 
 
-def save_full_pipeline(output_dir, pretrained_model_name_or_path, text_encoder, tokenizer, revision=None,
+def save_full_pipeline(output_dir, pretrained_model_name_or_path, text_encoders, tokenizers, revision=None,
                        variant=None):
-    """--save_as_full_pipeline: the base pipeline with the extended tokenizer and text encoder, moved in whole."""
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline.from_pretrained(pretrained_model_name_or_path, revision=revision,
-                                                       variant=variant, text_encoder=text_encoder, tokenizer=tokenizer,
-                                                       use_safetensors=True)
+    """--save_as_full_pipeline: the base pipeline with the extended tokenizer(s) and text encoder(s), moved in whole."""
+    parts = dict(zip(("text_encoder", "text_encoder_2"), text_encoders), **dict(zip(("tokenizer", "tokenizer_2"),
+                                                                                    tokenizers)))
+    pipeline = load_pipeline(pretrained_model_name_or_path, revision, variant, **parts)
     with staging_folder(Path(output_dir) / "pipeline") as staging_dir:
         pipeline.save_pretrained(str(staging_dir), safe_serialization=True)
         move_entries_into(staging_dir, output_dir)
@@ -311,7 +340,7 @@ def main(args):
     with OutputLock(args.output_dir), OutputLock(args.save_mixed_dataset, "--save_mixed_dataset"):
         check_training_outputs(args)  # again, under the lock: the check and the lock are one step
         check_paths_or_hub_ids(args, *TRAINING_PATHS_OR_HUB_IDS)
-        check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
+        kind = check_pretrained_model(args.pretrained_model_name_or_path, args.revision)  # before the data: fails in ms
         accelerator = Accelerator(
             gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
             log_with=args.report_to, project_config=ProjectConfiguration(
@@ -337,24 +366,25 @@ def main(args):
         components = load_training_components(
             args.pretrained_model_name_or_path, args.revision, args.variant, tokenizer_name=args.tokenizer_name,
             prediction_type=args.prediction_type, validation_images=args.validation_images,
-            class_labels_conditioning=args.class_labels_conditioning)
-        unet, text_encoder = components.unet, components.text_encoder
-        vae, tokenizer = components.vae, components.tokenizer
-        noise_scheduler = components.noise_scheduler
+            class_labels_conditioning=args.class_labels_conditioning,
+            vae_name_or_path=args.pretrained_vae_model_name_or_path)
+        unet, vae, noise_scheduler = components.unet, components.vae, components.noise_scheduler
+        text_encoders, tokenizers = list(text_encoders_of(components)), tokenizers_of(components)  # SDXL: two of each
         resolution = args.resolution or native_resolution(unet, vae)
-        token_map = add_placeholder_tokens(args, domains, tokenizer, text_encoder)
-        trained_ids = [i for entry in token_map.values() for i in entry["token_ids"]]
+        token_map = add_placeholder_tokens(args, domains, tokenizers, text_encoders)
 
-        for model in (unet, vae, text_encoder):
+        for model in (unet, vae, *text_encoders):
             model.requires_grad_(False)
             model.to(accelerator.device)
         if weight_dtype != torch.float32:
             unet.to(dtype=weight_dtype)
             vae.to(dtype=weight_dtype)
-        text_encoder.get_input_embeddings().requires_grad_(True)
+        for text_encoder in text_encoders:
+            text_encoder.get_input_embeddings().requires_grad_(True)
+            if args.gradient_checkpointing:
+                text_encoder.gradient_checkpointing_enable()
         if args.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            text_encoder.gradient_checkpointing_enable()
         if args.enable_xformers_memory_efficient_attention:
             unet.enable_xformers_memory_efficient_attention()
 
@@ -363,12 +393,12 @@ def main(args):
             captions = [rewrite_caption(caption, domain, token_map) for caption, domain in
                         zip(training_set.rows[training_set.caption_column], domains_of_rows)
                         if isinstance(caption, str)]
-            check_placeholders_within_limit(tokenizer, captions, token_map,
+            check_placeholders_within_limit(tokenizers[0], captions, token_map,
                                             row_names(training_set.rows, "training set"))
         # --repeats: each epoch passes over the images that many times (upstream's dataset length).
         rows = training_set.rows.select(np.tile(np.arange(len(training_set.rows)), args.repeats))
         train_dataset = TrainingImages(
-            rows, tokenizer, resolution, lambda row, rng: caption_fn(row, rng, token_map), center_crop=args.center_crop,
+            rows, tokenizers, resolution, lambda row, rng: caption_fn(row, rng, token_map), center_crop=args.center_crop,
             random_flip=args.random_flip, seed=args.seed, interpolation=args.image_interpolation_mode,
             max_length=args.tokenizer_max_length)
         train_dataloader, batch_sampler = make_dataloader(train_dataset, args.train_batch_size, args.seed, accelerator,
@@ -381,7 +411,7 @@ def main(args):
         learning_rate = args.learning_rate
         if args.scale_lr:
             learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-        params_to_optimize = list(text_encoder.get_input_embeddings().parameters())
+        params_to_optimize = [p for text_encoder in text_encoders for p in text_encoder.get_input_embeddings().parameters()]
         if args.use_8bit_adam:
             import bitsandbytes as bnb
 
@@ -396,7 +426,7 @@ def main(args):
             num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
             power=args.lr_power)
-        text_encoder, optimizer, lr_scheduler = accelerator.prepare(text_encoder, optimizer, lr_scheduler)
+        *text_encoders, optimizer, lr_scheduler = accelerator.prepare(*text_encoders, optimizer, lr_scheduler)
         register_pretrained_checkpoint_hooks(accelerator)
         # A resumed run must have the checkpoint's flags, inputs and process count; it then skips the batches already
         # trained on. Checked before the output folder is touched, loaded once the models are prepared.
@@ -416,17 +446,22 @@ def main(args):
             global_step = load_resume_state(accelerator, resume_path)
             first_epoch = global_step // updates_per_epoch
             batch_sampler.resume_at(first_epoch, (global_step % updates_per_epoch) * args.gradient_accumulation_steps)
-            # Only the placeholders' rows train: every other row is put back after each update.
-            original_embeddings = accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone()
-            frozen_rows = torch.ones(len(original_embeddings), dtype=torch.bool, device=original_embeddings.device)
-            frozen_rows[trained_ids] = False
+            # Only the placeholders' rows train: every other row is put back after each update (per text encoder).
+            original_embeddings, frozen_rows = [], []
+            for index, text_encoder in enumerate(text_encoders):
+                original_embeddings.append(accelerator.unwrap_model(text_encoder).get_input_embeddings().weight.detach().clone())
+                frozen_rows.append(torch.ones(len(original_embeddings[-1]), dtype=torch.bool,
+                                              device=original_embeddings[-1].device))
+                frozen_rows[-1][[i for entry in token_map.values() for i in token_ids_of(entry, index)]] = False
 
             def validate(step):
                 images = []
                 if accelerator.is_main_process:
+                    parts = dict(zip(("text_encoder", "text_encoder_2"), text_encoders),
+                                 **dict(zip(("tokenizer", "tokenizer_2"), tokenizers)))
                     pipeline = validation_pipeline(args.pretrained_model_name_or_path, accelerator,
                                                    args.validation_scheduler, args.revision, args.variant,
-                                                   text_encoder=text_encoder, tokenizer=tokenizer)
+                                                   vae=vae, **parts)
                     images = log_validation(pipeline, accelerator, args.validation_prompt, args.num_validation_images,
                                             args.seed, step, resolution)
                 accelerator.wait_for_everyone()
@@ -443,15 +478,16 @@ def main(args):
             progress_bar = tqdm(range(max_train_steps), initial=global_step, desc="Steps",
                                 disable=not accelerator.is_local_main_process)
             latent_encoder = LatentEncoder(vae)
-            eos_token_id = tokenizer.eos_token_id if args.text_encoder_use_attention_mask else None
+            eos_token_id = tokenizers[0].eos_token_id if args.text_encoder_use_attention_mask else None
             validation_images, validated_step = [], None
             for epoch in range(first_epoch, num_train_epochs):
-                text_encoder.train()
+                for text_encoder in text_encoders:
+                    text_encoder.train()
                 train_dataloader.set_epoch(epoch)  # the order, crops and captions are functions of (seed, epoch)
                 for batch in train_dataloader:
-                    with accelerator.accumulate(text_encoder):
+                    with accelerator.accumulate(*text_encoders):
                         loss, logs = denoising_batch_loss(
-                            batch, unet, latent_encoder, text_encoder, noise_scheduler, weight_dtype,
+                            batch, unet, latent_encoder, text_encoders, noise_scheduler, weight_dtype, resolution,
                             snr_gamma=args.snr_gamma, noise_offset=noise_offset_of(args),
                             attention_mask_eos_id=eos_token_id,
                             class_labels_from_timesteps=args.class_labels_conditioning == "timesteps")
@@ -464,11 +500,11 @@ def main(args):
                     if not accelerator.sync_gradients:  # an update happens every accumulation steps
                         continue
                     global_step += 1
-                    restore_original_embeddings(accelerator.unwrap_model(text_encoder), original_embeddings,
-                                                frozen_rows)
+                    for text_encoder, original, frozen in zip(text_encoders, original_embeddings, frozen_rows):
+                        restore_original_embeddings(accelerator.unwrap_model(text_encoder), original, frozen)
                     if global_step % args.save_steps == 0 and accelerator.is_main_process:
-                        save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
-                                            not args.no_safe_serialization, steps=global_step)
+                        save_learned_embeds(args.output_dir, [accelerator.unwrap_model(e) for e in text_encoders],
+                                            token_map, not args.no_safe_serialization, steps=global_step)
                     progress_bar.update(1)
                     logs = {"loss": loss.detach().item(), **logs, "lr": lr_scheduler.get_last_lr()[0]}
                     progress_bar.set_postfix(**logs)
@@ -491,18 +527,20 @@ def main(args):
             accelerator.wait_for_everyone()
 
             if accelerator.is_main_process:
-                save_learned_embeds(args.output_dir, accelerator.unwrap_model(text_encoder), token_map,
+                save_learned_embeds(args.output_dir, [accelerator.unwrap_model(e) for e in text_encoders], token_map,
                                     not args.no_safe_serialization)
                 if args.save_as_full_pipeline:
                     save_full_pipeline(args.output_dir, args.pretrained_model_name_or_path,
-                                       accelerator.unwrap_model(text_encoder), tokenizer, args.revision, args.variant)
+                                       [accelerator.unwrap_model(e) for e in text_encoders], tokenizers, args.revision,
+                                       args.variant)
             info = training_info(
                 "textual_inversion", f"Textual Inversion ({args.num_vectors} vector(s) per domain)",
                 pretrained_model_name_or_path=args.pretrained_model_name_or_path, revision=args.revision,
                 dataset_name=args.dataset_name, source=training_set.source, mix_info=training_set.mix_info,
                 trained={"steps": max_train_steps, "learning_rate": learning_rate, "resolution": resolution},
                 num_images=len(training_set.rows), instance_prompt=args.instance_prompt,
-                validation_prompt=args.validation_prompt, tokens=public_token_map(token_map))
+                validation_prompt=args.validation_prompt, tokens=public_token_map(token_map), base_kind=kind,
+                vae_name_or_path=args.pretrained_vae_model_name_or_path)
             finish_outputs(accelerator, args.output_dir, info, validation_images, privacy_report=args.privacy_report,
                            push=args.push_to_hub, hub_model_id=args.hub_model_id, hub_token=args.hub_token)
 

@@ -33,7 +33,8 @@ import attack_secmi  # noqa: E402
 from mixsyn_utils.attacks import attack_resolution, load_attack_data, load_attack_model, score_all  # noqa: E402
 from mixsyn_utils.attack_scores import pia_scores, secmi_t_error  # noqa: E402
 from mixsyn_utils.diffusion import NoisePredictor  # noqa: E402
-from mixsyn_utils.models import encode_prompts, tokenize_prompts  # noqa: E402
+from mixsyn_utils.conditioning import encode_prompts  # noqa: E402
+from mixsyn_utils.models import tokenize_prompts  # noqa: E402
 
 
 def attack_args(victim_dir, output_dir, batch_size):
@@ -119,8 +120,9 @@ def measure(name, rows, components, args, score_batch, calls_per_image, device, 
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start : start + args.batch_size]
         with torch.no_grad():
-            context = encode_prompts(components.text_encoder, tokenize_prompts(
-                components.tokenizer, [row["caption"] for row in batch] + [""] * len(batch) * (rows_per_call - 1)))
+            context = encode_prompts([components.text_encoder], [tokenize_prompts(
+                components.tokenizer, [row["caption"] for row in batch] + [""] * len(batch) * (rows_per_call - 1))]
+            ).hidden_states
         floor += unet_floor_seconds(components.unet, calls_per_image, latent_shape, context, device)
         size = len(batch)
         vae_floor += encodes * vae_floor_seconds(components.vae, size, resolution, device) if encodes else 0.0

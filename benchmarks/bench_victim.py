@@ -45,7 +45,8 @@ from mixsyn_utils.domains import PAPER_PROMPT_TEMPLATES  # noqa: E402
 from mixsyn_utils.images import image_to_tensor  # noqa: E402
 from mixsyn_utils.audit_statistics import bootstrap_ci  # noqa: E402
 from mixsyn_utils.metrics import roc_metrics  # noqa: E402
-from mixsyn_utils.models import encode_prompts, load_components, tokenize_prompts  # noqa: E402
+from mixsyn_utils.conditioning import encode_prompts  # noqa: E402
+from mixsyn_utils.models import load_components, tokenize_prompts  # noqa: E402
 from mixsyn_utils.utility import classifier_r_precision_hits  # noqa: E402
 
 EFFECT_TIMESTEPS = (100, 500, 900)
@@ -73,7 +74,8 @@ def encode(components, dataset):
     pixels = torch.stack([image_to_tensor(image, 16) for image in dataset["image"]])
     posterior = components.vae.encode(pixels).latent_dist
     scale = components.vae.config.scaling_factor
-    context = encode_prompts(components.text_encoder, tokenize_prompts(components.tokenizer, dataset["prompt"]))
+    context = encode_prompts([components.text_encoder],
+                             [tokenize_prompts(components.tokenizer, dataset["prompt"])]).hidden_states
     return posterior.mean * scale, posterior.std * scale, context
 
 
@@ -81,7 +83,7 @@ def encode(components, dataset):
 def prompt_effect(components, predictor, latents):
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(latents.shape, generator=generator)
-    contexts = [encode_prompts(components.text_encoder, tokenize_prompts(components.tokenizer, [prompt])).expand(
+    contexts = [encode_prompts([components.text_encoder], [tokenize_prompts(components.tokenizer, [prompt])]).hidden_states.expand(
         len(latents), -1, -1) for prompt in ("The face of zero", "The face of seven", "")]
     figures = {}
     for t in EFFECT_TIMESTEPS:

@@ -29,6 +29,8 @@ def commands(victim_dir):
                             *victim],
         "evaluate": ["bench_evaluate.py"],
         "reliability": ["bench_reliability.py"],
+        "aspl_memory": ["bench_aspl_memory.py"],
+        "sdxl_victim": ["bench_sdxl_victim.py", "--output", str(BENCH_DIR / "results" / "sdxl_victim.json")],
     }
 
 

@@ -11,7 +11,9 @@ Data and models:
 - `resumable`      sharded units saved as they finish, the run signature, input fingerprints, the weights' sha256
 - `placeholders`   textual-inversion placeholder names, token maps and caption rewriting
 - `domains`        private domains and the paper's prompt templates
-- `models`         SD components: loading, z₀ = s·E(x), prompt encoding
+- `models`         SD-1.x/2.x and SDXL components: the pipeline's kind (SD3/Flux refused), loading, z₀ = s·E(x)
+- `conditioning`   what the UNet is conditioned on: `TextConditioning`, the one prompt encoder, SDXL's time ids
+- `lora`           LoRA adapters on the UNet and text encoders (fine-tuning, the ASPL LoRA surrogate)
 - `variants`       the attacked or sampled model: the pretrained pipeline plus its fine-tuned parts
 Maths (each quantity one function, its equation in the docstring):
 - `diffusion`      ᾱ_t, forward noising, ε̂ by the scheduler's prediction_type, the DDIM step, the attacks' noise
@@ -36,7 +38,8 @@ import circle, and that no function imports a module of this package from inside
 
 LAYERS = {
     "plumbing": ("cli", "quiet", "seeds", "outputs", "images"),
-    "data and models": ("dataset_io", "resumable", "placeholders", "domains", "models", "variants"),
+    "data and models": ("dataset_io", "resumable", "placeholders", "domains", "models", "conditioning",
+                        "lora", "variants"),
     "maths": ("diffusion", "attack_scores", "dreambooth", "adversarial", "mixing", "metrics", "audit_statistics",
               "extraction", "utility", "brisque"),
     "per-step helpers": ("flags", "attack_flags", "training_flags", "attacks", "scores", "training", "checkpoints",

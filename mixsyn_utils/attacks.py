@@ -27,7 +27,8 @@ from .cli import InputError, first_line
 from .dataset_io import check_text_column, decoded_images, load_image_dataset
 from .images import difference_hash, image_to_tensor, resize_and_crop
 from .metrics import calibration_split
-from .models import encode_images_to_latents, encode_prompts, tokenize_prompts, warn_truncated_captions
+from .conditioning import TextConditioning, empty_prompt_conditioning, encode_prompts, square_time_ids
+from .models import encode_images_to_latents, text_encoders_of, tokenize_prompts, tokenizers_of, warn_truncated_captions
 from .placeholders import load_token_map, rewrite_caption
 from .resumable import ResumableWork, input_fingerprint, model_weights_digest, weights_digest
 from .scores import scores_to_dataset
@@ -177,24 +178,34 @@ def load_attack_model(model, device, dtype=torch.float32):
     """The `AttackedModel`'s components on `device`, in eval mode without gradients."""
     pipeline = load_model_variant(**model.as_dict())
     components = components_from_pipeline(pipeline)
-    for module in (components.unet, components.vae, components.text_encoder):
+    for module in (components.unet, components.vae, *text_encoders_of(components)):
         module.to(device=device, dtype=dtype).requires_grad_(False).eval()
     return components
 
 
 class CaptionCache:
-    """Text embeddings c per unique caption: each caption goes through the text encoder once."""
+    """The UNet's conditioning per caption (`conditioning.encode_prompts`): each unique caption goes through the
+    text encoder(s) once. SDXL rows carry the time ids of an uncropped R × R image, (R, R, 0, 0, R, R)
+    (`square_time_ids`): the size and crop a training image was given are not in the image, so an attacker
+    assumes the pipeline's default. `None` stands for the model's unconditional embedding (`null`)."""
 
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer, self.text_encoder, self.embeddings = tokenizer, text_encoder, {}
+    def __init__(self, components, resolution):
+        self.text_encoders, self.tokenizers = text_encoders_of(components), tokenizers_of(components)
+        self.force_zeros = getattr(components, "force_zeros_for_empty_prompt", False)
+        self.resolution, self.rows = resolution, {}
 
     @torch.no_grad()
     def __call__(self, captions):
-        new = sorted(set(captions) - set(self.embeddings))
+        """`TextConditioning` of the captions, one row each (a caption None: the unconditional row)."""
+        new = sorted(set(captions) - set(self.rows) - {None})
         if new:
-            encoded = encode_prompts(self.text_encoder, tokenize_prompts(self.tokenizer, new))
-            self.embeddings.update(zip(new, encoded))
-        return torch.stack([self.embeddings[caption] for caption in captions])
+            encoded = encode_prompts(self.text_encoders, [tokenize_prompts(tokenizer, new)
+                                                          for tokenizer in self.tokenizers])
+            self.rows.update((caption, encoded.select(i)) for i, caption in enumerate(new))
+        if None in captions and None not in self.rows:
+            self.rows[None] = empty_prompt_conditioning(self.text_encoders, self.tokenizers, self.force_zeros)
+        stacked = TextConditioning.cat([self.rows[caption] for caption in captions])
+        return stacked.with_time_ids(square_time_ids(self.resolution, len(captions)))
 
 
 def batch_images(rows):
@@ -299,12 +310,21 @@ class AttackBatch:
     rows: list                  # the rows of `load_attack_data` (id, domain, is_member, caption, source)
     first_index: int            # global index of rows[0], which seeds per-image draws
     latents: torch.Tensor       # z₀ (B, C, h, w)
-    context: torch.Tensor       # c, the text embedding of each row's caption (B, L, D)
-    captions: CaptionCache      # embeddings of any other prompt (the empty prompt, weakened captions)
+    context: TextConditioning   # c, the conditioning of each row's caption (B rows)
+    captions: CaptionCache      # the conditioning of any other prompt (weakened captions, the unconditional one)
 
     def null_context(self):
-        """c_∅: the empty prompt's embedding for every row, what classifier-free guidance subtracts."""
-        return self.captions([""] * len(self.rows))
+        """c_∅ for every row: the model's unconditional embedding, what classifier-free guidance subtracts (the
+        encoded empty prompt; zeros for an SDXL pipeline with `force_zeros_for_empty_prompt`)."""
+        return self.captions([None] * len(self.rows))
+
+
+def assumed_time_ids(components, resolution):
+    """The SDXL time ids every UNet call of an attack gets, [R, R, 0, 0, R, R] (`CaptionCache`), for the scores'
+    record; None for SD-1.x/2.x, which has none."""
+    if getattr(components, "text_encoder_2", None) is None:
+        return None
+    return [int(value) for value in square_time_ids(resolution, 1)[0].tolist()]
 
 
 def timestep_columns(by_timestep):
@@ -327,7 +347,7 @@ def score_all(rows, components, score_batch, *, accelerator, output_dir, signatu
     work = ResumableWork(output_dir, signature, accelerator, discard_other_settings=overwrite)
     warn_truncated_captions(components.tokenizer, [row["caption"] for row in rows])
     num_batches = (len(rows) + batch_size - 1) // batch_size
-    captions = CaptionCache(components.tokenizer, components.text_encoder)
+    captions = CaptionCache(components, resolution)
     latent_cache = None
     if latents_cache_dir:
         latent_cache = LatentCache(latents_cache_dir, components.vae, resolution, vae_sample, seed)

@@ -146,7 +146,8 @@ def save_checkpoint(accelerator, output_dir, global_step, signature, checkpoints
 
 
 def register_pretrained_checkpoint_hooks(accelerator):
-    """Keep diffusers/transformers models in checkpoints as `unet/`, `text_encoder/`, `vae/` folders.
+    """Keep diffusers/transformers models in checkpoints as `unet/`, `text_encoder/` (SDXL: `text_encoder_2/`), `vae/`
+    folders.
 
     So `checkpoint-N/unet` loads with `UNet2DConditionModel.from_pretrained` (as upstream DreamBooth), always
     from safetensors.
@@ -156,8 +157,8 @@ def register_pretrained_checkpoint_hooks(accelerator):
         return model.vae if isinstance(model, LatentEncoder) else model
 
     def subfolder(model):
-        return {"UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder", "AutoencoderKL": "vae"}.get(
-            type(model).__name__)
+        return {"UNet2DConditionModel": "unet", "CLIPTextModel": "text_encoder",
+                "CLIPTextModelWithProjection": "text_encoder_2", "AutoencoderKL": "vae"}.get(type(model).__name__)
 
     def save_hook(models, weights, output_dir):
         if not accelerator.is_main_process:

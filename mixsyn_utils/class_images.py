@@ -19,6 +19,7 @@ from .dataset_io import check_images_decode, image_files, load_image_dataset, re
 from .outputs import output_write_errors
 from .resumable import ResumableWork, input_fingerprint
 from .seeds import derive_seed
+from .variants import load_pipeline
 
 RECORD_FILE = "class_images.json"
 
@@ -73,7 +74,6 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
     the files. Returns the first `num_class_images` images.
     """
     import datasets
-    from diffusers import StableDiffusionPipeline
 
     if not class_prompt:
         raise InputError("--class_prompt is required with --with_prior_preservation")
@@ -101,10 +101,7 @@ def ensure_class_images(pretrained_model_name_or_path, class_prompt, num_class_i
 
     def generate_batch(unit):
         if "pipeline" not in loaded:  # loaded only when a batch is left to make
-            loaded["pipeline"] = StableDiffusionPipeline.from_pretrained(
-                pretrained_model_name_or_path, revision=revision, variant=variant, dtype=dtype,
-                safety_checker=None, requires_safety_checker=False, use_safetensors=True,
-            ).to(device)
+            loaded["pipeline"] = load_pipeline(pretrained_model_name_or_path, revision, variant, dtype).to(device)
             loaded["pipeline"].set_progress_bar_config(disable=True)
         batch = batches[unit]
         generators = [torch.Generator(device="cpu").manual_seed(derive_seed(seed, i)) for i in batch]

@@ -1,8 +1,9 @@
 """The diffusion maths the attacks and trainers share: ᾱ_t, forward noising, ε̂ from the UNet, the DDIM step, and
 the attacks' documented noise draws. The attack scores built from them are in `attack_scores.py`.
 
-Each quantity is one function with its equation in the docstring. Shapes: latents (B, C, h, w); context
-(B, L, D) text embeddings; `alpha_bar` the float64 ᾱ table of length T from the model's own scheduler.
+Each quantity is one function with its equation in the docstring. Shapes: latents (B, C, h, w); context c a
+`conditioning.TextConditioning` (SDXL: text, pooled text and time ids) or, for SD-1.x/2.x, its (B, L, D) text
+embeddings alone; `alpha_bar` the float64 ᾱ table of length T from the model's own scheduler.
 Every attack reaches the UNet through `predicted_noise`, which turns the UNet output into ε̂ whatever the
 scheduler's `prediction_type`.
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .cli import InputError
+from .conditioning import TextConditioning, as_conditioning
 from .seeds import SALT_ATTACK_NOISE, derive_seed
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -74,15 +76,18 @@ def epsilon_from_model_output(model_output, latents, alpha_bar_t, prediction_typ
 def predicted_noise(predictor, latents, timestep, context, guidance_scale=1.0, null_context=None):
     """ε̂(z, t, c): the UNet's noise prediction at one integer timestep t for the whole batch, as ε.
 
+    `context`: c (module doc); for SDXL the UNet also gets c's pooled text and time ids (`added_cond_kwargs`).
     With `guidance_scale` w ≠ 1, classifier-free guidance (Ho & Salimans 2022):
-    ε̃ = ε̂(z, t, c_∅) + w · (ε̂(z, t, c) − ε̂(z, t, c_∅)), c_∅ = `null_context` (the empty prompt's embedding),
-    from ONE UNet call on the 2B rows [z; z] with [c_∅; c]. UNet rows per image: 1, or 2 with guidance.
+    ε̃ = ε̂(z, t, c_∅) + w · (ε̂(z, t, c) − ε̂(z, t, c_∅)), c_∅ = `null_context` (the model's unconditional
+    embedding, with the rows' own time ids), from ONE UNet call on the 2B rows [z; z] with [c_∅; c]. UNet rows per
+    image: 1, or 2 with guidance.
     """
+    context = as_conditioning(context)
     guided = guidance_scale != 1.0
     if guided:
-        latents, context = torch.cat([latents, latents]), torch.cat([null_context, context])
+        latents, context = torch.cat([latents, latents]), TextConditioning.cat([as_conditioning(null_context), context])
     timesteps = torch.full((len(latents),), int(timestep), dtype=torch.long, device=latents.device)
-    model_output = predictor.unet(latents, timesteps, context).sample
+    model_output = predictor.unet(latents, timesteps, **context.unet_kwargs()).sample
     noise = epsilon_from_model_output(model_output, latents, float(predictor.alpha_bar[int(timestep)]),
                                       predictor.prediction_type)
     if not guided:

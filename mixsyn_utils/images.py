@@ -94,6 +94,13 @@ def resize_and_crop(image, resolution, center_crop=True, rng=None, interpolation
     The crop is centred, or with `center_crop=False` at an offset drawn from `rng` (a numpy Generator: left,
     then top), or at the top-left corner without `rng`. Any mode is first brought to RGB by `decode_rgb`.
     """
+    return resized_square_crop(image, resolution, center_crop, rng, interpolation)[0]
+
+
+def resized_square_crop(image, resolution, center_crop=True, rng=None, interpolation="bicubic"):
+    """`resize_and_crop`, also returning where the crop came from: (crop, (height, width) of the decoded image,
+    (top, left) of the crop in the resized image) — SDXL's size and crop conditioning (`conditioning.size_time_ids`).
+    """
     image = decode_rgb(image)
     width, height = image.size
     scale = resolution / min(width, height)
@@ -107,7 +114,7 @@ def resize_and_crop(image, resolution, center_crop=True, rng=None, interpolation
         top = int(rng.integers(0, new_size[1] - resolution + 1))
     else:
         left = top = 0
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + resolution, top + resolution)), (height, width), (top, left)
 
 
 def difference_hash(image):

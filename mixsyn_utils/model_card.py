@@ -23,8 +23,11 @@ from .cli import InputError
 from .resumable import model_weights_digest, weights_digest
 
 TRAINING_INFO_FILE = "training_info.json"
-# The diffusers examples write the licence of the SD-1.x weights they fine-tune.
+# The licence of the base weights a fine-tune derives from: SD-1.x's, and SDXL's (as diffusers' SDXL DreamBooth-LoRA
+# card writes it).
 LICENSE = "creativeml-openrail-m"
+SDXL_LICENSE = "openrail++"
+SDXL_TAGS = ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
 # Per kind of fine-tune: the title and tags of the matching diffusers example's card, plus "mixsyn".
 CARD_KINDS = {
     "dreambooth": ("DreamBooth", ["text-to-image", "dreambooth", "diffusers-training", "stable-diffusion",
@@ -64,7 +67,8 @@ def hub_id_or_none(name_or_path):
 
 def training_info(kind, method, *, pretrained_model_name_or_path, dataset_name, mix_info, trained, num_images,
                   source="dataset", revision=None, instance_prompt=None, validation_prompt=None,
-                  train_text_encoder=False, trigger_words=(), tokens=None):
+                  train_text_encoder=False, trigger_words=(), tokens=None, base_kind="sd", vae_name_or_path=None,
+                  use_dora=False):
     """What a training run did, for its card: `CARD_KINDS` kind, method, data, mix, steps; Hub ids only.
 
     `source`: where the images came from (`training_data.TrainingSet.source`); `trained`: {"steps",
@@ -72,10 +76,13 @@ def training_info(kind, method, *, pretrained_model_name_or_path, dataset_name, 
     the domain names its captions use; `tokens`: textual inversion's public token map. `base_model_sha256` names the
     base model's weights (`resumable.model_weights_digest`), which the scores attached to the card must have
     attacked too. `mix.perturbed` is true only when perturbed images were trained on (a perturbed set and a ratio
-    above 0).
+    above 0). `base_kind`: `models.SD` or `models.SDXL`;
+    `vae_name_or_path`: --pretrained_vae_model_name_or_path.
     """
     given = mix_info["perturbed_dataset"] is not None
     return {"kind": kind, "method": method, "base_model": hub_id_or_none(pretrained_model_name_or_path),
+            "base_kind": base_kind, "vae": hub_id_or_none(vae_name_or_path), "custom_vae": vae_name_or_path is not None,
+            "use_dora": bool(use_dora),
             "base_model_sha256": model_weights_digest(pretrained_model_name_or_path, revision),
             "training_data": hub_id_or_none(dataset_name), "source": source, "num_images": num_images,
             "instance_prompt": instance_prompt, "trigger_words": sorted(trigger_words), "tokens": tokens,
@@ -127,20 +134,32 @@ def check_report_matches_weights(report, output_dir, source):
     return digest
 
 
+def is_sdxl(info):
+    return info.get("base_kind") == "sdxl"
+
+
 def usage_snippet(info, repo_id):
-    """Python that loads the published weights the diffusers way (load_lora_weights / load_textual_inversion)."""
+    """Python that loads the published weights the diffusers way (load_lora_weights / load_textual_inversion; for
+    SDXL each placeholder into both text encoders)."""
     base = info["base_model"] or "path/to/the/base/model"  # a local base model is not named in a published card
     tokens = info["tokens"] or {}
     prompt = info["validation_prompt"] or info["instance_prompt"] or (
         f"a photo of {next(iter(tokens.values()))['placeholder']}" if tokens else
         f"a photo of {info['trigger_words'][0]}" if info["trigger_words"] else "a photo")
-    lines = ["```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
+    pipeline = "StableDiffusionXLPipeline" if is_sdxl(info) else "StableDiffusionPipeline"
+    lines = ["```python", "import torch", f"from diffusers import {pipeline}", ""]
     if info["kind"] == "dreambooth":
-        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")')
+        lines.append(f'pipe = {pipeline}.from_pretrained("{repo_id}", dtype=torch.float16).to("cuda")')
     else:
-        lines.append(f'pipe = StableDiffusionPipeline.from_pretrained("{base}", dtype=torch.float16).to("cuda")')
+        lines.append(f'pipe = {pipeline}.from_pretrained("{base}", dtype=torch.float16).to("cuda")')
     if info["kind"] in ("dreambooth_lora", "text_to_image_lora"):
         lines.append(f'pipe.load_lora_weights("{repo_id}")')
+    elif is_sdxl(info) and tokens:
+        lines.append("# each placeholder has one file per text encoder (token_map.json lists them)")
+        for entry in tokens.values():
+            for file, suffix in ((entry["file"], ""), (entry["file_2"], "_2")):
+                lines.append(f'pipe.load_textual_inversion("{repo_id}", weight_name="{file}", token="{entry["placeholder"]}", '
+                             f"text_encoder=pipe.text_encoder{suffix}, tokenizer=pipe.tokenizer{suffix})")
     elif len(tokens) == 1:
         lines.append(f'pipe.load_textual_inversion("{repo_id}")  # learned_embeds.safetensors')
     elif tokens:
@@ -178,17 +197,30 @@ def mix_text(mix):
     return f"MixSyn {mode} at ratio {mix['ratio']}, {done} (PGD budget: {budget})"
 
 
+def card_title_and_tags(info):
+    """The matching diffusers example's card title and tags (SDXL: its SDXL scripts'), plus "mixsyn"."""
+    title, tags = CARD_KINDS[info["kind"]]
+    if info.get("use_dora"):
+        tags = ["dora" if tag == "lora" else tag for tag in tags]
+    if not is_sdxl(info):
+        return title, tags + ["mixsyn"]
+    tags = [tag for tag in tags if not tag.startswith("stable-diffusion")]
+    if info["kind"] == "dreambooth_lora":
+        return f"SDXL {title}", tags + ["template:sd-lora"] + SDXL_TAGS + ["mixsyn"]
+    return title, tags + SDXL_TAGS + ["mixsyn"]
+
+
 def model_card_text(info, output_dir, digest, repo_id, privacy_report=None):
     """README.md of a fine-tuned folder: diffusers' card YAML and sections, the MixSyn mix, the weights' sha256
     and, when given, the privacy table of evaluate.py (`privacy_lines`)."""
     from huggingface_hub import ModelCardData
 
-    title, tags = CARD_KINDS[info["kind"]]
+    title, tags = card_title_and_tags(info)
     images = sorted(Path(output_dir).glob("image_*.png"), key=lambda path: int(path.stem.split("_")[1]))
-    widget = ([{"text": info["validation_prompt"], "output": {"url": images[0].name}}]
+    widget = ([{"text": info["validation_prompt"], "output": {"url": image.name}} for image in images]
               if images and info["validation_prompt"] else None)
     data = ModelCardData(base_model=info["base_model"], datasets=info["training_data"], library_name="diffusers",
-                         license=LICENSE, tags=tags + ["mixsyn"], inference=True,
+                         license=SDXL_LICENSE if is_sdxl(info) else LICENSE, tags=tags, inference=True,
                          instance_prompt=info["instance_prompt"], widget=widget, weights_sha256=digest)
     trained, mix = info["trained"], info["mix"]
     lines = ["---", data.to_yaml(), "---", "", f"# {title} - {repo_id}", "",
@@ -198,15 +230,23 @@ def model_card_text(info, output_dir, digest, repo_id, privacy_report=None):
         lines += ["", "<Gallery />"]
     lines += [""] + [f"![img_{i}](./{image.name})" for i, image in enumerate(images)]
     if info["tokens"]:
-        lines += ["", "## Placeholder tokens", "", "| domain | token | vectors | file |", "|---|---|---|---|"]
+        files = "file (text_encoder) | file (text_encoder_2)" if is_sdxl(info) else "file"
+        lines += ["", "## Placeholder tokens", "", f"| domain | token | vectors | {files} |",
+                  "|---|---|---|---|" + ("---|" if is_sdxl(info) else "")]
         lines += [f"| {domain} | `{entry['placeholder']}` | {entry['num_vectors']} | {entry['file']} |"
+                  + (f" {entry['file_2']} |" if is_sdxl(info) else "")
                   for domain, entry in sorted(info["tokens"].items())]
     elif info["instance_prompt"] or info["trigger_words"]:
         lines += ["", "## Trigger words", ""]
-        lines += [f"Instance prompt: `{info['instance_prompt']}`"] if info["instance_prompt"] else []
+        if info["instance_prompt"]:
+            lines += [f"You should use `{info['instance_prompt']}` to trigger the image generation."]
         lines += [f"Domains named in the captions: {', '.join(info['trigger_words'])}"] if info["trigger_words"] else []
-    if info["kind"] in ("dreambooth", "dreambooth_lora"):
-        lines += ["", f"Text encoder trained: {info['train_text_encoder']}."]
+    if info["kind"] in ("dreambooth", "dreambooth_lora") or is_sdxl(info):
+        lines += ["", f"LoRA for the text encoder was enabled: {info['train_text_encoder']}."
+                  if info["kind"] != "dreambooth" else f"Text encoder trained: {info['train_text_encoder']}."]
+    if is_sdxl(info):
+        vae = info.get("vae") or ("a local VAE" if info.get("custom_vae") else "none (the base model's own)")
+        lines += ["", f"Special VAE used for training: {vae}."]
     pgd = ", ".join(f"{key} = {value}" for key, value in sorted(mix["pgd"].items())) or "not recorded"
     perturbed_set = (f"{mix['perturbed_dataset'] or 'a local dataset'}; PGD budget: {pgd}" if mix["perturbed"] else
                      "none" + (" (given, not used at ratio 0)" if mix.get("perturbed_set_given") else ""))

@@ -1,8 +1,11 @@
-"""Stable Diffusion components: loading (pretrained or a fine-tuned variant), and encoding prompts and images.
+"""Stable Diffusion components (SD-1.x/2.x and SDXL): the pipeline's kind, loading, tokenizing, encoding images.
 
-The calls are those of the diffusers examples, so a Hub id (CompVis/stable-diffusion-v1-4) and the embedded
-victim's pipeline folder load the same way. Every weights file is read as safetensors (`use_safetensors=True`):
-a pickled `.bin`/`.pt` is refused, never unpickled. z₀ = s · E(x) is computed here and nowhere else.
+The kind is read from `model_index.json` before anything heavy, and models the scripts cannot handle (SD3, Flux)
+are refused there in one line. The calls are those of the diffusers examples, so a Hub id
+(CompVis/stable-diffusion-v1-4, stabilityai/stable-diffusion-xl-base-1.0) and the embedded victim's pipeline folder
+load the same way. Every weights file is read as safetensors (`use_safetensors=True`): a pickled `.bin`/`.pt` is
+refused, never unpickled. z₀ = s · E(x) is computed here and nowhere else; the text conditioning is in
+`conditioning.py`.
 """
 
 import logging
@@ -15,37 +18,101 @@ from .cli import InputError, first_line
 from .dataset_io import check_path_or_hub_id
 
 
-def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model_name_or_path"):
-    """Fail in milliseconds, before any data is read, when the pretrained model cannot load.
+# Pipeline kinds the scripts train and attack: a UNet ε/v-prediction model with a DDPM-family schedule.
+SD, SDXL = "sd", "sdxl"
+FLOW_MATCHING_REASON = ("the attacks' ε/v statistics and the DDPM training loss do not apply to flow matching as "
+                        "written; Stable Diffusion 1.x/2.x and SDXL are supported")
+EDM_REASON = ("the attacks' ᾱ_t table and the DDPM training loss do not apply to EDM preconditioning as written; "
+              "Stable Diffusion 1.x/2.x and SDXL with a DDPM-family schedule are supported")
 
-    A local path must be a diffusers pipeline folder (with model_index.json); a Hub id must be in the local
-    cache when HF_HUB_OFFLINE is set.
-    """
-    from huggingface_hub import constants, snapshot_download
+
+def read_model_index(name_or_path, revision=None, flag="--pretrained_model_name_or_path"):
+    """The pipeline's `model_index.json` as a dict: from a local folder, or from the Hub (the cached snapshot when
+    HF_HUB_OFFLINE is set; else one small download). Fails in milliseconds, before any data or weights are read."""
+    import json
+
+    from huggingface_hub import constants, hf_hub_download
 
     path = Path(name_or_path)
     check_path_or_hub_id(name_or_path, flag)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise InputError(f"{flag} {name_or_path} is not a diffusers pipeline folder (no model_index.json)")
-    elif constants.HF_HUB_OFFLINE:
+        index_file = path / "model_index.json"
+    else:
         try:
-            snapshot_download(str(name_or_path), revision=revision, local_files_only=True)
-        except Exception:  # noqa: BLE001 - any lookup failure means it cannot load offline
-            raise InputError(f"{flag} {name_or_path} is not in the local Hub cache and HF_HUB_OFFLINE is set") from None
+            index_file = hf_hub_download(str(name_or_path), "model_index.json", revision=revision,
+                                         local_files_only=constants.HF_HUB_OFFLINE)
+        except Exception as error:  # noqa: BLE001 - any lookup failure means it cannot load
+            reason = ("is not in the local Hub cache and HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+                      else f"has no model_index.json on the Hub ({first_line(error)})")
+            raise InputError(f"{flag} {name_or_path} {reason}") from None
+    try:
+        return json.loads(Path(index_file).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{flag} {name_or_path}: model_index.json does not read ({first_line(error)})") from None
 
 
-def load_components(pretrained_model_name_or_path, revision=None, variant=None, tokenizer_name=None):
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of an SD-1.x pipeline folder or Hub id.
+def _component_class(model_index, name):
+    """The class name a model_index.json entry names (["library", "Class"]), or None for an absent component."""
+    entry = model_index.get(name)
+    return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
 
-    Same calls as diffusers' `train_dreambooth.py` (the tokenizer from `tokenizer_name` when given); the noise
-    scheduler is `DDPMScheduler` built from the pipeline's `scheduler/` config, so ᾱ_t comes from the model's
-    own schedule.
+
+def pipeline_kind(model_index, name_or_path="", flag="--pretrained_model_name_or_path"):
+    """`SD` or `SDXL` from a pipeline's model_index.json; any other kind is a one-line `InputError` saying why.
+
+    SDXL: `text_encoder`, `text_encoder_2`, `tokenizer_2` and a `unet` (`StableDiffusionXLPipeline`, also SDXL-
+    Turbo). Refused: flow-matching transformer models (a `transformer` component or a `FlowMatch…` scheduler: SD3,
+    Flux), EDM-formulation models (an `EDM…` scheduler: Playground v2.5), the SDXL refiner (no first text encoder),
+    pixel-space models (no VAE: DeepFloyd IF).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    class_name = model_index.get("_class_name", "a pipeline")
+    scheduler = _component_class(model_index, "scheduler") or ""
+    if _component_class(model_index, "transformer") or scheduler.startswith("FlowMatch"):
+        raise InputError(f"{flag} {name_or_path} is a flow-matching transformer model ({class_name}, "
+                         f"{scheduler or 'no scheduler'}): {FLOW_MATCHING_REASON}")
+    if scheduler.startswith("EDM"):
+        raise InputError(f"{flag} {name_or_path} is an EDM-formulation model ({class_name}, {scheduler}): {EDM_REASON}")
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if _component_class(model_index, name) is None]
+    if missing:
+        why = {"vae": "pixel-space models such as DeepFloyd IF are not supported",
+               "text_encoder": "an SDXL refiner has no first text encoder and conditions on an aesthetic score"}
+        reason = next((why[name] for name in missing if name in why), "a latent UNet pipeline is needed")
+        raise InputError(f"{flag} {name_or_path} ({class_name}) has no {', '.join(missing)}: {reason}")
+    if _component_class(model_index, "text_encoder_2") and _component_class(model_index, "tokenizer_2"):
+        return SDXL
+    return SD
+
+
+def check_pretrained_model(name_or_path, revision=None, flag="--pretrained_model_name_or_path"):
+    """The pipeline's kind (`SD` or `SDXL`), read from its model_index.json before any data or weights are read.
+
+    A local path must be a diffusers pipeline folder; a Hub id must be in the local cache when HF_HUB_OFFLINE is
+    set; SD3, Flux and other models the scripts cannot train or attack fail here in one line (`pipeline_kind`).
+    """
+    return pipeline_kind(read_model_index(name_or_path, revision, flag), name_or_path, flag)
+
+
+def load_components(pretrained_model_name_or_path, revision=None, variant=None, tokenizer_name=None,
+                    vae_name_or_path=None):
+    """Tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler of an SD-1.x/2.x or SDXL pipeline.
+
+    Same calls as diffusers' `train_dreambooth.py` / `train_dreambooth_lora_sdxl.py`: the tokenizer from
+    `tokenizer_name` when given, the VAE from `vae_name_or_path` (a VAE folder or Hub id, e.g.
+    madebyollin/sdxl-vae-fp16-fix) when given; the noise scheduler is `DDPMScheduler` built from the pipeline's
+    `scheduler/` config, so ᾱ_t comes from the model's own schedule. SDXL adds `tokenizer_2` and `text_encoder_2`
+    (`CLIPTextModelWithProjection`); for SD-1.x/2.x they are None. `kind` is `SD` or `SDXL`;
+    `force_zeros_for_empty_prompt` is the pipeline's rule for the unconditional embedding (`conditioning`).
+    """
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = pretrained_model_name_or_path
+    model_index = read_model_index(source, revision)
+    kind = pipeline_kind(model_index, source)
+    tokenizer_2 = text_encoder_2 = None
     if tokenizer_name is not None:  # its own flag: an error blames --tokenizer_name, not the pipeline
         check_path_or_hub_id(tokenizer_name, "--tokenizer_name")
         try:
@@ -57,18 +124,49 @@ def load_components(pretrained_model_name_or_path, revision=None, variant=None, 
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", revision=revision,
                                                      variant=variant, use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, variant=variant,
-                                            use_safetensors=True)
+        if kind == SDXL:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", revision=revision, variant=variant, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", revision=revision, variant=variant,
                                                     use_safetensors=True)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load --pretrained_model_name_or_path {source}: {first_line(error)} (a Stable "
-                         "Diffusion pipeline with tokenizer/, text_encoder/, vae/, unet/ and scheduler/ is needed; "
-                         "pixel-space models such as DeepFloyd IF are not supported)") from error
+                         "Diffusion pipeline with tokenizer/, text_encoder/, vae/, unet/ and scheduler/ is needed, "
+                         "and tokenizer_2/, text_encoder_2/ for SDXL)") from error
+    vae = load_vae(source, revision, variant, vae_name_or_path)
     return SimpleNamespace(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler
-    )
+        tokenizer=tokenizer, text_encoder=text_encoder, tokenizer_2=tokenizer_2, text_encoder_2=text_encoder_2,
+        vae=vae, unet=unet, noise_scheduler=noise_scheduler, kind=kind,
+        force_zeros_for_empty_prompt=kind == SDXL and bool(model_index.get("force_zeros_for_empty_prompt", True)))
+
+
+def load_vae(pretrained_model_name_or_path, revision=None, variant=None, vae_name_or_path=None):
+    """The pipeline's `vae/`, or a separate VAE (`--pretrained_vae_model_name_or_path`: a VAE folder or Hub id)."""
+    from diffusers import AutoencoderKL
+
+    flag = "--pretrained_vae_model_name_or_path" if vae_name_or_path else "--pretrained_model_name_or_path"
+    try:
+        if vae_name_or_path:
+            return AutoencoderKL.from_pretrained(vae_name_or_path, use_safetensors=True)
+        return AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder="vae", revision=revision,
+                                             variant=variant, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load {flag} {vae_name_or_path or pretrained_model_name_or_path}: "
+                         f"{first_line(error)}") from error
+
+
+def text_encoders_of(components):
+    """(text_encoder,) for SD-1.x/2.x, (text_encoder, text_encoder_2) for SDXL: what `encode_prompts` takes."""
+    return tuple(encoder for encoder in (components.text_encoder, getattr(components, "text_encoder_2", None))
+                 if encoder is not None)
+
+
+def tokenizers_of(components):
+    """The tokenizer of each text encoder, in `text_encoders_of`'s order."""
+    return tuple(tokenizer for tokenizer in (components.tokenizer, getattr(components, "tokenizer_2", None))
+                 if tokenizer is not None)
 
 
 def vae_scale_factor(vae):
@@ -136,14 +234,6 @@ def warn_truncated_captions(tokenizer, captions, what="captions"):
             f"{len(cut)} of {len(distinct)} distinct {what} exceed the tokenizer's {tokenizer.model_max_length} "
             f"tokens and are cut there, e.g. {cut[0][:60]!r}...")
     return len(cut)
-
-
-def encode_prompts(text_encoder, input_ids):
-    """Text-encoder hidden states c (B, L, D) used as cross-attention context; no classifier-free guidance."""
-    attention_mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
-        attention_mask = (input_ids != text_encoder.config.pad_token_id).long().to(input_ids.device)
-    return text_encoder(input_ids.to(text_encoder.device), attention_mask=attention_mask)[0]
 
 
 def encode_images_to_latents(vae, pixel_values, sample=False, generator=None):

@@ -87,7 +87,9 @@ def token_map_files(textual_inversion_dir, token_map, flag="--textual_inversion"
     """{domain: path} of the embedding files a checked token map names; `InputError` naming `flag` for a missing one
     (diffusers' loader would take the missing name for a Hub id and fail with a network error)."""
     files = {domain: Path(textual_inversion_dir) / entry["file"] for domain, entry in token_map.items()}
-    for domain, path in files.items():
+    second_files = {domain: Path(textual_inversion_dir) / entry["file_2"]  # SDXL: the second encoder's embedding
+                    for domain, entry in token_map.items() if "file_2" in entry}
+    for domain, path in [*files.items(), *second_files.items()]:
         if not path.is_file():
             raise InputError(f"{flag} {textual_inversion_dir}: {TOKEN_MAP_FILE} entry {domain!r} names {path.name}, "
                              "which is not in the folder")

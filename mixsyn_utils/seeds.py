@@ -13,6 +13,7 @@ SALT_MIX_SELECTION = 1          # Mixup-I: the permutation that picks a domain's
 SALT_ATTACK_NOISE = 13          # attacks: the Gaussian noise ε of draw j at timestep t
 SALT_ATTACK_CALIBRATION = 17    # attacks that fit on labelled rows (CLiD, SimA's t): which rows calibrate
 SALT_CAPTION = 19               # training: which caption (of a list, or of textual inversion's templates) item i gets
+SALT_SURROGATE_LORA = 23        # Anti-DreamBooth --surrogate lora: the adapters' initial weights (every group's)
 # Training crops: instance image i uses key i, its paired class image key CLASS_IMAGE_KEY_OFFSET + i, so the
 # two never share a crop/flip stream (no dataset holds 10⁹ images).
 CLASS_IMAGE_KEY_OFFSET = 10**9

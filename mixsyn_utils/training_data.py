@@ -22,7 +22,7 @@ from .dataset_io import (
     load_image_dataset,
     read_provenance,
 )
-from .images import pil_to_tensor, resize_and_crop
+from .images import pil_to_tensor, resized_square_crop
 from .mixing import mix_datasets
 from .models import tokenize_prompts
 from .resumable import input_fingerprint
@@ -175,31 +175,37 @@ def caption_of_row(row, caption_column, rng):
 
 
 def training_pixel_values(image, resolution, center_crop, random_flip, rng, interpolation="bicubic"):
-    """PIL image → (3, R, R) float32 in [-1, 1]: shorter side resized to R (`interpolation`), crop, optional flip.
+    """PIL image → ((3, R, R) float32 in [-1, 1], original (height, width), crop (top, left)): shorter side resized to
+    R (`interpolation`), crop, optional flip.
 
     The random crop offset and the flip are drawn from `rng`, which the caller seeds per (seed, epoch,
-    image), so a resumed run sees the same crops as an uninterrupted one.
+    image), so a resumed run sees the same crops as an uninterrupted one. The size and crop are SDXL's
+    micro-conditioning (a flip after the crop leaves them unchanged, as upstream's SDXL scripts record them).
     """
     from PIL import Image
 
-    image = resize_and_crop(image, resolution, center_crop, rng=rng, interpolation=interpolation)
+    image, original_size, crop_top_left = resized_square_crop(image, resolution, center_crop, rng=rng,
+                                                              interpolation=interpolation)
     if random_flip and rng.random() < 0.5:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return pil_to_tensor(image)
+    return pil_to_tensor(image), original_size, crop_top_left
 
 
 class TrainingImages(torch.utils.data.Dataset):
-    """Rows of the mixed set as `pixel_values` + `input_ids` of their own (optionally rewritten) caption.
+    """Rows of the mixed set as `pixel_values` + the `input_ids` of their own (optionally rewritten) caption.
 
     `caption_fn(row, rng) -> str` picks/rewrites the caption (textual inversion puts placeholders in); `rng` is
     seeded by (seed, epoch, item), so a resumed run draws the same captions. Images are resized to `resolution`
-    with `interpolation`, centre- or randomly cropped, optionally flipped; captions are tokenized to `max_length`.
-    With `class_images` (prior preservation) item i also carries class image i mod len(class_images).
+    with `interpolation`, centre- or randomly cropped, optionally flipped; captions are tokenized to `max_length`
+    by each of `tokenizers` (SDXL's two: `input_ids`, `input_ids_2`). Every example also carries
+    `original_size` and `crop_top_left` (SDXL's time ids). With `class_images` (prior preservation) item i also
+    carries class image i mod len(class_images).
     """
 
-    def __init__(self, rows, tokenizer, resolution, caption_fn, *, center_crop=False, random_flip=False, seed=None,
+    def __init__(self, rows, tokenizers, resolution, caption_fn, *, center_crop=False, random_flip=False, seed=None,
                  interpolation="bicubic", max_length=None, class_images=None):
-        self.rows, self.tokenizer, self.resolution, self.caption_fn = rows, tokenizer, resolution, caption_fn
+        self.rows, self.resolution, self.caption_fn = rows, resolution, caption_fn
+        self.tokenizers = tuple(tokenizers) if isinstance(tokenizers, (list, tuple)) else (tokenizers,)
         self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed or 0
         self.interpolation, self.max_length = interpolation, max_length
         self.class_images = class_images
@@ -210,7 +216,8 @@ class TrainingImages(torch.utils.data.Dataset):
         if caption not in self._token_ids:
             if len(self._token_ids) >= 4096:
                 self._token_ids.clear()
-            self._token_ids[caption] = tokenize_prompts(self.tokenizer, [caption], self.max_length)[0]
+            self._token_ids[caption] = [tokenize_prompts(tokenizer, [caption], self.max_length)[0]
+                                        for tokenizer in self.tokenizers]
         return self._token_ids[caption]
 
     def __len__(self):
@@ -219,31 +226,39 @@ class TrainingImages(torch.utils.data.Dataset):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def _encode(self, image, caption, key):
+    def _encode(self, image, caption, key, prefix=""):
         rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
-        return (training_pixel_values(image, self.resolution, self.center_crop, self.random_flip, rng,
-                                      self.interpolation),
-                self._tokenize(caption))
+        pixel_values, original_size, crop_top_left = training_pixel_values(
+            image, self.resolution, self.center_crop, self.random_flip, rng, self.interpolation)
+        example = {f"{prefix}pixel_values": pixel_values, f"{prefix}original_size": torch.tensor(original_size),
+                   f"{prefix}crop_top_left": torch.tensor(crop_top_left)}
+        for index, ids in enumerate(self._tokenize(caption)):
+            example[f"{prefix}input_ids" + (f"_{index + 1}" if index else "")] = ids
+        return example
 
     def __getitem__(self, index):
         row = self.rows[int(index)]
         caption = self.caption_fn(row, np.random.default_rng(derive_seed(self.seed, self.epoch, index, SALT_CAPTION)))
-        pixel_values, input_ids = self._encode(row["image"], caption, index)
-        example = {"pixel_values": pixel_values, "input_ids": input_ids}
+        example = self._encode(row["image"], caption, index)
         if self.class_images is not None:
             class_row = self.class_images[int(index) % len(self.class_images)]
-            example["class_pixel_values"], example["class_input_ids"] = self._encode(
-                class_row["image"], class_row["prompt"], CLASS_IMAGE_KEY_OFFSET + index)
+            example.update(self._encode(class_row["image"], class_row["prompt"], CLASS_IMAGE_KEY_OFFSET + index,
+                                        prefix="class_"))
         return example
+
+
+BATCH_KEYS = ("pixel_values", "input_ids", "input_ids_2", "original_size", "crop_top_left")
 
 
 def collate_examples(examples):
     """Stack a batch; with prior preservation the class rows follow the instance rows (upstream order)."""
-    pixel_values = [e["pixel_values"] for e in examples] + [e["class_pixel_values"] for e in examples
-                                                            if "class_pixel_values" in e]
-    input_ids = [e["input_ids"] for e in examples] + [e["class_input_ids"] for e in examples if "class_input_ids" in e]
-    return {"pixel_values": torch.stack(pixel_values).float(), "input_ids": torch.stack(input_ids),
-            "num_instance": len(examples)}
+    batch = {"num_instance": len(examples)}
+    for key in BATCH_KEYS:
+        if key in examples[0]:
+            batch[key] = torch.stack([e[key] for e in examples] + [e[f"class_{key}"] for e in examples
+                                                                   if f"class_{key}" in e])
+    batch["pixel_values"] = batch["pixel_values"].float()
+    return batch
 
 
 class EpochBatchSampler:

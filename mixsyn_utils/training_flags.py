@@ -189,6 +189,10 @@ def add_training_args(parser):
     """The groups every training script shares: data, MixSyn mix, optimisation, checkpoints, outputs."""
     model = parser.add_argument_group("model")
     add_pretrained_model_args(model)
+    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="A VAE folder or Hub id replacing the pipeline's own (upstream's SDXL scripts; e.g. "
+                            "madebyollin/sdxl-vae-fp16-fix, since SDXL's own VAE overflows in fp16 and is kept "
+                            "in fp32 otherwise). The model card names it.")
     add_training_data_args(parser)
     add_mixsyn_args(parser)
     add_text_encoding_args(parser)

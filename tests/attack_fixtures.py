@@ -1,6 +1,10 @@
-"""Attack runs and the independent float64 reference shared by test_attacks.py and test_diffusion.py.
+"""Attack runs and the independent float64 reference shared by test_attacks.py, test_diffusion.py and
+test_sdxl_attacks.py.
 
-Registered as a pytest plugin in conftest.py, so each session fixture runs once for both files.
+Registered as a pytest plugin in conftest.py, so each session fixture runs once for all files. The reference
+calls diffusers' and transformers' models in float64 and nothing of mixsyn_utils: SDXL's conditioning is written
+here from its definition (the penultimate hidden states of both encoders concatenated, encoder 2's projected
+pooled output, the time ids (R, R, 0, 0, R, R), zeros as the unconditional embedding).
 """
 
 import copy
@@ -94,6 +98,14 @@ def attack_runs(tiny_victim, tmp_path_factory):
             for name, (script, flags, _) in ATTACK_RUNS.items()}
 
 
+@pytest.fixture(scope="session")
+def sdxl_attack_runs(tiny_sdxl_victim, tmp_path_factory):
+    """Each attack of `ATTACK_RUNS` run once on the fast SDXL victim: {name: (scores dataset, UNet samples)}."""
+    root = tmp_path_factory.mktemp("sdxl_attacks")
+    return {name: run_attack(script, common_argv(tiny_sdxl_victim, root / name, *flags, "--batch_size", 24))
+            for name, (script, flags, _) in ATTACK_RUNS.items()}
+
+
 class VelocityUNet(torch.nn.Module):
     """An ε-prediction UNet that answers in v: v = √ᾱ_t ε̂ − √(1−ᾱ_t) ẑ₀ with ẑ₀ = (z_t − √(1−ᾱ_t) ε̂) / √ᾱ_t,
     computed from its own ε̂ and the input z_t (float64 arithmetic). Scores must not change."""
@@ -102,10 +114,10 @@ class VelocityUNet(torch.nn.Module):
         super().__init__()
         self.unet, self.alpha_bar, self.config = unet, alpha_bar, unet.config
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, **conditioning):
         from types import SimpleNamespace
 
-        epsilon = self.unet(sample, timestep, encoder_hidden_states).sample.double()
+        epsilon = self.unet(sample, timestep, encoder_hidden_states, **conditioning).sample.double()
         a = self.alpha_bar[timestep.cpu()].view(-1, 1, 1, 1).to(sample.device)
         z0 = (sample.double() - (1 - a).sqrt() * epsilon) / a.sqrt()
         return SimpleNamespace(sample=(a.sqrt() * epsilon - (1 - a).sqrt() * z0).to(sample.dtype))
@@ -130,18 +142,36 @@ def reference_model(tiny_victim):
     return build_reference_model(tiny_victim)
 
 
-def build_reference_model(tiny_victim):
-    """The victim in float64, its ᾱ table from the SD-1.x formula, and a few members and non-members."""
-    from diffusers import StableDiffusionPipeline
+@pytest.fixture(scope="session")
+def sdxl_reference_model(tiny_sdxl_victim):
+    return build_reference_model(tiny_sdxl_victim, sdxl=True)
 
-    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None,
-                                                       requires_safety_checker=False)
-    model = {name: copy.deepcopy(getattr(pipeline, name)).to(torch.float64).eval()
-             for name in ("unet", "vae", "text_encoder")}
+
+def build_reference_model(tiny_victim, sdxl=False):
+    """The victim in float64, its ᾱ table from the SD-1.x formula, and a few members and non-members.
+
+    `sdxl`: the victim is a `StableDiffusionXLPipeline`; its unconditional embedding is zeros
+    (`force_zeros_for_empty_prompt`) and every UNet call gets the time ids of the uncropped R-px image.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if sdxl:
+        pipeline = StableDiffusionXLPipeline.from_pretrained(str(tiny_victim / "pipeline"), add_watermarker=False)
+        assert pipeline.config.force_zeros_for_empty_prompt
+        names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    else:
+        pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_victim / "pipeline"), safety_checker=None,
+                                                           requires_safety_checker=False)
+        names = ("unet", "vae", "text_encoder")
+    model = {name: copy.deepcopy(getattr(pipeline, name)).to(torch.float64).eval() for name in names}
     model["tokenizer"] = pipeline.tokenizer
+    model["tokenizer_2"] = getattr(pipeline, "tokenizer_2", None)
+    model["resolution"] = pipeline.unet.config.sample_size * 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD-1.x scaled_linear
     model["alpha_bar"] = torch.cumprod(1.0 - betas, 0)
-    model["null_context"] = reference_context(model, "")
+    empty = reference_context(model, "")
+    model["null_context"] = {name: torch.zeros_like(value) if name != "time_ids" else value
+                             for name, value in empty.items()} if sdxl else empty
     rows = []
     for name in ("members", "nonmembers"):  # a few of each keeps the float64 loops cheap
         for row in datasets.load_from_disk(str(tiny_victim / name)).select(range(REFERENCE_IMAGES_PER_SET)):
@@ -153,12 +183,35 @@ def build_reference_model(tiny_victim):
     return model
 
 
+def padded_ids(tokenizer, prompt):
+    return tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 @torch.no_grad()
 def reference_context(model, prompt):
-    """c = text encoder of the caption padded to model_max_length."""
-    ids = model["tokenizer"]([prompt], padding="max_length", max_length=model["tokenizer"].model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-    return model["text_encoder"](ids)[0]
+    """SD: c = text encoder of the caption padded to model_max_length (its last hidden state).
+
+    SDXL: {"hidden": [h¹₋₂ ‖ h²₋₂] (the penultimate layer of each encoder, concatenated on the last axis),
+    "pooled": encoder 2's text_embeds (its projection of the final-LayerNorm output at the first end-of-text token),
+    "time_ids": [[R, R, 0, 0, R, R]]}.
+    """
+    if model.get("tokenizer_2") is None:
+        return model["text_encoder"](padded_ids(model["tokenizer"], prompt))[0]
+    first = model["text_encoder"](padded_ids(model["tokenizer"], prompt), output_hidden_states=True)
+    second = model["text_encoder_2"](padded_ids(model["tokenizer_2"], prompt), output_hidden_states=True)
+    size = float(model["resolution"])
+    return {"hidden": torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1),
+            "pooled": second.text_embeds,
+            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]], dtype=torch.float64)}
+
+
+def unet_epsilon(model, z, t, context):
+    """The UNet's output at (z, t) with the text context (SDXL: and its pooled text and time ids)."""
+    if isinstance(context, dict):
+        return model["unet"](z, torch.tensor([t]), context["hidden"],
+                             added_cond_kwargs={"text_embeds": context["pooled"], "time_ids": context["time_ids"]}).sample
+    return model["unet"](z, torch.tensor([t]), context).sample
 
 
 @torch.no_grad()
@@ -170,10 +223,10 @@ def reference_z0(model, pixels):
 @torch.no_grad()
 def eps(model, z, t, context, guidance=1.0):
     """ε̂(z, t, c), with guidance w: ε̂(c_∅) + w (ε̂(c) − ε̂(c_∅)) from two separate UNet calls."""
-    conditional = model["unet"](z, torch.tensor([t]), context).sample
+    conditional = unet_epsilon(model, z, t, context)
     if guidance == 1.0:
         return conditional
-    unconditional = model["unet"](z, torch.tensor([t]), model["null_context"]).sample
+    unconditional = unet_epsilon(model, z, t, model["null_context"])
     return unconditional + guidance * (conditional - unconditional)
 
 
@@ -219,8 +272,10 @@ def reference_weak_caption(prompt, weak, tokenizer):
 
 
 def reference_clid(model, row, timesteps, weak_captions, seed=0):
-    """(L, D): the caption's loss and the mean discrepancy of the weakened captions, means over t (one draw)."""
-    weak_contexts = [reference_context(model, reference_weak_caption(row["prompt"], weak, model["tokenizer"]))
+    """(L, D): the caption's loss and the mean discrepancy of the weakened captions, means over t (one draw); the
+    null caption is the unconditional embedding (SD: the encoded ""; SDXL: zeros)."""
+    weak_contexts = [model["null_context"] if weak == "null" else
+                     reference_context(model, reference_weak_caption(row["prompt"], weak, model["tokenizer"]))
                      for weak in weak_captions]
     losses, discrepancies = [], []
     for t in timesteps:

@@ -28,6 +28,15 @@ FAST_VICTIM_ARGS = [
 ]
 
 
+# The SDXL-architecture victim at the same fast size: few steps (its tests check code paths and float64 agreement,
+# not the signal; benchmarks/bench_sdxl_victim.py measures the default build).
+FAST_SDXL_VICTIM_ARGS = [
+    "--architecture", "sdxl", "--image_size", "16", "--vae_block_out_channels", "32", "64",
+    "--members_per_domain", "4", "--nonmembers_per_domain", "4",
+    "--vae_steps", "30", "--unet_steps", "40", "--train_batch_size", "40", "--rprecision_steps", "30", "--skip_report",
+]
+
+
 def launch(script, argv, num_processes=1, port=None, env=None, timeout=600, check=True):
     """Run a repo script through `accelerate launch` (2 processes = CPU data parallel via --multi_gpu)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
@@ -58,6 +67,31 @@ def tiny_victim(tmp_path_factory):
     victim_dir = tmp_path_factory.mktemp("victim") / "victim"
     make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(victim_dir), "--seed", "0", *FAST_VICTIM_ARGS]))
     return victim_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_victim(tmp_path_factory):
+    """Path of a fast tiny SDXL-architecture victim folder (`make_tiny_victim.py --architecture sdxl`), built once."""
+    import make_tiny_victim
+
+    victim_dir = tmp_path_factory.mktemp("sdxl_victim") / "victim"
+    make_tiny_victim.main(make_tiny_victim.parse_args(["--output_dir", str(victim_dir), "--seed", "0",
+                                                       *FAST_SDXL_VICTIM_ARGS]))
+    return victim_dir
+
+
+@pytest.fixture(scope="session")
+def sdxl_synthetic_dataset(tiny_sdxl_victim, tmp_path_factory):
+    """A small self-synthesized dataset from the fast SDXL victim: 2 images per domain, 3 sampler steps."""
+    import generate_synthetic
+
+    output_dir = tmp_path_factory.mktemp("sdxl_synthetic") / "synthetic"
+    generate_synthetic.main(generate_synthetic.parse_args([
+        "--pretrained_model_name_or_path", str(tiny_sdxl_victim / "pipeline"),
+        "--domains_file", str(tiny_sdxl_victim / "domains.json"), "--num_images_per_domain", "2",
+        "--num_inference_steps", "3", "--sample_batch_size", "10", "--output_dir", str(output_dir),
+    ]))
+    return output_dir
 
 
 @pytest.fixture(scope="session")

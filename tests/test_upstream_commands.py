@@ -139,3 +139,85 @@ def test_lora_defaults_follow_the_upstream_script_of_its_input(upstream_cwd):
             dreambooth_lora.validation_epochs) == (5e-4, 4, 1, 50)
     assert (text_to_image.learning_rate, text_to_image.train_batch_size, text_to_image.num_train_epochs,
             text_to_image.validation_epochs, text_to_image.output_dir) == (1e-4, 16, 100, 1, "sd-model-finetuned-lora")
+
+
+# The 6 commands of diffusers' three SDXL READMEs (examples/dreambooth/README_sdxl.md, examples/text_to_image/
+# README_sdxl.md, examples/textual_inversion/README_sdxl.md), their shell variables filled in; C4's launcher flags
+# (`--config_file`) precede the script and are not the script's. Upstream's SDXL docs pages launch none of them.
+SDXL, SDXL_VAE, NARUTO = ("stabilityai/stable-diffusion-xl-base-1.0", "madebyollin/sdxl-vae-fp16-fix",
+                          "lambdalabs/naruto-blip-captions")
+SDXL_DREAMBOOTH_TAIL = ("--mixed_precision=fp16 '--instance_prompt=a photo of sks dog' --resolution=1024 "
+                        "--train_batch_size=1 --gradient_accumulation_steps=4 --learning_rate=1e-4")
+SDXL_DREAMBOOTH_END = ("--lr_scheduler=constant --lr_warmup_steps=0 --max_train_steps=500 "
+                       "'--validation_prompt=A photo of sks dog in a bucket' --validation_epochs=25 --seed=0 --push_to_hub")
+SDXL_COMMANDS = [
+    ("dreambooth/README_sdxl.md:79", LORA,
+     f"--pretrained_model_name_or_path={SDXL} --instance_data_dir=dog --pretrained_vae_model_name_or_path={SDXL_VAE} "
+     f"--output_dir=lora-trained-xl {SDXL_DREAMBOOTH_TAIL} --report_to=wandb {SDXL_DREAMBOOTH_END}"),
+    ("dreambooth/README_sdxl.md:223", LORA,
+     "--pretrained_model_name_or_path=playgroundai/playground-v2.5-1024px-aesthetic --instance_data_dir=dog "
+     f"--output_dir=dog-playground-lora {SDXL_DREAMBOOTH_TAIL} --use_8bit_adam --report_to=wandb {SDXL_DREAMBOOTH_END}"),
+    ("text_to_image/README_sdxl.md:165", LORA,
+     f"--pretrained_model_name_or_path={SDXL} --pretrained_vae_model_name_or_path={SDXL_VAE} --dataset_name={NARUTO} "
+     "--caption_column=text --resolution=1024 --random_flip --train_batch_size=1 --num_train_epochs=2 "
+     "--checkpointing_steps=500 --learning_rate=1e-04 --lr_scheduler=constant --lr_warmup_steps=0 "
+     "--mixed_precision=fp16 --seed=42 --output_dir=sd-naruto-model-lora-sdxl '--validation_prompt=cute dragon creature' "
+     "--report_to=wandb --push_to_hub"),
+    ("text_to_image/README_sdxl.md:225", LORA,
+     f"--pretrained_model_name_or_path={SDXL} --pretrained_vae_model_name_or_path={SDXL_VAE} --dataset_name={NARUTO} "
+     "--caption_column=text --resolution=1024 --train_batch_size=1 --num_train_epochs=2 --checkpointing_steps=2 "
+     "--learning_rate=1e-04 --lr_scheduler=constant --lr_warmup_steps=0 --mixed_precision=fp16 --max_train_steps=20 "
+     "--validation_epochs=20 --seed=1234 --output_dir=sd-naruto-model-lora-sdxl '--validation_prompt=cute dragon creature'"),
+    ("text_to_image/README_sdxl.md:254", LORA,
+     f"--pretrained_model_name_or_path={SDXL} --dataset_name={NARUTO} --caption_column=text --resolution=1024 "
+     "--random_flip --train_batch_size=1 --num_train_epochs=2 --checkpointing_steps=500 --learning_rate=1e-04 "
+     "--lr_scheduler=constant --lr_warmup_steps=0 --seed=42 --output_dir=sd-naruto-model-lora-sdxl-txt "
+     "--train_text_encoder '--validation_prompt=cute dragon creature' --report_to=wandb --push_to_hub"),
+    ("textual_inversion/README_sdxl.md:7", TEXTUAL_INVERSION,
+     f"--pretrained_model_name_or_path={SDXL} --train_data_dir=./cat --learnable_property=object "
+     "'--placeholder_token=<cat-toy>' --initializer_token=toy --mixed_precision=bf16 --resolution=768 "
+     "--train_batch_size=1 --gradient_accumulation_steps=4 --max_train_steps=500 --learning_rate=5.0e-04 --scale_lr "
+     "--lr_scheduler=constant --lr_warmup_steps=0 --save_as_full_pipeline --output_dir=./textual_inversion_cat_sdxl"),
+]
+# The flags their READMEs add to the first command in prose and snippets (DoRA, Kohya export, EDM-style training).
+SDXL_SNIPPETS = ["--use_dora", "--output_kohya_format", "--do_edm_style_training",
+                 "--enable_xformers_memory_efficient_attention --gradient_checkpointing --use_8bit_adam "
+                 "--mixed_precision=fp16"]
+
+
+@pytest.mark.parametrize("source, script, command", SDXL_COMMANDS, ids=[c[0] for c in SDXL_COMMANDS])
+def test_upstream_sdxl_command_parses_with_only_the_script_name_changed(upstream_cwd, source, script, command):
+    args = parse(script, command)
+    if "--pretrained_vae_model_name_or_path" in command:
+        assert args.pretrained_vae_model_name_or_path == SDXL_VAE
+    assert args.resolution == int(command.split("--resolution=")[1].split()[0])
+
+
+@pytest.mark.parametrize("snippet", SDXL_SNIPPETS)
+def test_upstream_sdxl_flag_snippets_parse_appended_to_the_first_command(upstream_cwd, snippet):
+    args = parse(LORA, f"{SDXL_COMMANDS[0][2]} {snippet}")
+    flag = snippet.split()[0].lstrip("-")
+    assert getattr(args, flag) is True
+
+
+def test_upstream_sdxl_text_to_image_command_runs_on_the_tiny_sdxl_victim(tiny_sdxl_victim, sdxl_synthetic_dataset,
+                                                                          tmp_path):
+    """C4 (README_sdxl.md:225) through `accelerate launch` with only the script name changed: its model, VAE and
+    dataset are the tiny victim's (the naruto set's `image`/`text` columns), 1024 px is the victim's 16, 20 steps 2."""
+    import datasets
+    from conftest import launch
+
+    naruto = datasets.load_from_disk(str(sdxl_synthetic_dataset)).rename_column("prompt", "text")
+    naruto.save_to_disk(str(tmp_path / "naruto"))
+    command = SDXL_COMMANDS[3][2].replace(SDXL_VAE, str(tiny_sdxl_victim / "pipeline" / "vae")).replace(
+        SDXL, str(tiny_sdxl_victim / "pipeline")).replace(NARUTO, str(tmp_path / "naruto")).replace(
+        "--resolution=1024", "--resolution=16").replace("--max_train_steps=20", "--max_train_steps=2").replace(
+        "--output_dir=sd-naruto-model-lora-sdxl", f"--output_dir={tmp_path / 'out'}")
+    launch("train_lora_mixsyn.py", shlex.split(command))
+    output = tmp_path / "out"
+    assert (output / "pytorch_lora_weights.safetensors").is_file() and (output / "checkpoint-2").is_dir()
+    assert (output / "image_0.png").is_file()  # the validation prompt, after training
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_victim / "pipeline"), add_watermarker=False)
+    pipeline.load_lora_weights(str(output))

@@ -86,7 +86,7 @@ def test_victim_text_encoder_is_trained_with_the_unet(tmp_path):
                                                        "--text_encoder_lr", "0"]))
     trained, frozen = (load_file(str(tmp_path / name / "pipeline" / "text_encoder" / "model.safetensors"))
                        for name in ("trained", "frozen"))
-    _, _, initial = make_tiny_victim.build_models(1)
+    _, _, (initial,) = make_tiny_victim.build_models(1)
     initial = initial.state_dict()
     suffix = "encoder.layers.0.mlp.fc1.weight"  # saved and in-memory key prefixes differ across versions
     saved_key = next(key for key in trained if key.endswith(suffix))

@@ -87,3 +87,9 @@ def unet_output(unet, seed=0):
     context = torch.randn(1, 77, config.cross_attention_dim, generator=generator)
     with torch.no_grad():
         return unet(latents.to(unet.dtype), torch.tensor([500]), context.to(unet.dtype)).sample.double()
+
+
+@pytest.fixture(scope="session")
+def sdxl_perturbed_dataset(sdxl_synthetic_dataset, tmp_path_factory):
+    """The SDXL victim's synthetic set with seeded ±0.05 noise, same ids."""
+    return make_perturbed_dataset(sdxl_synthetic_dataset, tmp_path_factory.mktemp("sdxl_perturbed") / "perturbed")
