@@ -32,6 +32,10 @@ from study.runner import run_stages  # cached stages, in order, in workers, or t
 # Basis: public diffusers figures (SD-1.5 UNet fwd+bwd ≈ 0.25 s per image at fp16; 50-step sampling ≈ 2.5 s per
 # image with CFG). They are estimates, printed as such.
 GPU_SECONDS = {"sample_image": 2.5, "train_step_per_image": 0.25, "attack_unet_forward": 0.03}
+# [experiment] architecture -> cost of one UNet call relative to SD-1.x at 512 px: the forward pass's FLOPs counted
+# with torch.utils.flop_counter on the real UNet configs (meta device): SD-1.4 at 512 px 0.80 TFLOP, SDXL base at
+# 1024 px 6.76 TFLOP (benchmarks/bench_aspl_memory.py, unet_forward_tflops). Every cost above scales by it.
+UNET_COST_RATIO = {"sd": 1.0, "sdxl": 8.42}
 
 
 def parse_args(input_args=None):
@@ -72,14 +76,26 @@ def gpu_hours_estimate(config, stages):
                                                           + perturb.get("max_adv_train_steps", 6))
     seconds += perturb_steps * images * GPU_SECONDS["train_step_per_image"]
     train_stages = [s for s in stages if s.name.startswith("train:")]
-    seconds += sum(s.flags.get("max_train_steps", 400) * s.flags.get("train_batch_size", 1) for s in train_stages) \
+    seconds += sum(new_training_steps(s) * s.flags.get("train_batch_size", 1) for s in train_stages) \
         * GPU_SECONDS["train_step_per_image"]
     num_scored = experiment.get("num_member_images", 1000) * 2
     calls = sum(ATTACK_UNET_CALLS.get(attack, 20) for attack in experiment["attacks"])
     seconds += (len(train_stages) + 1) * num_scored * calls * GPU_SECONDS["attack_unet_forward"]
-    seconds += (len(train_stages) + 1) * flags["evaluate"].get("num_images_per_prompt", 4) * num_domains * 2 \
-        * GPU_SECONDS["sample_image"]
-    return seconds / 3600
+    # Sampling: each model's utility generations, and the extraction stages' (2 prompt templates per domain).
+    for stage in stages:
+        if stage.script == "evaluate.py":
+            per_prompt = max(stage.flags.get("num_images_per_prompt", 4), stage.flags.get("num_extraction_samples", 0))
+            seconds += per_prompt * num_domains * 2 * GPU_SECONDS["sample_image"] \
+                * stage.flags.get("num_inference_steps", 50) / 50
+    return seconds * UNET_COST_RATIO[experiment.get("architecture", "sd")] / 3600
+
+
+def new_training_steps(stage):
+    """The updates a training stage runs: its --max_train_steps, less those of the checkpoint it resumes from (a
+    dose-response level continues the level below)."""
+    steps = stage.flags.get("max_train_steps", 400)
+    resumed = stage.flags.get("resume_from_checkpoint")
+    return steps - int(Path(resumed).name.removeprefix("checkpoint-")) if resumed else steps
 
 
 # UNet calls per image of each attack at its default flags (the attack scripts' docstrings), for the estimate.
@@ -104,7 +120,9 @@ def main(args):
         print(f"MixSyn study '{config['experiment']['name']}': {len(stages)} stages ({len(models)} fine-tuned models)")
         if args.dry_run:
             run_stages(stages, output_dir / "logs", dry_run=True)
-            print(f"Estimated cost: {gpu_hours_estimate(config, stages):.1f} GPU-hours (A100-class; see GPU_SECONDS)")
+            architecture = config["experiment"].get("architecture", "sd")
+            print(f"Estimated cost: {gpu_hours_estimate(config, stages):.1f} GPU-hours (A100-class, {architecture}; "
+                  "see GPU_SECONDS and UNET_COST_RATIO)")
             return None
         start, timings_path = time.time(), output_dir / "report" / "timings.json"
         # Every stage's run time as recorded when it ran (a resumed or re-reported study keeps the earlier ones).

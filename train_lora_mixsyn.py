@@ -154,7 +154,9 @@ def parse_args(input_args=None):
                            "DreamBooth on SDXL).")
     lora.add_argument("--use_dora", action="store_true",
                       help="Weight-decomposed LoRA (DoRA, arXiv:2402.09353; peft ≥ 0.9): a magnitude vector per "
-                           "adapted layer besides B·A. Loads with the same load_lora_weights.")
+                           "adapted layer besides B·A. Loads with the same load_lora_weights. UNet only here: with "
+                           "--train_text_encoder it is refused (the text encoders' magnitude vectors do not load back "
+                           "through diffusers' load_lora_weights, so the weights could be neither used nor audited).")
     lora.add_argument("--output_kohya_format", action="store_true",
                       help=f"Also write {KOHYA_WEIGHTS_FILE} in Kohya's key format (A1111, ComfyUI), converted per "
                            "model part so a run with text-encoder LoRA converts its UNet keys too.")
@@ -178,6 +180,10 @@ def parse_args(input_args=None):
     require_range(args, "lora_dropout", 0, 1, include_high=False)
     if args.do_edm_style_training and args.snr_gamma is not None:
         raise InputError("--snr_gamma (Min-SNR) is not defined for --do_edm_style_training (as upstream)")
+    if args.use_dora and args.train_text_encoder:
+        raise InputError("--use_dora with --train_text_encoder: the text encoders' DoRA magnitude vectors do not load "
+                         "back through diffusers' load_lora_weights (the attacks could not audit the result); drop "
+                         "one of the two flags")
     check_training_args(args)
     check_prior_preservation_args(args)
     return args

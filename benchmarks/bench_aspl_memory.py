@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Peak GPU memory of Anti-DreamBooth ASPL (perturb_antidreambooth.py), full vs LoRA surrogate: SD-1.4 at 512 px and
 SDXL at 1024 px. No GPU here: everything is counted on the CPU, on PyTorch's `meta` device (shapes, no values).
+Also the FLOPs of one UNet forward at each model's resolution (`unet_forward_tflops`), the cost ratio that
+run_experiment.py's --dry_run estimate applies to an SDXL study.
 
 Measured (exactly, for the graph as PyTorch builds it):
 - parameter counts of the real component configs (SD-1.4: UNet, CLIP ViT-L/14, VAE; SDXL base 1.0: UNet,
@@ -239,11 +241,28 @@ def scenario_rows(name, spec):
     return counts, traces, rows
 
 
+def unet_forward_tflops(spec):
+    """FLOPs of one UNet forward of one image at the model's resolution, 77 caption tokens (torch.utils.flop_counter:
+    matmuls, convolutions and attention, 2 FLOPs per multiply-add), counted on the meta device, in TFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, _, encoders = build(spec, torch.float32)
+    latent = spec["resolution"] // 8
+    with torch.device("meta"):
+        context = torch.empty(1, 77, unet.config.cross_attention_dim)
+        added = ({"text_embeds": torch.empty(1, encoders[-1].config.projection_dim), "time_ids": torch.empty(1, 6)}
+                 if unet.config.addition_embed_type == "text_time" else None)
+        with FlopCounterMode(display=False) as counter:
+            unet(torch.empty(1, 4, latent, latent), torch.tensor([500]), context, added_cond_kwargs=added)
+    return counter.get_total_flops() / 1e12
+
+
 def main():
     report = {"what": __doc__.split("\n\n")[1], "cuda_context_GB_assumed": CUDA_CONTEXT_GB, "models": {}, "rows": []}
     for name, spec in MODELS.items():
         counts, traces, rows = scenario_rows(name, spec)
-        report["models"][name] = {"parameters": counts, "traced_saved_GB_[no_checkpointing,checkpointing]": traces}
+        report["models"][name] = {"parameters": counts, "traced_saved_GB_[no_checkpointing,checkpointing]": traces,
+                                  "unet_forward_TFLOP": unet_forward_tflops(spec)}
         report["rows"] += rows
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "aspl_memory.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -252,6 +271,10 @@ def main():
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
               for row in report["rows"]]
+    tflops = {name: model["unet_forward_TFLOP"] for name, model in report["models"].items()}
+    lines += ["", "UNet forward, one image: " + ", ".join(f"{name} {value:.2f} TFLOP" for name, value in tflops.items())
+              + f" (ratio {tflops['SDXL @ 1024 px'] / tflops['SD-1.4 @ 512 px']:.2f}; run_experiment.py's "
+              "UNET_COST_RATIO)"]
     (RESULTS / "aspl_memory.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

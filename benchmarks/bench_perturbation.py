@@ -51,7 +51,8 @@ from mixsyn_utils.diffusion import NoisePredictor  # noqa: E402
 from mixsyn_utils.extraction import tiled_l2_distances  # noqa: E402
 from mixsyn_utils.images import image_to_tensor  # noqa: E402
 from mixsyn_utils.metrics import roc_metrics  # noqa: E402
-from mixsyn_utils.models import encode_images_to_latents, encode_prompts, load_components, tokenize_prompts  # noqa: E402
+from mixsyn_utils.conditioning import encode_prompts  # noqa: E402
+from mixsyn_utils.models import encode_images_to_latents, load_components, tokenize_prompts  # noqa: E402
 from mixsyn_utils.utility import brisque_scores, classifier_r_precision_hits  # noqa: E402
 
 LOSS_TIMESTEPS = tuple(range(25, 1000, 50))
@@ -103,8 +104,8 @@ def mean_losses(components, pixels, prompts, seed=0, draws=2, batch_size=100):
     out = []
     for start in range(0, len(pixels), batch_size):
         latents = encode_images_to_latents(components.vae, pixels[start:start + batch_size])
-        context = encode_prompts(components.text_encoder,
-                                 tokenize_prompts(components.tokenizer, prompts[start:start + batch_size]))
+        context = encode_prompts([components.text_encoder],
+                                 [tokenize_prompts(components.tokenizer, prompts[start:start + batch_size])])
         by_t = loss_attack_scores(predictor, latents, context, LOSS_TIMESTEPS, seed=seed, num_noise_draws=draws)
         out.append(torch.stack([by_t[t] for t in LOSS_TIMESTEPS]).mean(0))
     return torch.cat(out).numpy()

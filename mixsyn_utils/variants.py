@@ -121,6 +121,8 @@ _LORA_KEY = re.compile(
     r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up|lora_down|lora_up|"
     r"lora_linear_layer\.down|lora_linear_layer\.up)(?:\.[A-Za-z_0-9]+)?\.weight$"
 )
+# DoRA (train_lora_mixsyn.py --use_dora): one magnitude per output feature of the adapted layer.
+_DORA_MAGNITUDE_KEY = re.compile(r"^(unet|text_encoder_2|text_encoder)\.(.+?)\.lora_magnitude_vector(?:\.[A-Za-z_0-9]+)?$")
 
 
 def check_lora_matches(pipeline, lora_weights):
@@ -128,7 +130,8 @@ def check_lora_matches(pipeline, lora_weights):
 
     diffusers only logs LoRA keys it cannot place, so an adapter trained on another UNet would silently
     attack the un-adapted model. Checked: a known prefix (`unet.`, `text_encoder.`, `text_encoder_2.`), the target module
-    exists, and the down (A) matrix's input width / the up (B) matrix's output width equal the layer's.
+    exists, and the down (A) matrix's input width / the up (B) matrix's output width / a DoRA magnitude vector's
+    length equal the layer's.
     """
     try:
         state_dict, _ = type(pipeline).lora_state_dict(str(lora_weights), use_safetensors=True)
@@ -140,7 +143,7 @@ def check_lora_matches(pipeline, lora_weights):
     for key, tensor in state_dict.items():
         if key.endswith(".alpha"):
             continue
-        found = _LORA_KEY.match(key)
+        found = _LORA_KEY.match(key) or _DORA_MAGNITUDE_KEY.match(key)
         if found is None:
             raise InputError(f"--lora_weights {lora_weights}: key {key} is not a UNet or text-encoder LoRA matrix")
         model_name, module_name = found.group(1), found.group(2)
@@ -148,11 +151,11 @@ def check_lora_matches(pipeline, lora_weights):
             module = models[model_name].get_submodule(module_name)
         except AttributeError:  # also a text_encoder_2 key for a model without one (None)
             raise InputError(f"--lora_weights {lora_weights} does not match the model: no layer {model_name}.{module_name}")
-        is_down = found.group(3).endswith(("lora_A", "down"))
+        is_down = found.re is _LORA_KEY and found.group(3).endswith(("lora_A", "down"))
         layer_width = getattr(module, "in_features" if is_down else "out_features", None)
         if layer_width is None:
             layer_width = getattr(module, "in_channels" if is_down else "out_channels", None)
-        lora_width = tensor.shape[1] if is_down else tensor.shape[0]
+        lora_width = tensor.shape[1] if is_down else tensor.shape[-1] if found.re is _DORA_MAGNITUDE_KEY else tensor.shape[0]
         if layer_width is not None and lora_width != layer_width:
             raise InputError(
                 f"--lora_weights {lora_weights} does not match the model: {key} has width {lora_width}, "

@@ -9,7 +9,7 @@ here" naming the premise and its measured value, and no other word is printed fo
 """
 
 from .formatting import fmt_delta
-from .plan import ATTACK_TITLES, PRETRAINED, cell_name, top_level_epochs
+from .plan import ATTACK_TITLES, PRETRAINED, cell_name, dose_response_method, top_level_epochs
 from .statistics import EQUIVALENCE_MARGINS, verdict
 
 # (key, title, setting A, setting B (None: the pre-trained model), metric, claimed sign of A − B, premises)
@@ -60,12 +60,12 @@ def premise_failure(premise, keys, cells, epochs):
 def claim_results(config, numbers, premise):
     """One entry per (claim, level) that has both cells: Δ with its interval, the verdict, the per-attack Δs."""
     epochs_levels = sorted(config["dose_response"]["epochs"], reverse=True)
-    top = top_level_epochs(config)
+    top, method = top_level_epochs(config), dose_response_method(config)
     results = []
     for key, title, setting_a, setting_b, metric, sign, premise_keys in CLAIMS:
         for epochs in epochs_levels:
-            cell_a = cell_name("dreambooth", setting_a, epochs)
-            cell_b = PRETRAINED if setting_b is None else cell_name("dreambooth", setting_b, epochs)
+            cell_a = cell_name(method, setting_a, epochs)
+            cell_b = PRETRAINED if setting_b is None else cell_name(method, setting_b, epochs)
             if cell_a not in numbers.cells or cell_b not in numbers.cells:
                 continue
             fine_tuned = [cell for cell in (cell_a, cell_b) if cell != PRETRAINED]

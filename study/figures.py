@@ -4,7 +4,7 @@ interval over seeds and images."""
 
 import numpy as np
 
-from .plan import PRETRAINED, cell_name, setting_of, top_level_epochs
+from .plan import PRETRAINED, cell_name, dose_response_method, dose_response_title, setting_of, top_level_epochs
 
 PANELS = [("auc:worst", "worst-case AUC", (0.3, 1.0), 0.5),
           ("tpr:worst", "worst-case calibrated TPR@1%FPR", (0.0, 1.0), 0.01),
@@ -49,7 +49,8 @@ def dose_response_figure(config, numbers, path):
     figure, axes = plt.subplots(1, len(PANELS), figsize=(20, 4.2))
     for axis, (metric, title, limits, _) in zip(axes, PANELS):
         for index, setting in enumerate(settings):
-            summaries = [numbers.value(cell_name("dreambooth", setting, level), metric) for level in epochs]
+            summaries = [numbers.value(cell_name(dose_response_method(config), setting, level), metric)
+                         for level in epochs]
             _errorbar(axis, epochs, summaries, setting, offset=1.0 + 0.04 * (index - len(settings) / 2))
         _reference_lines(axis, numbers.value(PRETRAINED, metric), _chance(config, metric),
                          "FPR (no signal)" if metric == "tpr:worst" else "chance")
@@ -60,8 +61,8 @@ def dose_response_figure(config, numbers, path):
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper left")
     seeds = len(config["experiment"]["training_seeds"])
-    figure.suptitle(f"Dose-response: DreamBooth (Eq. 6) at a fixed learning rate; points: mean of {seeds} seeds, bars: "
-                    "95% interval over seeds and images")
+    figure.suptitle(f"Dose-response: {dose_response_title(config)} at a fixed learning rate; points: mean of {seeds} "
+                    "seeds, bars: 95% interval over seeds and images")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -81,7 +82,8 @@ def figure4(config, numbers, path):
     for axis, (metric, title, limits, _) in zip(axes, PANELS):
         for index, curve in enumerate(curves):
             xs = [setting_of(config, setting)[1] for setting in curve["settings"]]
-            summaries = [numbers.value(cell_name("dreambooth", setting, top), metric) for setting in curve["settings"]]
+            summaries = [numbers.value(cell_name(dose_response_method(config), setting, top), metric)
+                         for setting in curve["settings"]]
             _errorbar(axis, [x + 0.01 * (index - len(curves) / 2) for x in xs], summaries, curve["label"])
         _reference_lines(axis, numbers.value(PRETRAINED, metric), _chance(config, metric))
         axis.set(title=title, xlabel="mixup ratio (fraction perturbed)")

@@ -6,8 +6,9 @@ Anti-DreamBooth noise MixSyn uses) or `noise = "random"` (±η sign noise of the
 Mixup-I (`mode = "image"`, a ratio of the images) or Mixup-P (`mode = "pixel"`, a ratio of each image's pixels).
 A *cell* is a model up to its training seed; the claims compare cells.
 
-The dose-response trains DreamBooth at a fixed learning rate for each of [dose_response] `epochs` (passes over the
-training images), every setting of its list × every training seed. Each level continues the level below from its
+The dose-response trains one method ([dose_response] `method`: DreamBooth by default; DreamBooth+LoRA on SDXL, which
+has no full DreamBooth) at a fixed learning rate for each of [dose_response] `epochs` (passes over the training
+images), every setting of its list × every training seed. Each level continues the level below from its
 last checkpoint (`--resume_from_checkpoint`, a constant schedule: the same data order and noise as one uninterrupted
 run), so the levels are the points of one training trajectory and cost one run. The other settings of [top_level]
 train at the last level only.
@@ -36,6 +37,7 @@ ATTACK_SCRIPTS = {"secmi": "attack_secmi.py", "pia": "attack_pia.py", "loss": "a
 ATTACK_TITLES = {"secmi": "SecMI", "pia": "PIA", "loss": "Loss", "sima": "SimA", "clid": "CLiD", "pfami": "PFAMI"}
 NOISES = ("aspl", "random")
 PRETRAINED = "pretrained"
+DOSE_RESPONSE_METHODS = ("dreambooth", "dreambooth_lora", "lora")  # trained in epochs, continued from checkpoints
 
 
 @dataclass
@@ -75,7 +77,7 @@ class ModelSpec:
     method: str
     setting: str
     seed: int
-    epochs: float = None  # DreamBooth: its dose-response level; None: the method's own training flags
+    epochs: float = None  # the dose-response method: its level; None: the method's own training flags
     trainable_modules: tuple = None  # Table 5's component ablation (DreamBooth only)
 
     @property
@@ -89,8 +91,20 @@ class ModelSpec:
 
 
 def cell_name(method, setting, epochs=None):
-    """The cell of `method` on `setting` (at `epochs` for DreamBooth), as `ModelSpec.cell` names it."""
+    """The cell of `method` on `setting` (at `epochs` for the dose-response method), as `ModelSpec.cell` names it."""
     return ModelSpec(method, setting, 0, epochs).cell
+
+
+def dose_response_method(config):
+    """The method the dose-response, the [top_level] settings, the claims and extraction train: [dose_response]
+    `method`, DreamBooth (Eq. 6) by default."""
+    return config["dose_response"].get("method", "dreambooth")
+
+
+def dose_response_title(config):
+    """The dose-response method's name in the report: "DreamBooth (Eq. 6)", "DreamBooth+LoRA" or "LoRA"."""
+    method = dose_response_method(config)
+    return METHOD_TITLES[method] + (" (Eq. 6)" if method == "dreambooth" else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +181,7 @@ CONFIG_SCHEMA = Table({
         "nonmember_dataset": str, "domains_file": str, "rprecision_model": str, "clip_pretrained": str,
         "num_domains": int, "num_member_images": int, "methods": ListOf(Choice(tuple(METHOD_SCRIPTS), "method"), True),
         "training_seeds": ListOf(int, True), "attacks": ListOf(Choice(tuple(ATTACK_SCRIPTS), "attack"), True),
-        "workers": int,
+        "workers": int, "architecture": Choice(("sd", "sdxl"), "architecture"),
     }, ("name", "pretrained_model_name_or_path", "member_dataset", "nonmember_dataset", "domains_file", "methods",
         "training_seeds", "attacks")),
     "premises": Table({
@@ -179,7 +193,8 @@ CONFIG_SCHEMA = Table({
         "min_perturbation_ratio", "random_multiple", "damage_levels", "positive_control_sigma",
         "min_control_detected")),
     "settings": Table({}, (), SETTING),
-    "dose_response": Table({"settings": ListOf(str, True), "epochs": ListOf(NUMBER, True)}, ("settings", "epochs")),
+    "dose_response": Table({"method": Choice(DOSE_RESPONSE_METHODS, "dose-response method"),
+                            "settings": ListOf(str, True), "epochs": ListOf(NUMBER, True)}, ("settings", "epochs")),
     "top_level": Table({"settings": ListOf(str)}, ("settings",)),
     "tables": Table({}, (), TABLE),
     "table5": Table({"title": str, "setting": str, "training_seeds": ListOf(int, True), "note": str,
@@ -334,6 +349,12 @@ def load_config(path, quick=False):
     epochs = config["dose_response"]["epochs"]
     if len(set(epochs)) != len(epochs) or min(epochs) <= 0:
         raise InputError(f"--config {path}: [dose_response] epochs must be distinct and > 0, got {epochs}")
+    if dose_response_method(config) not in config["experiment"]["methods"]:
+        raise InputError(f"--config {path}: [dose_response] method {dose_response_method(config)!r} is not in "
+                         f"[experiment] methods {config['experiment']['methods']}")
+    if "table5" in config and "dreambooth" not in config["experiment"]["methods"]:
+        raise InputError(f"--config {path}: [table5] ablates DreamBooth's components; add 'dreambooth' to "
+                         "[experiment] methods or drop [table5]")
     return config
 
 
@@ -342,20 +363,18 @@ def load_config(path, quick=False):
 # ----------------------------------------------------------------------------------------------
 
 def study_models(config):
-    """Every fine-tuned model: the dose-response (DreamBooth, every level × its settings × seed), the [top_level]
-    settings at the last level, the other methods on every setting × seed, and Table 5's components."""
+    """Every fine-tuned model: the dose-response (`dose_response_method`, every level × its settings × seed), the
+    [top_level] settings at the last level, the other methods on every setting × seed, and Table 5's components."""
     seeds, models = config["experiment"]["training_seeds"], []
-    top = top_level_epochs(config)
+    top, dose = top_level_epochs(config), dose_response_method(config)
     methods = config["experiment"]["methods"]
     settings = list(dict.fromkeys(config["dose_response"]["settings"] + config["top_level"]["settings"]))
-    if "dreambooth" in methods:
-        for epochs in config["dose_response"]["epochs"]:
-            models += [ModelSpec("dreambooth", setting, seed, epochs) for setting in config["dose_response"]["settings"]
-                       for seed in seeds]
-        models += [ModelSpec("dreambooth", setting, seed, top) for setting in config["top_level"]["settings"]
+    for epochs in config["dose_response"]["epochs"]:
+        models += [ModelSpec(dose, setting, seed, epochs) for setting in config["dose_response"]["settings"]
                    for seed in seeds]
+    models += [ModelSpec(dose, setting, seed, top) for setting in config["top_level"]["settings"] for seed in seeds]
     for method in methods:
-        if method != "dreambooth":
+        if method != dose:
             models += [ModelSpec(method, setting, seed) for setting in settings for seed in seeds]
     if "table5" in config:
         for modules in config["table5"]["rows"].values():
@@ -372,9 +391,10 @@ def table5_modules(modules):
 
 
 def extraction_models(config):
-    """The pre-trained model and DreamBooth at the last level on each [extraction] setting (first training seed)."""
+    """The pre-trained model and the dose-response method at the last level on each [extraction] setting (first
+    training seed)."""
     seed = config["experiment"]["training_seeds"][0]
-    return [PRETRAINED] + [ModelSpec("dreambooth", setting, seed, top_level_epochs(config)).name
+    return [PRETRAINED] + [ModelSpec(dose_response_method(config), setting, seed, top_level_epochs(config)).name
                            for setting in config.get("extraction", {}).get("settings", [])]
 
 
@@ -383,8 +403,10 @@ def num_training_images(config):
     return config["stages"]["synthetic"]["num_images_per_domain"] * config["experiment"].get("num_domains", 10)
 
 
-def updates_per_epoch(config, method="dreambooth"):
-    """⌈images / batch size⌉ / gradient accumulation steps: the training scripts' updates per epoch (one process)."""
+def updates_per_epoch(config, method=None):
+    """⌈images / batch size⌉ / gradient accumulation steps: the training scripts' updates per epoch (one process);
+    `method` default: the dose-response method."""
+    method = method or dose_response_method(config)
     flags = dict(config["stages"].get("train", {}), **config["stages"].get(f"train_{method}", {}))
     batches = math.ceil(num_training_images(config) / flags.get("train_batch_size", 4))
     return max(1, math.ceil(batches / flags.get("gradient_accumulation_steps", 1)))
@@ -476,7 +498,7 @@ def preparation_stages(config, paths):
 
 def previous_level(config, spec):
     """The dose-response model one level below `spec` (same method, setting, seed), or None at the first level."""
-    if spec.method != "dreambooth" or spec.trainable_modules is not None or spec.epochs is None \
+    if spec.method != dose_response_method(config) or spec.trainable_modules is not None or spec.epochs is None \
             or spec.setting not in config["dose_response"]["settings"]:
         return None
     lower = [epochs for epochs in config["dose_response"]["epochs"] if epochs < spec.epochs]

@@ -30,7 +30,7 @@ from mixsyn_utils.domains import generation_plan, load_domains
 from mixsyn_utils.extraction import eidetic_extraction, tiled_l2_distances
 from mixsyn_utils.images import resize_and_crop
 from mixsyn_utils.mixing import mix_datasets
-from mixsyn_utils.models import native_resolution
+from mixsyn_utils.models import native_resolution, text_encoders_of
 from mixsyn_utils.seeds import derive_seed
 from mixsyn_utils.utility import classifier_r_precision_hits, frechet_distance, gaussian_moments, pixel_features
 from mixsyn_utils.variants import components_from_pipeline, load_model_variant
@@ -50,8 +50,8 @@ def dataset_rows(dataset):
 def denoising_loss_per_image(components, dataset, timesteps, seed, num_draws, batch_size=100):
     """(N,) float64 L(x) of every image of `dataset` (columns image, prompt) under `components` (see module doc)."""
     predictor = NoisePredictor.of(components.unet, components.noise_scheduler)
-    captions = CaptionCache(components.tokenizer, components.text_encoder)
     resolution = native_resolution(components.unet, components.vae)
+    captions = CaptionCache(components, resolution)  # SDXL: both encoders and the uncropped image's time ids
     rows, losses = dataset_rows(dataset), []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -62,10 +62,11 @@ def denoising_loss_per_image(components, dataset, timesteps, seed, num_draws, ba
     return np.concatenate(losses)
 
 
-def load_model(pipeline_dir):
-    """A fine-tuned DreamBooth pipeline (or the pre-trained one) as eval-mode components without gradients."""
-    components = components_from_pipeline(load_model_variant(str(pipeline_dir)))
-    for module in (components.unet, components.vae, components.text_encoder):
+def load_model(pipeline_dir, lora_weights=None):
+    """A fine-tuned DreamBooth pipeline (or the pre-trained one, with `lora_weights` fused when given) as eval-mode
+    components without gradients."""
+    components = components_from_pipeline(load_model_variant(str(pipeline_dir), lora_weights=lora_weights))
+    for module in (components.unet, components.vae, *text_encoders_of(components)):
         module.requires_grad_(False).eval()
     return components
 

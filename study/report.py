@@ -26,6 +26,8 @@ from .plan import (
     PRETRAINED,
     ModelSpec,
     cell_name,
+    dose_response_method,
+    dose_response_title,
     extraction_models,
     load_extractions,
     scores_dir,
@@ -216,21 +218,23 @@ def measure_premises(config, output_dir, specs, numbers):
                     "holds": bool(aspl >= rules["min_perturbation_ratio"]
                                   and aspl - 1 >= rules["random_multiple"] * (random - 1))}
 
-    # P3: per fine-tuned DreamBooth cell, the loss on its own training images and its R-precision.
+    # P3: per fine-tuned cell of the dose-response method, the loss on its own training images and its R-precision.
     pretrained_value = pretrained_rp["value"] if pretrained_rp else math.nan
-    baseline, p3 = {}, {}
-    for spec in [s for s in specs if s.method == "dreambooth" and s.trainable_modules is None and s.epochs]:
+    baseline, p3, method = {}, {}, dose_response_method(config)
+    for spec in [s for s in specs if s.method == method and s.trainable_modules is None and s.epochs]:
         model_dir = out / "models" / spec.name
         if not model_dir.is_dir():
             continue
+        # DreamBooth writes a whole pipeline; a LoRA method writes adapters for the pre-trained one.
+        model = (premise_measures.load_model(model_dir) if method == "dreambooth"
+                 else premise_measures.load_model(victim_dir, lora_weights=str(model_dir)))
         mode, ratio, pattern, noise = setting_of(config, spec.setting)
         images = premise_measures.training_images(clean, perturbed.get(noise), mode, ratio, pattern,
                                                   experiment.get("seed", 0), None)
         if spec.setting not in baseline:
             baseline[spec.setting] = premise_measures.denoising_loss_per_image(victim, images, timesteps, seed,
                                                                                draws).mean()
-        loss = premise_measures.denoising_loss_per_image(premise_measures.load_model(model_dir), images, timesteps,
-                                                         seed, draws).mean()
+        loss = premise_measures.denoising_loss_per_image(model, images, timesteps, seed, draws).mean()
         entry = p3.setdefault(spec.cell, {"epochs": spec.epochs, "ratios": []})
         entry["ratios"].append(float(loss / baseline[spec.setting]))
     for cell, entry in p3.items():
@@ -257,8 +261,8 @@ def measure_premises(config, output_dir, specs, numbers):
     p5 = {}
     seeds = experiment["training_seeds"]
     for epochs in sorted(config["dose_response"]["epochs"]):
-        clean_cells = numbers.cells.get(cell_name("dreambooth", "clean", epochs), {})
-        aspl_cells = numbers.cells.get(cell_name("dreambooth", "aspl", epochs), {})
+        clean_cells = numbers.cells.get(cell_name(method, "clean", epochs), {})
+        aspl_cells = numbers.cells.get(cell_name(method, "aspl", epochs), {})
         common = [k for k in seeds if k in clean_cells and k in aspl_cells]
         if len(common) < 2:
             continue
@@ -374,14 +378,17 @@ def write_report(config, output_dir, specs, report_dir, stage_seconds=None, work
                   "over seeds and images].", ""]
     lines += [premises_markdown(premise), ""]
     lines += ["## Dose-response", "", "![dose-response](dose_response.png)", ""]
-    dose_rows = [(f"{setting} @ {epochs:g} epochs", cell_name("dreambooth", setting, epochs))
+    dose = dose_response_method(config)
+    dose_rows = [(f"{setting} @ {epochs:g} epochs", cell_name(dose, setting, epochs))
                  for epochs in sorted(config["dose_response"]["epochs"]) for setting in config["dose_response"]["settings"]]
-    lines += [leakage_table("Dose-response (DreamBooth, Eq. 6)", [("Pre-trained", PRETRAINED)] + dose_rows, numbers), ""]
+    title = dose_response_title(config).replace(" (Eq. 6)", ", Eq. 6")
+    lines += [leakage_table(f"Dose-response ({title})", [("Pre-trained", PRETRAINED)] + dose_rows, numbers), ""]
     for table in config["tables"].values():
         rows = [("Pre-trained", PRETRAINED)]
         for method in experiment["methods"]:
-            epochs = top if method == "dreambooth" else None
-            title = METHOD_TITLES[method] + (f" (Eq. 6, {top:g} epochs)" if method == "dreambooth" else "")
+            epochs = top if method == dose else None
+            title = METHOD_TITLES[method] + ((f" (Eq. 6, {top:g} epochs)" if method == "dreambooth" else
+                                              f" ({top:g} epochs)") if method == dose else "")
             rows.append((title, cell_name(method, table["setting"], epochs)))
         lines += [leakage_table(table["title"], rows, numbers, table.get("note", "")), "", attack_table(rows, numbers),
                   ""]

@@ -1,5 +1,6 @@
 """The experiment runner (run_experiment.py, study/): the plan, caching, dry run, and the quick end-to-end study."""
 
+import copy
 import json
 import math
 import re
@@ -46,14 +47,14 @@ def test_plan_has_the_epoch_dose_response_the_mixes_and_the_random_noise_control
     top = [spec for spec in models.values() if spec.setting in config["top_level"]["settings"]]
     assert {spec.epochs for spec in top} == {max(epochs)} and len(top) == len(config["top_level"]["settings"]) * len(seeds)
     by_name = {stage.name: stage for stage in stages}
-    # An epoch is a pass over the 50 self-synthesized images at batch 10: 5 updates; 0.4 epoch is 2 updates.
-    assert steps_of_epochs(config, 0.4) == 2 and steps_of_epochs(config, 50) == 250
+    # An epoch is a pass over the 100 self-synthesized images at batch 10: 10 updates; 0.4 epoch is 4 updates.
+    assert steps_of_epochs(config, 0.4) == 4 and steps_of_epochs(config, 50) == 500
     first, last = by_name["train:dreambooth-clean-e0.4-seed0"], by_name["train:dreambooth-aspl-e50-seed2"]
-    assert first.flags["max_train_steps"] == first.flags["checkpointing_steps"] == 2
-    assert last.flags["max_train_steps"] == 250
+    assert first.flags["max_train_steps"] == first.flags["checkpointing_steps"] == 4
+    assert last.flags["max_train_steps"] == 500
     # each level continues the one below from its last checkpoint, into its own empty folder
     assert "resume_from_checkpoint" not in first.flags and first.flags["overwrite"]
-    assert last.flags["resume_from_checkpoint"].endswith("dreambooth-aspl-e15-seed2/checkpoint-75")
+    assert last.flags["resume_from_checkpoint"].endswith("dreambooth-aspl-e15-seed2/checkpoint-150")
     assert "train:dreambooth-aspl-e15-seed2" in last.depends_on and "overwrite" not in last.flags
     # DreamBooth is Eq. 6 everywhere, at one learning rate and a constant schedule
     for stage in stages:
@@ -69,6 +70,47 @@ def test_plan_has_the_epoch_dose_response_the_mixes_and_the_random_noise_control
     assert by_name["train:dreambooth-aspl-e5-seed1"].flags["perturbed_dataset_name"].endswith("aspl")
     assert "perturbed_dataset_name" not in by_name["train:dreambooth-clean-e5-seed1"].flags
     assert sum(stage.name.startswith("extraction:") for stage in stages) == 1 + len(config["extraction"]["settings"])
+
+
+def test_sdxl_config_plans_a_dreambooth_lora_dose_response_and_scales_the_estimate(capsys):
+    """SDXL has no full DreamBooth: the dose-response, the claims' cells and extraction are DreamBooth+LoRA, each level
+    continuing the one below; the --dry_run estimate is the SD-1.x one × the UNet cost ratio, counting each chained
+    level's own updates only."""
+    config = load_config("configs/sdxl_celeb40.toml")
+    stages, models = plan_study(config, Path("runs/never-written"))
+    by_name = {stage.name: stage for stage in stages}
+    assert not any(stage.script == "train_dreambooth_mixsyn.py" for stage in stages)
+    per_epoch = 4000 // 2
+    first, second = by_name["train:dreambooth_lora-aspl-e0.25-seed1"], by_name["train:dreambooth_lora-aspl-e1-seed1"]
+    assert first.script == second.script == "train_lora_mixsyn.py"
+    assert first.flags["max_train_steps"] == per_epoch // 4 and second.flags["max_train_steps"] == per_epoch
+    assert second.flags["resume_from_checkpoint"].endswith(f"dreambooth_lora-aspl-e0.25-seed1/checkpoint-{per_epoch // 4}")
+    assert run_experiment.new_training_steps(second) == per_epoch - per_epoch // 4
+    assert run_experiment.new_training_steps(first) == per_epoch // 4
+    assert second.flags["with_prior_preservation"] and second.flags["train_text_encoder"]
+    # the attacks and evaluation load the LoRA onto the SDXL base
+    attack = by_name["pia:dreambooth_lora-clean-e10-seed0"]
+    assert attack.flags["pretrained_model_name_or_path"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert attack.flags["lora_weights"].endswith("models/dreambooth_lora-clean-e10-seed0")
+    assert "extraction:dreambooth_lora-aspl-e10-seed0" in by_name
+    assert by_name["perturbed:aspl"].flags["surrogate"] == "lora"
+    assert {spec.method for spec in models.values()} == {"dreambooth_lora", "lora", "textual_inversion"}
+    sd_config = copy.deepcopy(config)
+    sd_config["experiment"]["architecture"] = "sd"
+    assert run_experiment.gpu_hours_estimate(config, stages) == pytest.approx(
+        run_experiment.UNET_COST_RATIO["sdxl"] * run_experiment.gpu_hours_estimate(sd_config, stages))
+    run_experiment.main(run_experiment.parse_args(["--config", "configs/sdxl_celeb40.toml", "--output_dir",
+                                                   "runs/never-written", "--dry_run"]))
+    assert "GPU-hours (A100-class, sdxl" in capsys.readouterr().out
+    assert not Path("runs/never-written").exists()
+
+
+def test_dose_response_method_must_be_trained_by_the_study(tmp_path):
+    text = Path("configs/sdxl_celeb40.toml").read_text()
+    (tmp_path / "bad.toml").write_text(text.replace('methods = ["dreambooth_lora", "lora", "textual_inversion"]',
+                                                    'methods = ["lora", "textual_inversion"]', 1))
+    with pytest.raises(InputError, match=r"\[dose_response\] method 'dreambooth_lora' is not in \[experiment\] methods"):
+        load_config(tmp_path / "bad.toml")
 
 
 def test_sd14_config_dry_run_plans_without_downloading(capsys):

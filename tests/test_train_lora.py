@@ -228,3 +228,30 @@ def test_an_image_that_does_not_decode_fails_before_the_model_loads_and_leaves_n
         run_in_process(lora_script, argv(tmp_path / "out", dataset_name=tmp_path / "zero", perturbed_dataset_name=None,
                                          mixup_ratio=0))
     assert not (tmp_path / "out").exists()
+
+
+def test_dora_unet_weights_load_in_the_attacks_loader_and_dora_with_text_encoder_is_refused(argv, tiny_victim,
+                                                                                              tmp_path):
+    """--use_dora writes a magnitude vector per adapted layer: the attacks' loader (`load_model_variant`) checks its
+    length against the layer and fuses it; with --train_text_encoder the magnitudes would not load back, so the
+    combination is refused before any work."""
+    from mixsyn_utils.variants import load_model_variant
+
+    with pytest.raises(InputError, match="--use_dora with --train_text_encoder"):
+        lora_script.parse_args(argv(tmp_path / "refused", use_dora=True, train_text_encoder=True))
+    assert not (tmp_path / "refused").exists()
+    run_in_process(lora_script, argv(tmp_path / "dora", use_dora=True, max_train_steps=2))
+    weights = load_file(str(tmp_path / "dora" / "pytorch_lora_weights.safetensors"))
+    magnitudes = [key for key in weights if key.endswith("lora_magnitude_vector")]
+    assert magnitudes
+    base = unet_output(load_model_variant(str(tiny_victim / "pipeline")).unet)
+    fused = unet_output(load_model_variant(str(tiny_victim / "pipeline"), lora_weights=str(tmp_path / "dora")).unet)
+    assert (fused - base).abs().max() > 1e-5
+    truncated = dict(weights)
+    truncated[magnitudes[0]] = weights[magnitudes[0]][:-1]  # a magnitude vector one feature short
+    (tmp_path / "bad").mkdir()
+    from safetensors.torch import save_file
+
+    save_file(truncated, str(tmp_path / "bad" / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(InputError, match="does not match the model: .*lora_magnitude_vector has width"):
+        load_model_variant(str(tiny_victim / "pipeline"), lora_weights=str(tmp_path / "bad"))
