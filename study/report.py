@@ -272,7 +272,8 @@ def measure_premises(config, output_dir, specs, numbers):
         within = np.mean([premise_measures.generation_rms(generations[a][0], generations[b][0]) for a, b in pairs])
         p5[f"{epochs:g}"] = {"perturbed_vs_clean": float(across), "seed_to_seed": float(within),
                              "holds": bool(across >= within),
-                             "why": f"ASPL vs clean RMS {across:.4f} < clean seed-to-seed {within:.4f}"}
+                             "why": f"ASPL vs clean RMS {across:.4f} {'≥' if across >= within else '<'} clean "
+                                    f"seed-to-seed {within:.4f}"}
     result["P5"] = {"what": "the perturbation is learned", "criterion": "generation RMS (same prompts and sampler "
                     "noise), ASPL-trained vs clean-trained at the same seed ≥ clean vs clean across seeds",
                     "levels": p5}
