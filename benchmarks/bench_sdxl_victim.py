@@ -135,7 +135,7 @@ def main():
                 snapshots[step] = (copy.deepcopy(unet).eval(), [copy.deepcopy(e).eval() for e in text_encoders])
 
         build_args = make_tiny_victim.parse_args(argv)
-        report["build_flags"] = vars(build_args)
+        report["build_flags"] = {key: value for key, value in vars(build_args).items() if key != "output_dir"}  # a temp path
         make_tiny_victim.build_tiny_victim(build_args, after_step=keep_snapshot)
     info = json.loads((victim_dir / "victim_info.json").read_text())
     report["victim_info"] = info
