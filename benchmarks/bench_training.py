@@ -44,9 +44,15 @@ def parse_args(input_args=None):
 
 
 def make_dataset(output_dir, num_rows, seed=0, eps=0.0, image_size=16):
-    """`num_rows` random `image_size`-px images with captions "The face of <digit name>" (+ uniform ±eps noise)."""
+    """`num_rows` random `image_size`-px images with captions "The face of <digit name>" (+ uniform ±eps noise).
+
+    A noisy copy records its budget `pgd_eps` = eps in its provenance, as `perturb_antidreambooth.py` does: the
+    training scripts check every perturbed image against its clean one within that budget before mixing.
+    """
     import datasets
     from PIL import Image
+
+    from mixsyn_utils.dataset_io import dataset_provenance, with_provenance
 
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     rng = np.random.default_rng(seed)
@@ -62,6 +68,8 @@ def make_dataset(output_dir, num_rows, seed=0, eps=0.0, image_size=16):
          "prompt": [f"The face of {d}" for d in domains], "domain": domains},
         features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
                                     "prompt": datasets.Value("string"), "domain": datasets.Value("string")}))
+    if eps > 0:
+        dataset = with_provenance(dataset, dataset_provenance("bench_training.py", {"pgd_eps": eps, "seed": seed}))
     dataset.save_to_disk(str(output_dir))
     return output_dir
 
