@@ -30,11 +30,18 @@ import attack_loss  # noqa: E402
 import attack_pfami  # noqa: E402
 import attack_pia  # noqa: E402
 import attack_secmi  # noqa: E402
-from mixsyn_utils.attacks import attack_resolution, load_attack_data, load_attack_model, score_all  # noqa: E402
+from mixsyn_utils.attacks import (  # noqa: E402
+    AttackedModel,
+    CaptionCache,
+    load_attack_data,
+    load_attack_model,
+    score_all,
+)
 from mixsyn_utils.attack_scores import pia_scores, secmi_t_error  # noqa: E402
 from mixsyn_utils.diffusion import NoisePredictor  # noqa: E402
-from mixsyn_utils.conditioning import encode_prompts  # noqa: E402
-from mixsyn_utils.models import tokenize_prompts  # noqa: E402
+from mixsyn_utils.flags import flag_values  # noqa: E402
+from mixsyn_utils.models import configured_resolution, vae_scale_factor  # noqa: E402
+from mixsyn_utils.resumable import run_signature  # noqa: E402
 
 
 def attack_args(victim_dir, output_dir, batch_size):
@@ -47,6 +54,17 @@ def attack_args(victim_dir, output_dir, batch_size):
     )
 
 
+def attacked_model(args):
+    """The `AttackedModel` of the attack flags, as the attack scripts build it."""
+    return AttackedModel(args.pretrained_model_name_or_path, args.revision, args.variant, args.unet_path,
+                         args.lora_weights, args.textual_inversion)
+
+
+def attack_resolution(args):
+    """--resolution, or the attacked model's native size from its configs (as the attack scripts choose it)."""
+    return args.resolution or configured_resolution(args.pretrained_model_name_or_path, args.revision, args.unet_path)
+
+
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -54,14 +72,15 @@ def synchronize(device):
 
 @torch.no_grad()
 def unet_floor_seconds(unet, num_calls, latent_shape, context, device):
-    """`num_calls` UNet forwards on random latents with the given text context (its rows = the batch)."""
+    """`num_calls` UNet forwards on random latents with the given `TextConditioning` (its rows = the batch; for
+    SDXL with its pooled embedding and time ids, as the attack's calls get them)."""
     batch_size = len(context)
     latents = torch.randn(batch_size, *latent_shape, device=device)
     timesteps = torch.full((batch_size,), 100, device=device, dtype=torch.long)
     synchronize(device)
     start = time.perf_counter()
     for _ in range(num_calls):
-        unet(latents, timesteps, context)
+        unet(latents, timesteps, **context.unet_kwargs())
     synchronize(device)
     return time.perf_counter() - start
 
@@ -96,33 +115,39 @@ class UNetTimer:
             handle.remove()
 
 
-def measure(name, rows, components, args, score_batch, calls_per_image, device, encodes=1, rows_per_call=1):
+def measure(name, rows, components, args, resolution, score_batch, calls_per_image, device, encodes=1,
+            rows_per_call=1):
     """Per-image time of `score_all` against the UNet floor, and against the UNet + `encodes` VAE-encodes floor.
 
     Also the UNet's own time inside the run: on a machine shared with other jobs the load drifts between the
     run and the separately timed floor; attack time / in-run UNet time is measured over the same seconds.
     """
-    resolution = attack_resolution(args, components)
     with tempfile.TemporaryDirectory() as scratch:
         args.output_dir = str(Path(scratch) / name)
+        # The scripts compute their run signature (flags and input fingerprints) before `score_all`; its output
+        # folder is fresh here, so the flags alone stand in for it (not timed, as in the scripts).
+        signature = run_signature(flag_values(args))
         timer = UNetTimer(components.unet, device)
         synchronize(device)
         start = time.perf_counter()
-        _, work = score_all(rows, components, args, resolution, None, score_batch, desc=name)
+        _, work = score_all(rows, components, score_batch, accelerator=None, output_dir=args.output_dir,
+                            signature=signature, resolution=resolution, batch_size=args.batch_size,
+                            vae_sample=args.vae_sample, seed=args.seed, latents_cache_dir=args.latents_cache_dir,
+                            overwrite=args.overwrite, desc=name)
         synchronize(device)
         attack_seconds = time.perf_counter() - start
         timer.remove()
         work.cleanup()
-    latent_shape = (components.unet.config.in_channels, *([components.unet.config.sample_size] * 2))
+    latent_shape = (components.unet.config.in_channels, *([resolution // vae_scale_factor(components.vae)] * 2))
     # Full batches only in the floor too: same number of forwards of the same sizes as the attack. The context is
     # the text encoder's: random N(0, 1) contexts made the CPU UNet 5-16% slower than real ones (alternating runs).
+    # `CaptionCache` is what `score_all` conditions with (`conditioning.encode_prompts` of every text encoder; the
+    # guided attacks' second row per image is the model's unconditional embedding, `None`).
+    captions = CaptionCache(components, resolution)
     floor = vae_floor = 0.0
     for start in range(0, len(rows), args.batch_size):
         batch = rows[start : start + args.batch_size]
-        with torch.no_grad():
-            context = encode_prompts([components.text_encoder], [tokenize_prompts(
-                components.tokenizer, [row["caption"] for row in batch] + [""] * len(batch) * (rows_per_call - 1))]
-            ).hidden_states
+        context = captions([row["caption"] for row in batch] + [None] * len(batch) * (rows_per_call - 1))
         floor += unet_floor_seconds(components.unet, calls_per_image, latent_shape, context, device)
         size = len(batch)
         vae_floor += encodes * vae_floor_seconds(components.vae, size, resolution, device) if encodes else 0.0
@@ -174,23 +199,25 @@ def attacks_at_defaults(components, victim_dir, resolution, device):
     loss, sima = (default_args(attack_loss, victim_dir, "--method", method) for method in ("loss", "sima"))
     clid, pfami = default_args(attack_clid, victim_dir), default_args(attack_pfami, victim_dir)
 
-    def pia_batch(batch, guidance_scale):
+    def pia_batch(batch, guidance_scale):  # as attack_pia.py: c_∅ only with guidance
+        null_context = batch.null_context() if guidance_scale != 1.0 else None
         return {"score": pia_scores(predictor, batch.latents, batch.context, pia.attack_timesteps, pia.lp,
-                                    guidance_scale=guidance_scale, null_context=batch.null_context())[10]}
+                                    guidance_scale=guidance_scale, null_context=null_context)[10]}
 
     return {
         "pia (w 7.5)": (lambda batch: pia_batch(batch, pia.guidance_scale), 1 + len(pia.attack_timesteps), 2, 1),
         "pia (w 1)": (lambda batch: pia_batch(batch, 1.0), 1 + len(pia.attack_timesteps), 1, 1),
         "secmi": (lambda batch: {"score": secmi_t_error(predictor, batch.latents, batch.context, secmi.t_sec,
                                                         secmi.k)[0]}, secmi.t_sec // secmi.k + 1, 1, 1),
-        "loss": (lambda batch: attack_loss.score_columns(batch, predictor, loss), len(attack_loss.timesteps_of(loss)),
-                 1, 1),
+        "loss": (lambda batch: attack_loss.score_columns(batch, predictor, loss),
+                 len(attack_loss.timesteps_of(loss)) * loss.num_noise_draws, 1, 1),
         "sima": (lambda batch: attack_loss.score_columns(batch, predictor, sima), len(attack_loss.timesteps_of(sima)),
                  1, 1),
         "clid": (lambda batch: attack_clid.clid_raw_columns(batch, components, predictor, clid),
-                 (1 + len(clid.weak_caption)) * len(clid.attack_timesteps), 1, 1),
+                 (1 + len(clid.weak_caption)) * len(clid.attack_timesteps) * clid.num_noise_draws, 1, 1),
         "pfami": (lambda batch: attack_pfami.pfami_columns(batch, components, predictor, pfami, resolution),
-                  (1 + len(pfami.crop_strengths)) * len(pfami.attack_timesteps), 1, 1 + len(pfami.crop_strengths)),
+                  (1 + len(pfami.crop_strengths)) * len(pfami.attack_timesteps) * pfami.num_noise_draws, 1,
+                  1 + len(pfami.crop_strengths)),
     }
 
 
@@ -213,29 +240,31 @@ def main():
             pipeline_dir = Path(scratch) / "sd" / "pipeline"
             build_sd_victim(cli.victim_dir).save_pretrained(str(pipeline_dir))
             args.pretrained_model_name_or_path = str(pipeline_dir)  # native size: 512 px, 64×64 latents
-        load_attack_data(args)  # first call: imports, dataset loading
+        resolution = attack_resolution(args)
+        data_args = (args.member_dataset, args.nonmember_dataset, args.caption_column, args.null_prompt,
+                     args.textual_inversion, resolution)
+        load_attack_data(*data_args)  # first call: imports, dataset loading
         start = time.perf_counter()
-        all_rows = load_attack_data(args)
+        all_rows = load_attack_data(*data_args)
         input_pass = (time.perf_counter() - start) / len(all_rows)
         rows = all_rows[: cli.num_images]
-        components = load_attack_model(args, torch.device(cli.device))
-        resolution = attack_resolution(args, components)
+        components = load_attack_model(attacked_model(args), torch.device(cli.device))
         attacks = attacks_at_defaults(components, cli.victim_dir, resolution, cli.device)
         attacks = {name: attacks[name] for name in attacks if cli.attacks is None or name.split()[0] in cli.attacks
                    or name in cli.attacks}
         print(f"input checks (decode + hash every image once, before scoring; second call): {input_pass * 1e3:.2f} ms/image")
         warmup = attacks_at_defaults(components, cli.victim_dir, resolution, cli.device)["loss"]
-        measure("warmup", rows[: cli.batch_size], components, args, warmup[0], warmup[1], cli.device)
+        measure("warmup", rows[: cli.batch_size], components, args, resolution, warmup[0], warmup[1], cli.device)
         figures = {}
         for name, (score_batch, calls, rows_per_call, encodes) in attacks.items():
-            figures[name] = measure(name, rows, components, args, score_batch, calls, cli.device, encodes,
-                                    rows_per_call)
+            figures[name] = measure(name, rows, components, args, resolution, score_batch, calls, cli.device,
+                                    encodes, rows_per_call)
         # With --latents_cache_dir, a second attacked model sharing the VAE encoder reads z₀ from the cache.
         args.latents_cache_dir = str(Path(scratch) / "latents")
-        measure("fill cache", rows, components, args, warmup[0], warmup[1], cli.device)
+        measure("fill cache", rows, components, args, resolution, warmup[0], warmup[1], cli.device)
         for name, (score_batch, calls, rows_per_call, encodes) in attacks.items():
-            figures[f"{name} (cached z0)"] = measure(f"{name} (cached z0)", rows, components, args, score_batch,
-                                                     calls, cli.device, encodes - 1, rows_per_call)
+            figures[f"{name} (cached z0)"] = measure(f"{name} (cached z0)", rows, components, args, resolution,
+                                                     score_batch, calls, cli.device, encodes - 1, rows_per_call)
     if cli.output:
         Path(cli.output).write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -44,9 +44,15 @@ def parse_args(input_args=None):
 
 
 def make_dataset(output_dir, num_rows, seed=0, eps=0.0, image_size=16):
-    """`num_rows` random `image_size`-px images with captions "The face of <digit name>" (+ uniform ±eps noise)."""
+    """`num_rows` random `image_size`-px images with captions "The face of <digit name>" (+ uniform ±eps noise).
+
+    A noisy copy records its budget `pgd_eps` = eps in its provenance, as `perturb_antidreambooth.py` does: the
+    training scripts check every perturbed image against its clean one within that budget before mixing.
+    """
     import datasets
     from PIL import Image
+
+    from mixsyn_utils.dataset_io import dataset_provenance, with_provenance
 
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     rng = np.random.default_rng(seed)
@@ -62,6 +68,8 @@ def make_dataset(output_dir, num_rows, seed=0, eps=0.0, image_size=16):
          "prompt": [f"The face of {d}" for d in domains], "domain": domains},
         features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
                                     "prompt": datasets.Value("string"), "domain": datasets.Value("string")}))
+    if eps > 0:
+        dataset = with_provenance(dataset, dataset_provenance("bench_training.py", {"pgd_eps": eps, "seed": seed}))
     dataset.save_to_disk(str(output_dir))
     return output_dir
 
@@ -76,60 +84,79 @@ def script_argv(victim_dir, dataset_dir, perturbed_dir, output_dir, steps, batch
 
 
 def time_script(module, argv):
-    """Seconds per update of the script's `train_loop` (wrapped, so loading and saving are not counted)."""
+    """Seconds per update of the script's training loop, data loading included; loading and saving are not counted.
+
+    The loop is inline in each script's `main`, between the creation of its "Steps" progress bar and that bar's
+    `close()`: the script's `tqdm` is wrapped to time exactly that span, divided by the bar's total (the updates).
+    """
     from study.runner import run_script_in_process
 
     timing = {}
-    train_loop = module.train_loop
+    real_tqdm = module.tqdm
 
-    def timed_train_loop(accelerator, args, plan, **kwargs):
-        start = time.perf_counter()
-        steps_done = train_loop(accelerator, args, plan, **kwargs)
-        timing["seconds_per_step"] = (time.perf_counter() - start) / plan.max_train_steps
-        return steps_done
+    def timed_tqdm(*args, **kwargs):
+        bar = real_tqdm(*args, **kwargs)
+        if kwargs.get("desc") != "Steps":
+            return bar
+        start, close = time.perf_counter(), bar.close
 
-    module.train_loop = timed_train_loop
+        def timed_close():
+            if "seconds_per_step" not in timing:
+                timing["seconds_per_step"] = (time.perf_counter() - start) / bar.total
+            return close()
+
+        bar.close = timed_close
+        return bar
+
+    module.tqdm = timed_tqdm
     try:
         run_script_in_process(module, argv)
     finally:
-        module.train_loop = train_loop
+        module.tqdm = real_tqdm
     return timing["seconds_per_step"]
 
 
 def time_bare_loop(victim_dir, method, steps, batch_size):
     """Seconds per update of the bare loop: one preloaded batch, the same trainable parameters as the script."""
-    from mixsyn_utils.models import load_components
+    from mixsyn_utils.conditioning import encode_prompts, square_time_ids
+    from mixsyn_utils.lora import add_lora_adapters
+    from mixsyn_utils.models import (load_components, native_resolution, text_encoders_of, tokenize_prompts,
+                                     tokenizers_of)
 
     torch.manual_seed(0)
     components = load_components(str(Path(victim_dir) / "pipeline"))
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
-    tokenizer = components.tokenizer
-    for model in (unet, vae, text_encoder):
+    unet, vae = components.unet, components.vae
+    text_encoders, tokenizers = text_encoders_of(components), tokenizers_of(components)  # SDXL: two of each
+    for model in (unet, vae, *text_encoders):
         model.requires_grad_(False)
     if method == "lora":
         import train_lora_mixsyn
 
+        # The script's own LoRA defaults (rank, α, dropout, DoRA; the text encoders only with --train_text_encoder).
         args = train_lora_mixsyn.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "x"])
-        train_lora_mixsyn.add_lora_adapters(args, unet, text_encoder)
+        add_lora_adapters(unet, text_encoders if args.train_text_encoder else (), rank=args.rank,
+                          lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, use_dora=args.use_dora)
         params = [p for p in unet.parameters() if p.requires_grad]
     elif method == "dreambooth":
         unet.requires_grad_(True)
         params = list(unet.parameters())
     else:
+        text_encoder = text_encoders[0]
         text_encoder.get_input_embeddings().requires_grad_(True)
         params = list(text_encoder.get_input_embeddings().parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    pixel_values = torch.rand(batch_size, 3, 16, 16) * 2 - 1
-    input_ids = tokenizer(["The face of three"] * batch_size, padding="max_length", truncation=True,
-                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    resolution = native_resolution(unet, vae)  # the scripts' default --resolution
+    pixel_values = torch.rand(batch_size, 3, resolution, resolution) * 2 - 1
+    input_ids = [tokenize_prompts(tokenizer, ["The face of three"] * batch_size) for tokenizer in tokenizers]
+    time_ids = square_time_ids(resolution, batch_size)  # SDXL only (ignored for SD-1.x/2.x)
     scheduler = components.noise_scheduler
 
     def step():
         latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,))
-        context = text_encoder(input_ids)[0]
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, context).sample
+        context = encode_prompts(text_encoders, input_ids).with_time_ids(time_ids)
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, **context.unet_kwargs()).sample
         torch.nn.functional.mse_loss(prediction, noise).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
