@@ -236,9 +236,12 @@ def step_prep(args, work, report):
 
 
 def make_random_noise(clean_dir, output_dir, eps, seed=0):
-    """Uniform ±η sign noise per pixel and channel, saved like ASPL (uint8, within the budget)."""
+    """Uniform ±η sign noise per pixel and channel, saved like ASPL (uint8, within the budget, its `pgd_eps` in the
+    provenance: the training scripts check perturbed pairs against it)."""
     import datasets
     from PIL import Image
+
+    from mixsyn_utils.dataset_io import dataset_provenance, with_provenance
 
     clean = load_image_dataset(str(clean_dir))
     generator = torch.Generator().manual_seed(seed)
@@ -253,8 +256,9 @@ def make_random_noise(clean_dir, output_dir, eps, seed=0):
     columns = {name: clean[name] for name in clean.column_names if name != "image"}
     features = datasets.Features({**{k: v for k, v in clean.features.items() if k != "image"},
                                   "image": datasets.Image(), "linf": datasets.Value("float64")})
-    datasets.Dataset.from_dict({**columns, "image": images, "linf": linf}, features=features).save_to_disk(
-        str(output_dir))
+    noisy = datasets.Dataset.from_dict({**columns, "image": images, "linf": linf}, features=features)
+    provenance = dataset_provenance("bench_perturbation.py", {"method": "random", "pgd_eps": eps, "seed": seed})
+    with_provenance(noisy, provenance).save_to_disk(str(output_dir))
 
 
 def pgd_eps_of(args):
