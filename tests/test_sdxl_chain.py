@@ -15,7 +15,7 @@ import attack_secmi
 import evaluate
 import perturb_antidreambooth
 import train_lora_mixsyn
-from mixsyn_utils.resumable import weights_digest
+from mixsyn_utils.resumable import model_weights_digest, weights_digest
 
 # Each attack at a cost-bounded setting: (script, name, flags).
 ATTACKS = [
@@ -54,7 +54,9 @@ def test_sdxl_synthesis_aspl_lora_attacks_and_card(tiny_sdxl_victim, sdxl_synthe
         scores.append(tmp_path / "scores" / name)
         script.main(script.parse_args(model + data + flags + ["--output_dir", str(scores[-1])]))
         info = json.loads(load_from_disk(str(scores[-1])).info.description)
-        assert info["model"]["weights_sha256"] == {"lora_weights": weights_digest(lora)}
+        # the LoRA file and the SDXL base it was fused into, each by its sha256
+        assert info["model"]["weights_sha256"] == {"lora_weights": weights_digest(lora),
+                                                   "pretrained_model_name_or_path": model_weights_digest(str(victim / "pipeline"))}
         assert info["time_ids"] == [16, 16, 0, 0, 16, 16]
 
     results = evaluate.main(evaluate.parse_args(model + [

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import run_python
+from safetensors.torch import save_file
 
 import attack_clid
 import attack_loss
@@ -72,7 +73,11 @@ def test_the_kind_is_read_from_model_index_json(tmp_path, tiny_victim, tiny_sdxl
 
 
 def flux_argv(script, folder, tmp_path):
-    """Each script's smallest command line naming the Flux folder as its model (the data need not exist)."""
+    """Each script's smallest command line naming the Flux folder as its model. The data folders exist (every
+    script checks its paths exist first) but hold nothing: a script that read them before the model's kind would
+    fail on them, not on the model."""
+    for name in ("m", "n", "s"):
+        (tmp_path / name).mkdir(exist_ok=True)
     model = ["--pretrained_model_name_or_path", str(folder)]
     data = ["--member_dataset", str(tmp_path / "m"), "--nonmember_dataset", str(tmp_path / "n")]
     out = ["--output_dir", str(tmp_path / "out")]
@@ -102,6 +107,7 @@ def test_every_script_refuses_flux_before_reading_any_data(tmp_path, script):
     (tmp_path / "d.json").write_text(json.dumps({"domains": ["zero"]}))
     (tmp_path / "r").mkdir()  # evaluate.py checks its scorer knows the sampled domains before reading the model
     (tmp_path / "r" / "config.json").write_text(json.dumps({"domain_names": ["zero"]}))
+    save_file({"weight": torch.zeros(1)}, str(tmp_path / "r" / "model.safetensors"))  # and that it is safetensors
     with pytest.raises(InputError, match="flow-matching transformer model"):
         script.main(script.parse_args(flux_argv(script, folder, tmp_path)))
     assert not (tmp_path / "out").exists()
