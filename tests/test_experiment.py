@@ -126,7 +126,7 @@ def test_sd14_config_dry_run_plans_without_downloading(capsys):
      '"aspl-image-0.5" = { mode = "image", ratio = 1.5, noise = "aspl" }',
      r"setting 'aspl-image-0.5' needs a ratio in \[0, 1\], got 1.5$"),
     ("t_sec = 100", "t_sec = 105", r"^stage secmi:pretrained: --t_sec must be a multiple of --k"),
-    ("pgd_eps = 0.05", "pgd_eps = 1.5", r"^stage perturbed:random: --pgd_eps must be in \(0, 1\], got 1.5$"),
+    ("pgd_eps = 0.1 ", "pgd_eps = 1.5 ", r"^stage perturbed:random: --pgd_eps must be in \(0, 1\], got 1.5$"),
     ("learning_rate = 2e-5", "learning_rate = 2e-5\nnum_workers = 2",
      r"^stage train:dreambooth-clean-e0.4-seed0: .*unrecognized arguments: --num_workers 2$"),
 ])
