@@ -25,12 +25,6 @@ from study import premises as premise_measures  # noqa: E402
 from study.plan import load_config  # noqa: E402
 
 
-def p4_reading(ratios, rules):
-    """P4 holds iff ratio_aspl ≥ min_perturbation_ratio and (ratio_aspl − 1) ≥ random_multiple · (ratio_random − 1)."""
-    aspl, random = ratios["aspl"], ratios["random"]
-    return bool(aspl >= rules["min_perturbation_ratio"] and aspl - 1 >= rules["random_multiple"] * (random - 1))
-
-
 def linf_of(dataset):
     """The largest ‖δ‖∞ the perturbation script recorded (after its uint8 rounding), in [-1, 1] units."""
     return max(dataset["linf"])
@@ -63,7 +57,8 @@ def main():
         perturbed = {"aspl": load_image_dataset(str(aspl_dir), required_columns=("id", "image", "prompt")),
                      "random": load_image_dataset(str(random_dir), required_columns=("id", "image", "prompt"))}
         ratios = premise_measures.perturbation_ratios(victim, clean, perturbed, timesteps, seed, draws)
-        report["etas"][eta] = {"ratios": ratios, "holds": p4_reading(ratios, rules),
+        report["etas"][eta] = {"ratios": ratios, "holds": premise_measures.perturbation_acts(
+                                   ratios, rules["min_perturbation_ratio"], rules["random_multiple"]),
                                "linf": {noise: linf_of(data) for noise, data in perturbed.items()},
                                "seconds": round(time.perf_counter() - start, 1)}
         print(f"η {eta}: ASPL {ratios['aspl']:.4f}, random {ratios['random']:.5f}, "

@@ -19,6 +19,8 @@
 posterior mode, c the image's own caption).
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -80,6 +82,13 @@ def perturbation_ratios(victim, clean, perturbed_by_noise, timesteps, seed, num_
         aligned = perturbed.select([order[image_id] for image_id in clean["id"]])
         ratios[noise] = float(denoising_loss_per_image(victim, aligned, timesteps, seed, num_draws).mean() / clean_loss)
     return ratios
+
+
+def perturbation_acts(ratios, min_ratio, random_multiple):
+    """P4's reading: ratio_aspl ≥ min_ratio and (ratio_aspl − 1) ≥ random_multiple · (ratio_random − 1), the ratios of
+    `perturbation_ratios` (a missing one reads NaN, and P4 fails)."""
+    aspl, random = ratios.get("aspl", math.nan), ratios.get("random", math.nan)
+    return bool(aspl >= min_ratio and aspl - 1 >= random_multiple * (random - 1))
 
 
 def training_images(clean, perturbed, mode, ratio, pattern, mixup_seed, resolution):

@@ -215,8 +215,8 @@ def measure_premises(config, output_dir, specs, numbers):
                     f"loss ratio ASPL/clean ≥ {rules['min_perturbation_ratio']:g} and its excess ≥ "
                     f"{rules['random_multiple']:g}× random noise's (same ℓ∞)",
                     "measured": f"ASPL {aspl:.3f}, random {random:.4f}", "ratios": ratios,
-                    "holds": bool(aspl >= rules["min_perturbation_ratio"]
-                                  and aspl - 1 >= rules["random_multiple"] * (random - 1))}
+                    "holds": premise_measures.perturbation_acts(ratios, rules["min_perturbation_ratio"],
+                                                                rules["random_multiple"])}
 
     # P3: per fine-tuned cell of the dose-response method, the loss on its own training images and its R-precision.
     pretrained_value = pretrained_rp["value"] if pretrained_rp else math.nan
